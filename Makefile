@@ -1,0 +1,44 @@
+# The two commands of the README:
+#   make demo   set up .venv (once) and run the built-in demo end to end
+#   make test   set up .venv (once), lint, type-check and run the whole test suite
+# Set-up is skipped when pyproject.toml and constraints.txt have not changed.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck unit bench clean constraints
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all,dev]"
+	$(BIN)/python -m pip check
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/portable-models demo --out dist/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples tools
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+# Regenerate constraints.txt from the current .venv (after a deliberate upgrade).
+constraints: $(STAMP)
+	$(BIN)/python tools/freeze_constraints.py > constraints.txt
+
+clean:
+	rm -rf $(VENV) dist .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -1,0 +1,156 @@
+"""The worker process: runs converter and runtime jobs, isolated from the caller.
+
+Started by :mod:`portable_models.workers` as ``python -m portable_models._worker FD``.
+It reads one JSON job per line on stdin and answers one JSON line per job on file
+descriptor ``FD``. Everything a converter prints (fd 1 and 2) goes to the job's log
+file. The network is closed to everything but loopback; ``HOME``, ``TMPDIR`` and the
+working directory are private scratch folders set by the parent.
+
+The worker is reused for many jobs of one framework (importing torch or TensorFlow
+once), and killed and replaced by the parent after a crash, a timeout or a memory kill.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from portable_models.errors import NetworkRequiredError, PortableModelsError
+
+_CURRENT_STEP = {"name": "worker"}
+
+
+def _is_local(host: object) -> bool:
+    if not isinstance(host, str):
+        return False
+    if host in ("localhost", "") or host.startswith("/"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse(host: object, port: object = "") -> None:
+    raise NetworkRequiredError(
+        f"network required: {_CURRENT_STEP['name']} tried to reach {host}:{port}, "
+        "but conversions run offline",
+        stage=_CURRENT_STEP["name"],
+        fix="this converter step needs a download; provide the data locally or use another route",
+    )
+
+
+def install_network_guard() -> None:
+    """Close the network to everything but loopback and unix sockets."""
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+
+    def _host_port(address: Any) -> tuple[Any, Any]:
+        if isinstance(address, tuple) and address:
+            return address[0], address[1] if len(address) > 1 else ""
+        return address, ""
+
+    def connect(self: socket.socket, address: Any) -> None:
+        host, port = _host_port(address)
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(host):
+            _refuse(host, port)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        host, port = _host_port(address)
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(host):
+            _refuse(host, port)
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host is not None and not _is_local(host if not isinstance(host, bytes) else host.decode()):
+            _refuse(host, port)
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    socket.socket.connect = connect  # type: ignore[method-assign,assignment]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign,assignment]
+    socket.getaddrinfo = getaddrinfo
+
+
+def _redirect_output(log_path: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _run_job(job: dict[str, Any]) -> dict[str, Any]:
+    from portable_models import jobs
+
+    handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        "convert": jobs.convert_job,
+        "run": jobs.run_job,
+        "ping": lambda payload: {"pid": os.getpid()},
+        "test": jobs.test_job,
+    }
+    handler = handlers.get(job["kind"])
+    if handler is None:
+        raise ValueError(f"unknown job kind {job['kind']!r}")
+    return handler(job["payload"])
+
+
+def _answer(job: dict[str, Any]) -> dict[str, Any]:
+    _CURRENT_STEP["name"] = str(job.get("step") or job["kind"])
+    work = job.get("work_dir")
+    if work:
+        Path(work).mkdir(parents=True, exist_ok=True)
+        os.chdir(work)
+        tempfile.tempdir = work
+    if job.get("log"):
+        _redirect_output(job["log"])
+        print(f"--- portable_models job {job['id']}: {_CURRENT_STEP['name']} ---", flush=True)
+    start = time.perf_counter()
+    try:
+        result = _run_job(job)
+        answer: dict[str, Any] = {"id": job["id"], "ok": True, "result": result}
+    except PortableModelsError as exc:
+        traceback.print_exc()
+        answer = {"id": job["id"], "ok": False, "error": exc.to_dict()}
+    except BaseException as exc:  # a converter's own failure: report it, stay alive
+        traceback.print_exc()
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        answer = {
+            "id": job["id"],
+            "ok": False,
+            "error": {"code": "exception", "message": f"{type(exc).__name__}: {exc}",
+                      "stage": _CURRENT_STEP["name"], "file": None, "fix": None},
+        }
+    answer["seconds"] = time.perf_counter() - start
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return answer
+
+
+def main(argv: list[str]) -> int:
+    out_fd = int(argv[1])
+    install_network_guard()
+    with os.fdopen(out_fd, "w", buffering=1) as out, os.fdopen(0, "r") as inp:
+        out.write(json.dumps({"ready": os.getpid()}) + "\n")
+        for line in inp:
+            if not line.strip():
+                continue
+            answer = _answer(json.loads(line))
+            out.write(json.dumps(answer, allow_nan=False, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

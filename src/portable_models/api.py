@@ -1,0 +1,254 @@
+"""export / verify / load_contract: the flow of DESIGN.md, nothing else.
+
+capture -> convert (one isolated job per route) -> run (one runtime per artifact)
+-> compare -> contract + reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from portable_models import golden
+from portable_models.bundle import Staging, check_files, list_files, sha256_path
+from portable_models.contract import Artifact, Contract, load_contract
+from portable_models.errors import UsageError
+from portable_models.parity import TolerancePolicy
+from portable_models.pipeline import Progress, TargetContext, build_target, check_artifact
+from portable_models.reports import write_reports
+from portable_models.reports.table import render_table
+from portable_models.sources import Captured, framework_of
+from portable_models.targets import TARGETS
+from portable_models.workers import WorkerLimits, WorkerPool
+
+__all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
+
+_PRECISIONS = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """Everything :func:`export` can be told, besides the model and its example inputs."""
+
+    targets: str | Sequence[str] = "all"
+    input_names: Sequence[str] | None = None
+    output_names: Sequence[str] | None = None
+    dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None
+    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    layouts: Mapping[str, str | None] = field(default_factory=dict)
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None
+    cases: int = 4
+    seed: int = 0
+    tolerance: TolerancePolicy | Mapping[str, Mapping[str, float | None]] | None = None
+    precision: str | Sequence[str] = "fp32"
+    routes: Mapping[str, str] = field(default_factory=dict)
+    overwrite: bool = False
+    timeout_s: float = 600.0
+    memory_mb: int | None = 8192
+    jobs: int = 1
+    name: str | None = None
+    progress: Progress | None = None
+
+
+def _targets(value: str | Sequence[str]) -> list[str]:
+    wanted = list(TARGETS) if value == "all" else [value] if isinstance(value, str) else list(value)
+    unknown = [t for t in wanted if t not in TARGETS]
+    if unknown or not wanted:
+        raise UsageError(f"unknown target(s) {unknown or wanted}", fix=f"use 'all' or some of {', '.join(TARGETS)}")
+    return [t for t in TARGETS if t in wanted]
+
+
+def _precisions(value: str | Sequence[str]) -> list[str]:
+    names = [value] if isinstance(value, str) else list(value)
+    out = []
+    for n in names:
+        if n not in _PRECISIONS:
+            raise UsageError(f"unknown precision {n!r}", fix="use fp32 or fp16")
+        out.append(_PRECISIONS[n])
+    return sorted(set(out) | {"float32"}, key=["float32", "float16"].index)
+
+
+def _policy(value: TolerancePolicy | Mapping[str, Mapping[str, float | None]] | None) -> TolerancePolicy:
+    if isinstance(value, TolerancePolicy):
+        return value
+    return TolerancePolicy(per_output={k: dict(v) for k, v in (value or {}).items()})
+
+
+@dataclass
+class Bundle:
+    """A written bundle: its folder and its contract."""
+
+    path: Path
+    contract: Contract
+
+    @property
+    def ok(self) -> bool:
+        """Every requested target converted and passed parity."""
+        return bool(self.contract.artifacts) and all(a.status == "pass" for a in self.contract.artifacts)
+
+    def report(self) -> str:
+        return render_table(self.contract)
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found: per artifact a fresh parity record, plus bundle problems."""
+
+    path: Path
+    contract: Contract
+    problems: list[str] = field(default_factory=list)
+    allow_unverified: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        if self.problems or not self.contract.artifacts:
+            return False
+        return all(a.status == "pass" or (a.status == "unverified" and a.target in self.allow_unverified)
+                   for a in self.contract.artifacts)
+
+    @property
+    def results(self) -> list[Artifact]:
+        return self.contract.artifacts
+
+    def table(self) -> str:
+        return render_table(self.contract, problems=self.problems)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: Path) -> Captured:
+    framework = framework_of(model)
+    if framework == "torch":
+        from portable_models.sources.torch import CaptureOptions, capture_torch
+
+        copts = CaptureOptions(input_names=opts.input_names, output_names=opts.output_names,
+                               dynamic_dims=opts.dynamic_dims, input_ranges=opts.input_ranges,
+                               layouts=opts.layouts, samples=opts.samples, cases=opts.cases, seed=opts.seed)
+        return capture_torch(model, example_inputs, copts, source_dir)
+    raise UsageError(f"cannot export a {type(model).__module__}.{type(model).__name__}",
+                     fix="pass a torch.nn.Module (Keras support is planned)")
+
+
+def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportOptions | None = None,
+           **overrides: Any) -> Bundle:
+    """Capture ``model``, convert it to every requested target, run each artifact in its
+    real runtime, compare with the source, and write the bundle at ``out``."""
+    fields = {f.name for f in dataclasses.fields(ExportOptions)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UsageError(f"export() got unknown option(s) {unknown}", fix=f"options are {sorted(fields)}")
+    opts = dataclasses.replace(options or ExportOptions(), **overrides)
+    targets, precisions, policy = _targets(opts.targets), _precisions(opts.precision), _policy(opts.tolerance)
+    if opts.jobs < 1:
+        raise UsageError(f"jobs={opts.jobs}", fix="use jobs >= 1")
+    dest = Path(out)
+    with Staging(dest, overwrite=opts.overwrite) as st:
+        captured = _capture(model, example_inputs, opts, st.path / "source")
+        golden.save_cases(st.path / "golden" / "inputs.npz", captured.golden_inputs)
+        golden.save_cases(st.path / "golden" / "outputs.npz", captured.golden_outputs)
+        artifacts = _convert_all(captured, st.path, opts, targets, precisions, policy)
+        shutil.rmtree(st.path / ".attempts", ignore_errors=True)
+        contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name)
+        write_reports(contract, st.path / "reports")
+        contract.files = list_files(st.path)
+        st.write_text("contract.json", contract.to_json())
+        st.commit()
+    return Bundle(path=dest, contract=contract)
+
+
+def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: list[str],
+                 precisions: list[str], policy: TolerancePolicy) -> list[Artifact]:
+    scratch = Path(tempfile.mkdtemp(prefix="portable-models-"))
+    try:
+        with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=opts.timeout_s,
+                                                             memory_mb=opts.memory_mb)) as pool:
+            ctx = TargetContext(pool=pool, root=root, source_framework=captured.framework,
+                                source_file=captured.source_file, inputs=captured.inputs,
+                                outputs=captured.outputs, dims=captured.dims,
+                                golden_inputs=root / "golden" / "inputs.npz",
+                                golden_outputs=captured.golden_outputs, policy=policy,
+                                timeout_s=opts.timeout_s)
+            if opts.progress:
+                ctx.progress = opts.progress
+            jobs = [(t, p) for p in precisions for t in targets if p == "float32" or t in ("tflite", "coreml")]
+            for t, p in jobs:
+                ctx.progress(t if p == "float32" else f"{t}-{p}", "waiting", "")
+
+            def one(job: tuple[str, str]) -> Artifact:
+                return build_target(ctx, job[0], job[1], opts.routes.get(job[0]))
+
+            if opts.jobs == 1:
+                return [one(j) for j in jobs]
+            with ThreadPoolExecutor(max_workers=opts.jobs) as ex:
+                return list(ex.map(one, jobs))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: TolerancePolicy,
+              artifacts: list[Artifact], *, name: str) -> Contract:
+    src = captured.source_file
+    return Contract(
+        name=name,
+        source={"framework": captured.framework, "version": captured.version,
+                "file": src.relative_to(root).as_posix(), "sha256": sha256_path(src), "trust": "safe"},
+        inputs=captured.inputs, outputs=captured.outputs, dims=captured.dims,
+        golden={"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz",
+                "cases": len(captured.golden_inputs), "seed": opts.seed,
+                "samples": captured.meta.get("samples", "example+random")},
+        tolerance=policy.to_dict(), artifacts=artifacts,
+        options={"targets": _targets(opts.targets), "precision": _precisions(opts.precision),
+                 "routes": dict(opts.routes)},
+    )
+
+
+def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
+           allow_unverified: Sequence[str] = (), timeout_s: float = 600.0,
+           memory_mb: int | None = 8192) -> VerifyReport:
+    """Re-run every artifact of a bundle from the bundle alone and compare with its golden
+    outputs. File hashes are checked first; a changed or missing file fails its artifact."""
+    root = Path(bundle)
+    contract = load_contract(root)
+    problems = check_files(root, contract.files)
+    policy = TolerancePolicy.from_dict(contract.tolerance)
+    golden_in = root / contract.golden["inputs"]
+    golden_out = golden.load_cases(root / contract.golden["outputs"])
+    chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
+    scratch = Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
+    try:
+        with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb)) as pool:
+            for art in chosen:
+                _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    contract.artifacts = chosen
+    return VerifyReport(path=root, contract=contract, problems=problems,
+                        allow_unverified=tuple(allow_unverified))
+
+
+def _reverify(pool: WorkerPool, root: Path, art: Artifact, problems: list[str], golden_in: Path,
+              golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float) -> None:
+    if art.file is None or art.io is None or art.runtime is None:
+        return  # nothing was kept: the recorded verdict (error/fail/skipped) stands
+    touched = [p for p in problems if art.file in p]
+    if touched:
+        art.status = "error"
+        art.parity = {"status": "error", "stage": "integrity", "error": {"code": "integrity",
+                      "message": "; ".join(touched), "file": art.file}}
+        return
+    parity, timings = check_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
+                                     golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
+                                     precision=art.precision, log=scratch / f"{art.key}.log",
+                                     work_dir=scratch / art.key, timeout_s=timeout_s)
+    art.status = parity["status"]
+    art.parity = parity
+    art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}

@@ -1,0 +1,188 @@
+"""The golden set: seeded inputs (several cases, several sizes of each dynamic dim) and
+the source model's outputs for them, stored as ``.npz`` without pickle.
+
+Case 0 is the user's own example (real data beats random data); the other cases are
+drawn per input from its dtype and declared range. Where dims are dynamic, the cases
+cover at least two different sizes of each (when the bounds allow it).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from portable_models.errors import GoldenSetError, InputError, UsageError
+from portable_models.spec import DimSpec, TensorSpec, concrete_shape
+
+__all__ = [
+    "Cases",
+    "case_sizes",
+    "make_inputs",
+    "save_cases",
+    "load_cases",
+    "check_outputs",
+    "MAX_NPZ_BYTES",
+]
+
+Cases = list[dict[str, np.ndarray]]
+
+#: largest array a golden/sample archive may declare (uncompressed), and the whole archive.
+MAX_ARRAY_BYTES = 2 * 2**30
+MAX_NPZ_BYTES = 8 * 2**30
+
+
+def case_sizes(
+    specs: Sequence[TensorSpec], dims: Mapping[str, DimSpec], example: Mapping[str, np.ndarray],
+    cases: int,
+) -> list[dict[str, int]]:
+    """Size of every named dim in every case: case 0 uses the example's sizes, the others
+    alternate with a second size inside the bounds."""
+    base: dict[str, int] = {}
+    for spec in specs:
+        arr = example.get(spec.name)
+        for axis, label in spec.dynamic_axes.items():
+            if arr is not None and axis < arr.ndim:
+                base.setdefault(label, int(arr.shape[axis]))
+    for label, dim in dims.items():
+        base.setdefault(label, dim.min)
+    other: dict[str, int] = {}
+    for label, size in base.items():
+        dim = dims.get(label, DimSpec(name=label))
+        other[label] = size + 1 if size + 1 <= dim.max else max(dim.min, size - 1)
+    return [dict(base) if i % 2 == 0 else dict(other) for i in range(cases)]
+
+
+def _draw(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if spec.dtype == "bool":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if spec.dtype.startswith(("int", "uint")):
+        if spec.range is None:
+            raise UsageError(
+                f"integer input {spec.name!r} has no value range",
+                fix=f"declare one, e.g. input_ranges={{{spec.name!r}: (0, vocab_size - 1)}} "
+                f"or --input {spec.name}:SHAPE:{spec.dtype}:0..N",
+            )
+        lo, hi = int(spec.range[0]), int(spec.range[1])
+        return rng.integers(lo, hi + 1, size=shape).astype(spec.dtype)
+    if spec.range is not None:
+        lo_f, hi_f = spec.range
+        values = rng.uniform(lo_f, hi_f, size=shape)
+    else:
+        values = rng.standard_normal(size=shape)
+    return values.astype(spec.dtype if spec.dtype != "bfloat16" else "float32")
+
+
+def make_inputs(
+    specs: Sequence[TensorSpec], dims: Mapping[str, DimSpec], example: Mapping[str, np.ndarray],
+    *, cases: int = 4, seed: int = 0,
+) -> Cases:
+    """Golden inputs: the example as case 0, then seeded draws at alternating sizes."""
+    if cases < 1:
+        raise UsageError(f"cases={cases}: need at least one golden case", fix="use cases >= 2")
+    rng = np.random.default_rng(seed)
+    sizes = case_sizes(specs, dims, example, cases)
+    out: Cases = [{s.name: np.asarray(example[s.name]) for s in specs}]
+    for i in range(1, cases):
+        out.append({s.name: _draw(s, concrete_shape(s, sizes[i]), rng) for s in specs})
+    return out
+
+
+def save_cases(path: Path, cases: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Write cases as ``<case>/<name>`` arrays into one compressed ``.npz`` (no pickle)."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, case in enumerate(cases):
+        for name, arr in case.items():
+            a = np.asarray(arr)
+            if a.dtype == object:
+                raise UsageError(f"golden array {name!r} has dtype object", fix="pass numeric arrays")
+            arrays[f"{i}/{name}"] = a
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse archives whose members declare absurd sizes before anything is allocated."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = 0
+            for info in zf.infolist():
+                total += info.file_size
+                if info.file_size > MAX_ARRAY_BYTES or total > MAX_NPZ_BYTES:
+                    raise InputError(
+                        f"{path.name}: member {info.filename} declares {info.file_size} bytes",
+                        file=str(path), stage="load",
+                        fix="golden and sample archives are limited to 2 GiB per array",
+                    )
+                with zf.open(info) as member:
+                    _check_npy_header(member.read(256), path, info.filename)
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"{path.name} is not an .npz archive: {exc}", file=str(path),
+                         stage="load", fix="write it with numpy.savez") from exc
+
+
+def _check_npy_header(head: bytes, path: Path, member: str) -> None:
+    import ast
+
+    if not head.startswith(b"\x93NUMPY"):
+        raise InputError(f"{path.name}: member {member} is not a .npy array", file=str(path),
+                         stage="load", fix="write the archive with numpy.savez")
+    text = head[10:].split(b"\n", 1)[0].decode("latin1") if head[6] == 1 else head[12:].split(b"\n", 1)[0].decode("latin1")
+    try:
+        header = ast.literal_eval(text.strip())
+        descr = np.dtype(header["descr"])
+        count = int(np.prod(header["shape"], dtype=np.float64))
+    except (ValueError, SyntaxError, KeyError, TypeError) as exc:
+        raise InputError(f"{path.name}: member {member} has an unreadable header",
+                         file=str(path), stage="load", fix="rewrite it with numpy.savez") from exc
+    if descr.hasobject:
+        raise InputError(f"{path.name}: member {member} holds Python objects (pickle)",
+                         file=str(path), stage="load",
+                         fix="store plain numeric arrays; object arrays are never loaded")
+    if count * descr.itemsize > MAX_ARRAY_BYTES:
+        raise InputError(
+            f"{path.name}: member {member} declares a {count * descr.itemsize / 2**30:.0f} GiB array",
+            file=str(path), stage="load", fix="golden and sample arrays are limited to 2 GiB",
+        )
+
+
+def load_cases(path: Path) -> Cases:
+    """Read an archive written by :func:`save_cases` (never with pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} is missing or not a file", file=str(path), stage="load",
+                         fix="point at the bundle's golden/*.npz")
+    _check_archive(path)
+    by_case: dict[int, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            case, _, name = key.partition("/")
+            if not case.isdigit() or not name:
+                raise InputError(f"{path.name}: unexpected member {key!r}", file=str(path),
+                                 stage="load", fix="members are named <case>/<tensor>")
+            by_case.setdefault(int(case), {})[name] = data[key]
+    return [by_case[i] for i in sorted(by_case)]
+
+
+def check_outputs(cases: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> None:
+    """Refuse a golden set that proves nothing: non-finite, empty or constant outputs."""
+    for name in names:
+        arrays = [np.asarray(c[name]) for c in cases]
+        fix = "check the model and the example inputs (a check against a constant proves nothing)"
+        if any(a.size == 0 for a in arrays):
+            raise GoldenSetError(f"output {name!r} is empty for some golden case", stage="capture",
+                                 fix=fix)
+        if any(a.dtype.kind in "fc" and not np.isfinite(a).all() for a in arrays):
+            raise GoldenSetError(f"output {name!r} holds NaN or Inf on the golden inputs",
+                                 stage="capture", fix="fix the model or give inputs where it is finite")
+        if len(arrays) < 2:
+            continue
+        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        same_shape = all(a.shape == arrays[0].shape for a in arrays)
+        if (flat == flat[0]).all() or (same_shape and all(np.array_equal(a, arrays[0]) for a in arrays)):
+            raise GoldenSetError(
+                f"output {name!r} is identical for every golden case", stage="capture", fix=fix,
+            )

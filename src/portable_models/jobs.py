@@ -1,0 +1,116 @@
+"""What a worker does for each kind of job. Runs inside the worker process only.
+
+``convert``: one route turns the captured source into one artifact.
+``run``: one runtime loads one artifact and runs it on every golden case.
+Payloads and results are plain JSON; arrays travel as ``.npz`` files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from portable_models.errors import PortableModelsError
+from portable_models.golden import load_cases, save_cases
+from portable_models.iomap import IoMap
+from portable_models.spec import DimSpec, TensorSpec
+
+__all__ = ["convert_job", "run_job", "test_job"]
+
+
+def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
+    from portable_models.targets import route_by_name
+    from portable_models.targets.base import (
+        ConvertJob,
+        check_requires,
+        ensure_artifact,
+        load_impl,
+    )
+
+    info = route_by_name(payload["route"])
+    check_requires(info)
+    samples = load_cases(Path(payload["samples"]))[0]
+    job = ConvertJob(
+        route=info.name,
+        source_file=Path(payload["source_file"]),
+        out_dir=Path(payload["out_dir"]),
+        work_dir=Path(payload["work_dir"]),
+        inputs=[TensorSpec.from_dict(d) for d in payload["inputs"]],
+        outputs=[TensorSpec.from_dict(d) for d in payload["outputs"]],
+        dims={k: DimSpec(name=k, **v) for k, v in payload["dims"].items()},
+        sample_inputs=samples,
+        precision=payload.get("precision", "float32"),
+        options=dict(payload.get("options") or {}),
+        prior_artifacts={k: Path(v) for k, v in (payload.get("prior") or {}).items()},
+    )
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    fn = load_impl(info.impl)
+    start = time.perf_counter()
+    result = fn(job)
+    seconds = time.perf_counter() - start
+    ensure_artifact(job, result)
+    return {
+        "file": result.file,
+        "io": result.io.to_dict(),
+        "steps": [s.to_dict() for s in result.steps],
+        "precision": result.precision,
+        "meta": result.meta,
+        "convert_s": seconds,
+    }
+
+
+def run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Load the artifact once, run every golden case, write the outputs, time it all."""
+    from portable_models.runtimes import runtime_info
+    from portable_models.runtimes.base import RunnerOptions
+    from portable_models.targets.base import load_impl
+
+    info = runtime_info(payload["runtime"])
+    cls = load_impl(info.impl)
+    cases = load_cases(Path(payload["inputs"]))
+    runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
+                 RunnerOptions(threads=payload.get("threads"),
+                               extra=dict(payload.get("options") or {})))
+    outputs: list[dict[str, np.ndarray]] = []
+    run_ms: list[float] = []
+    with runner:
+        for case in cases:
+            start = time.perf_counter()
+            outputs.append(runner.run(case))
+            run_ms.append((time.perf_counter() - start) * 1000)
+        load_s = runner.load_s
+    save_cases(Path(payload["out"]), outputs)
+    return {"load_s": load_s, "run_ms": run_ms, "runtime": cls.runtime_name(),
+            "label": cls.label or cls.runtime_name()}
+
+
+def test_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Misbehaviours on demand, for the isolation tests: crash, hang, eat memory, reach out."""
+    import os
+    import signal
+    import socket
+
+    action = payload.get("action")
+    if action == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif action == "abort":
+        os.abort()
+    elif action == "hang":
+        time.sleep(3600)
+    elif action == "memory":
+        hog = []
+        while True:
+            hog.append(np.ones(64 * 2**20 // 8))
+    elif action == "network":
+        socket.create_connection(("203.0.113.1", 443), timeout=5)
+    elif action == "raise":
+        raise PortableModelsError("asked to fail", stage="test")
+    elif action == "cwd":
+        Path("written-by-worker.txt").write_text("x")
+        Path(os.path.expanduser("~/written-by-worker.txt")).write_text("x")
+        return {"cwd": os.getcwd(), "home": os.path.expanduser("~")}
+    return {"pid": os.getpid()}

@@ -1,0 +1,203 @@
+"""One target, end to end: try its routes in order — convert, run, compare — and keep
+the first artifact that passes parity. Every attempt is recorded, so a user sees
+"litert-torch failed at convert: …; onnx2tf passed". Also the artifact check that
+``verify`` shares: run an artifact in a worker and compare it with the golden outputs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portable_models.bundle import path_bytes, sha256_path
+from portable_models.contract import Artifact, Attempt
+from portable_models.errors import PortableModelsError, UnverifiedError
+from portable_models.golden import Cases, load_cases
+from portable_models.iomap import IoMap
+from portable_models.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
+from portable_models.runtimes import RUNTIMES, runtime_info
+from portable_models.spec import DimSpec, TensorSpec
+from portable_models.targets import routes_for
+from portable_models.targets.base import RouteInfo, check_requires
+from portable_models.workers import JobFailed, WorkerPool
+
+__all__ = ["TargetContext", "build_target", "check_artifact", "checking_runtime", "Progress"]
+
+#: progress callback: (target key, state, detail)
+Progress = Callable[[str, str, str], None]
+
+
+def _no_progress(key: str, state: str, detail: str) -> None:
+    return None
+
+
+@dataclass(kw_only=True)
+class TargetContext:
+    """What every target of one export shares."""
+
+    pool: WorkerPool
+    root: Path
+    source_framework: str
+    source_file: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, DimSpec]
+    golden_inputs: Path
+    golden_outputs: Cases
+    policy: TolerancePolicy
+    options: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
+    prior: dict[str, Path] = field(default_factory=dict)
+    progress: Progress = _no_progress
+
+
+def checking_runtime(runtime: str) -> str:
+    """The runtime that checks an artifact here: Core ML off macOS goes to the MIL
+    reference executor when it is installed."""
+    if runtime == "coreml" and sys.platform != "darwin" and "mil-reference" in RUNTIMES:
+        return "mil-reference"
+    return runtime
+
+
+def _error_dict(exc: PortableModelsError) -> dict[str, Any]:
+    return {k: v for k, v in exc.to_dict().items() if v}
+
+
+def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
+                   golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
+                   work_dir: Path, timeout_s: float | None = None,
+                   output_names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``artifact`` on every golden case in a worker and compare. Returns the parity
+    record and the timings. Load/run failures become an ``error`` record, not an exception."""
+    runtime = checking_runtime(runtime)
+    info = runtime_info(runtime)
+    out = work_dir / f"outputs-{runtime}.npz"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"runtime": runtime, "artifact": str(artifact), "io": io.to_dict(),
+               "inputs": str(golden_inputs), "out": str(out)}
+    try:
+        result, _ = pool.call(kind="run", payload=payload, framework=info.framework,
+                              step=f"run:{runtime}", log=log, work_dir=work_dir, timeout_s=timeout_s)
+    except JobFailed as failed:
+        status = "unverified" if isinstance(failed.error, UnverifiedError) else "error"
+        record: dict[str, Any] = {"status": status, "runtime": runtime,
+                                  "stage": failed.error.stage or f"run:{runtime}",
+                                  "error": _error_dict(failed.error)}
+        if isinstance(failed.error, UnverifiedError):
+            record["checked"] = failed.error.checked
+        return record, {}
+    actual = load_cases(out)
+    results = compare_outputs(golden_outputs, actual, precision=precision, policy=policy,
+                              output_names=output_names)
+    record = {"status": verdict(results), "runtime": result["runtime"], "checked_by": result["label"],
+              "outputs": {r.name: r.to_dict() for r in results}}
+    worst = _worst(results)
+    if worst is not None and worst.status != "pass":
+        record["reason"] = f"{worst.name}: {worst.reason}"
+    runs = result.get("run_ms") or [0.0]
+    timings = {"load_s": round(float(result["load_s"]), 4),
+               "run_ms_p50": round(statistics.median(runs), 3)}
+    return record, timings
+
+
+def _worst(results: Sequence[OutputParity]) -> OutputParity | None:
+    failing = [r for r in results if r.status != "pass"]
+    return failing[0] if failing else (results[0] if results else None)
+
+
+def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
+             attempt_dir: Path) -> tuple[Attempt, Artifact | None]:
+    """Convert with one route and check the result. Never raises for a converter's failure."""
+    key = route.target if precision == "float32" else f"{route.target}-{precision}"
+    log = ctx.root / "logs" / f"{key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    try:
+        check_requires(route)
+    except PortableModelsError as exc:
+        return Attempt(route=route.name, status="skipped", stage="requires", error=_error_dict(exc)), None
+    ctx.progress(key, "converting", route.name)
+    out_dir = attempt_dir / "out"
+    payload = {"route": route.name, "source_file": str(ctx.source_file), "out_dir": str(out_dir),
+               "work_dir": str(attempt_dir / "work"), "inputs": [s.to_dict() for s in ctx.inputs],
+               "outputs": [s.to_dict() for s in ctx.outputs],
+               "dims": {k: v.to_dict() for k, v in ctx.dims.items()}, "samples": str(ctx.golden_inputs),
+               "precision": precision, "options": ctx.options,
+               "prior": {k: str(v) for k, v in ctx.prior.items()}}
+    try:
+        conv, _ = ctx.pool.call(kind="convert", payload=payload, framework=route.framework,
+                                step=f"convert:{route.target} ({route.name})", log=log,
+                                work_dir=attempt_dir / "work", timeout_s=ctx.timeout_s)
+    except JobFailed as failed:
+        return Attempt(route=route.name, status="error", stage="convert",
+                       error=_error_dict(failed.error), seconds=time.monotonic() - start), None
+    io = IoMap.from_dict(conv["io"])
+    ctx.progress(key, "running", route.name)
+    parity, timings = check_artifact(
+        ctx.pool, artifact=out_dir / conv["file"], runtime=route.runtime, io=io,
+        golden_inputs=ctx.golden_inputs, golden_outputs=ctx.golden_outputs, policy=ctx.policy,
+        precision=precision, log=log, work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s)
+    attempt = Attempt(route=route.name, status=parity["status"], seconds=time.monotonic() - start,
+                      stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
+                      error=parity.get("error"),
+                      parity={k: v for k, v in parity.items() if k not in ("outputs", "error")})
+    art = Artifact(target=route.target, status=parity["status"], precision=conv["precision"],
+                   route_name=route.name, file=f"artifacts/{conv['file']}", runtime=route.runtime,
+                   route=conv["steps"], io=io, parity=parity,
+                   timings={"convert_s": round(float(conv["convert_s"]), 3), **timings},
+                   meta=conv.get("meta") or {})
+    art.meta["_staged"] = str(out_dir / conv["file"])
+    return attempt, art
+
+
+def _rank(status: str) -> int:
+    return {"pass": 0, "unverified": 1, "fail": 2, "error": 3, "skipped": 4}.get(status, 5)
+
+
+def build_target(ctx: TargetContext, target: str, precision: str = "float32",
+                 force_route: str | None = None) -> Artifact:
+    """Try the target's routes in order; keep the first that passes (or, failing that, the
+    best unverified one). Failed artifacts are not kept; their attempts are recorded."""
+    key = target if precision == "float32" else f"{target}-{precision}"
+    routes = routes_for(target, ctx.source_framework)
+    if force_route:
+        routes = [r for r in routes if r.name == force_route]
+    attempts: list[Attempt] = []
+    best: Artifact | None = None
+    for n, route in enumerate(routes):
+        attempt, art = _attempt(ctx, route, precision, ctx.root / ".attempts" / f"{key}-{n}-{route.name}")
+        attempts.append(attempt)
+        if art is not None and (best is None or _rank(art.status) < _rank(best.status)):
+            best = art
+        if attempt.status == "pass":
+            break
+    if best is None or best.status not in ("pass", "unverified"):
+        status = min((a.status for a in attempts), key=_rank, default="skipped")
+        failed = Artifact(target=target, status=status, precision=precision, attempts=attempts,
+                          parity=dict(best.parity) if best else {})
+        ctx.progress(key, status, attempts[-1].route if attempts else "no route")
+        return failed
+    _keep(ctx, best, key)
+    best.attempts = attempts
+    ctx.progress(key, best.status, best.route_name or "")
+    return best
+
+
+def _keep(ctx: TargetContext, art: Artifact, key: str) -> None:
+    staged = Path(art.meta.pop("_staged"))
+    dest = ctx.root / "artifacts" / staged.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+    shutil.move(str(staged), dest)
+    art.file = dest.relative_to(ctx.root).as_posix()
+    art.sha256 = sha256_path(dest)
+    art.bytes = path_bytes(dest)
+    if art.target == "onnx" and art.precision == "float32":
+        ctx.prior["onnx"] = dest

@@ -1,0 +1,91 @@
+"""The parity table a person reads in the terminal (plain text, no colour needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from portable_models.contract import Artifact, Contract
+from portable_models.parity import format_float
+
+__all__ = ["render_table", "rows", "worst_output", "next_steps"]
+
+HEADERS = ("target", "route", "precision", "status", "worst output", "max abs", "max rel",
+           "tolerance", "convert", "size")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return "-"
+
+
+def worst_output(art: Artifact) -> tuple[str, dict[str, Any]] | None:
+    """The output that failed, or else the one with the largest error."""
+    outs = art.parity.get("outputs") or {}
+    if not outs:
+        return None
+    failing = [(k, v) for k, v in outs.items() if v.get("status") != "pass"]
+    pool = failing or list(outs.items())
+    return max(pool, key=lambda kv: kv[1].get("max_abs") or 0.0)
+
+
+def status_text(art: Artifact) -> str:
+    by = art.parity.get("checked_by")
+    if art.status == "pass" and by:
+        return f"pass ({by})"
+    return art.status
+
+
+def rows(contract: Contract) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for art in contract.artifacts:
+        w = worst_output(art)
+        name, res = (w[0], w[1]) if w else ("-", {})
+        tol = res.get("tolerance") or {}
+        tol_text = f"{format_float(tol.get('atol'))}/{format_float(tol.get('rtol'))}" if tol else "-"
+        conv = art.timings.get("convert_s")
+        out.append((art.target, art.route_name or "-", art.precision, status_text(art), name,
+                    format_float(res.get("max_abs")), format_float(res.get("max_rel")), tol_text,
+                    f"{conv:.1f} s" if conv is not None else "-", _size(art.bytes)))
+    return out
+
+
+def next_steps(contract: Contract) -> list[str]:
+    """One line per problem: which route failed at which stage, why, and where the log is."""
+    lines = []
+    for art in contract.artifacts:
+        if art.status == "pass":
+            continue
+        for att in art.attempts:
+            if att.status == "pass":
+                continue
+            err = att.error or {}
+            msg = (err.get("message") or (att.parity or {}).get("reason") or att.status).splitlines()[0]
+            lines.append(f"{art.key}: {att.route} {att.status} at {att.stage or '?'}: {msg[:200]}"
+                         f" (log: logs/{art.key}.log)")
+        if art.status == "unverified":
+            checked = art.parity.get("checked") or []
+            lines.append(f"{art.key}: unverified — {(art.parity.get('error') or {}).get('message', '')}"
+                         + (f"; checked: {', '.join(checked)}" if checked else ""))
+        elif art.status in ("fail", "error") and not art.attempts:
+            reason = art.parity.get("reason") or (art.parity.get("error") or {}).get("message", "")
+            lines.append(f"{art.key}: {art.status}: {reason}")
+    return lines
+
+
+def render_table(contract: Contract, *, problems: Sequence[str] = ()) -> str:
+    body = rows(contract)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(HEADERS)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    text = [line(HEADERS), line(tuple("-" * w for w in widths))]
+    text += [line(r) for r in body]
+    notes = list(problems) + next_steps(contract)
+    if notes:
+        text.append("")
+        text += notes
+    return "\n".join(text)

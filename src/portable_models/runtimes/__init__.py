@@ -1,0 +1,33 @@
+"""The runtime table: one row per runtime, implementations named by dotted path."""
+
+from __future__ import annotations
+
+from portable_models.errors import UsageError
+from portable_models.runtimes.base import RuntimeInfo
+
+__all__ = ["RUNTIMES", "runtime_info"]
+
+RUNTIMES: dict[str, RuntimeInfo] = {
+    "onnxruntime": RuntimeInfo(name="onnxruntime", requires=("onnxruntime",),
+                               impl="portable_models.runtimes.onnxruntime:OnnxRuntimeRunner",
+                               description="onnxruntime, CPU execution provider"),
+    "torchscript": RuntimeInfo(name="torchscript", requires=("torch",), framework="torch",
+                               impl="portable_models.runtimes.torchscript:TorchScriptRunner",
+                               description="torch.jit.load"),
+    "executorch": RuntimeInfo(name="executorch", requires=("executorch",), framework="torch",
+                              impl="portable_models.runtimes.executorch:ExecuTorchRunner",
+                              description="ExecuTorch runtime Python bindings"),
+    "litert": RuntimeInfo(name="litert", requires=("ai-edge-litert",),
+                          impl="portable_models.runtimes.litert:LiteRTRunner",
+                          description="ai_edge_litert interpreter, signature runner"),
+    "coreml": RuntimeInfo(name="coreml", requires=("coremltools",), framework="coreml",
+                          impl="portable_models.runtimes.coreml:CoreMLRunner",
+                          description="coremltools predict (macOS only)"),
+}
+
+
+def runtime_info(name: str) -> RuntimeInfo:
+    try:
+        return RUNTIMES[name]
+    except KeyError:
+        raise UsageError(f"unknown runtime {name!r}", fix=f"use one of {', '.join(RUNTIMES)}") from None

@@ -1,0 +1,132 @@
+"""What a runtime is: load -> run -> close, behind a context manager.
+
+A runner executes one artifact with its real runtime. It is fed *logical* inputs;
+the io map renames and permutes them into the artifact's physical inputs, and turns
+the physical outputs back into logical ones, keyed by logical output name. Subclasses
+fill the ``_load_impl`` / ``_run_impl`` / ``_close_impl`` hooks; the public methods
+check state, time the calls and translate errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from portable_models.errors import PortableModelsError, RuntimeLoadError, RuntimeRunError
+from portable_models.iomap import IoMap
+
+__all__ = ["RuntimeInfo", "Runner", "RunnerOptions"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeInfo:
+    """A row of the runtime table (``impl`` is ``module:Class``)."""
+
+    name: str
+    impl: str
+    requires: tuple[str, ...]
+    framework: str = "none"
+    description: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerOptions:
+    threads: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """Base class of every runtime's runner."""
+
+    #: distribution whose version names the runtime in reports ("onnxruntime 1.31.0").
+    distribution = ""
+    #: how the verdict names what checked it.
+    label = ""
+
+    def __init__(self, artifact: Path, io: IoMap, options: RunnerOptions | None = None) -> None:
+        self.artifact = Path(artifact)
+        self.io = io
+        self.options = options or RunnerOptions()
+        self.loaded = False
+        self.load_s = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------
+    def __enter__(self) -> Runner:
+        self.load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def load(self) -> None:
+        start = time.perf_counter()
+        try:
+            self._load_impl()
+        except PortableModelsError:
+            raise
+        except (TypeError, AssertionError, NameError, AttributeError):
+            raise
+        except Exception as exc:
+            raise RuntimeLoadError(
+                f"{self.runtime_name()} could not load {self.artifact.name}: {exc}",
+                file=str(self.artifact),
+                stage=f"load:{self.runtime_name()}",
+            ) from exc
+        self.load_s = time.perf_counter() - start
+        self.loaded = True
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once on logical inputs; return logical outputs."""
+        if not self.loaded:
+            raise RuntimeRunError("run() before load()", stage=f"run:{self.runtime_name()}")
+        missing = [k for k in self.io.inputs if k not in inputs]
+        if missing:
+            raise RuntimeRunError(f"inputs missing: {missing}", stage=f"run:{self.runtime_name()}")
+        feeds = self.io.feeds(inputs)
+        try:
+            physical = self._run_impl(feeds)
+        except PortableModelsError:
+            raise
+        except (TypeError, AssertionError, NameError, AttributeError):
+            raise
+        except Exception as exc:
+            raise RuntimeRunError(
+                f"{self.runtime_name()} failed to run {self.artifact.name}: {exc}",
+                file=str(self.artifact),
+                stage=f"run:{self.runtime_name()}",
+            ) from exc
+        return self.io.results(physical)
+
+    def close(self) -> None:
+        if self.loaded:
+            self._close_impl()
+            self.loaded = False
+
+    # -- naming ------------------------------------------------------------------
+    @classmethod
+    def version(cls) -> str:
+        from portable_models.targets.base import package_version
+
+        return package_version(cls.distribution) if cls.distribution else ""
+
+    @classmethod
+    def runtime_name(cls) -> str:
+        v = cls.version()
+        base = cls.distribution or cls.__name__
+        return f"{base} {v}".strip()
+
+    # -- hooks -------------------------------------------------------------------
+    def _load_impl(self) -> None:
+        raise NotImplementedError
+
+    def _run_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Physical feeds (by physical name) -> physical outputs (by physical name)."""
+        raise NotImplementedError
+
+    def _close_impl(self) -> None:
+        """Release what ``_load_impl`` took."""

@@ -1,0 +1,26 @@
+"""Parity assertions for ordinary tests: ``assert_parity(bundle, targets=…)``.
+
+Light to import: the heavy work happens in worker processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["ParityAssertionError", "assert_parity"]
+
+
+class ParityAssertionError(AssertionError):
+    """A bundle failed verification; the message is the parity table."""
+
+
+def assert_parity(bundle: str | Path, *, targets: Sequence[str] | None = None,
+                  allow_unverified: Sequence[str] = ()) -> None:
+    """Re-verify ``bundle`` and raise :class:`ParityAssertionError` unless every chosen
+    artifact passes (``unverified`` only passes for targets in ``allow_unverified``)."""
+    from portable_models.api import verify
+
+    report = verify(bundle, targets=targets, allow_unverified=allow_unverified)
+    if not report.ok:
+        raise ParityAssertionError(f"parity failed for {bundle}:\n{report.table()}")
