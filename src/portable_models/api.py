@@ -126,16 +126,22 @@ class VerifyReport:
 
 
 def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: Path) -> Captured:
-    framework = framework_of(model)
-    if framework == "torch":
-        from portable_models.sources.torch import CaptureOptions, capture_torch
+    from portable_models.sources.torch import CaptureOptions
 
-        copts = CaptureOptions(input_names=opts.input_names, output_names=opts.output_names,
-                               dynamic_dims=opts.dynamic_dims, input_ranges=opts.input_ranges,
-                               layouts=opts.layouts, samples=opts.samples, cases=opts.cases, seed=opts.seed)
+    framework = framework_of(model)
+    copts = CaptureOptions(input_names=opts.input_names, output_names=opts.output_names,
+                           dynamic_dims=opts.dynamic_dims, input_ranges=opts.input_ranges,
+                           layouts=opts.layouts, samples=opts.samples, cases=opts.cases, seed=opts.seed)
+    if framework == "torch":
+        from portable_models.sources.torch import capture_torch
+
         return capture_torch(model, example_inputs, copts, source_dir)
+    if framework == "keras":
+        from portable_models.sources.keras import capture_keras
+
+        return capture_keras(model, example_inputs, copts, source_dir)
     raise UsageError(f"cannot export a {type(model).__module__}.{type(model).__name__}",
-                     fix="pass a torch.nn.Module (Keras support is planned)")
+                     fix="pass a torch.nn.Module or a Keras 3 model")
 
 
 def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportOptions | None = None,

@@ -65,10 +65,20 @@ class JobFailed(Exception):
         self.seconds = seconds
 
 
-def offline_env(scratch: Path) -> dict[str, str]:
+#: per-framework additions: Keras's backend is fixed per process, so a Keras model reloaded
+#: as a torch.nn.Module needs a worker of its own.
+FRAMEWORK_ENV = {
+    "keras-torch": {"KERAS_BACKEND": "torch"},
+    "tf": {"KERAS_BACKEND": "tensorflow"},
+    "keras": {"KERAS_BACKEND": "tensorflow"},
+}
+
+
+def offline_env(scratch: Path, framework: str = "none") -> dict[str, str]:
     """The worker's environment: the caller's, offline, with HOME and TMPDIR in scratch."""
     env = dict(os.environ)
     env.update(_OFFLINE_ENV)
+    env.update(FRAMEWORK_ENV.get(framework, {}))
     home = scratch / "home"
     tmp = scratch / "tmp"
     home.mkdir(parents=True, exist_ok=True)
@@ -118,7 +128,7 @@ class _Worker:
                 [sys.executable, "-m", "portable_models._worker", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
                 pass_fds=(write_fd,), start_new_session=True, cwd=scratch,
-                env=offline_env(scratch),
+                env=offline_env(scratch, framework),
             )
         os.close(write_fd)
         self._fd = read_fd

@@ -59,15 +59,14 @@ def next_steps(contract: Contract) -> list[str]:
     """One line per problem: which route failed at which stage, why, and where the log is."""
     lines = []
     for art in contract.artifacts:
-        if art.status == "pass":
-            continue
         for att in art.attempts:
             if att.status == "pass":
                 continue
             err = att.error or {}
             msg = (err.get("message") or (att.parity or {}).get("reason") or att.status).splitlines()[0]
+            then = f"; then {art.route_name} {art.status}" if art.status in ("pass", "unverified") else ""
             lines.append(f"{art.key}: {att.route} {att.status} at {att.stage or '?'}: {msg[:200]}"
-                         f" (log: logs/{art.key}.log)")
+                         f" (log: logs/{art.key}.log){then}")
         if art.status == "unverified":
             checked = art.parity.get("checked") or []
             lines.append(f"{art.key}: unverified — {(art.parity.get('error') or {}).get('message', '')}"

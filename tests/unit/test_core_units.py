@@ -1,0 +1,217 @@
+"""Specs, golden sets, contract round trip, bundles and reports: no heavy dependency."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from portable_models import golden
+from portable_models.bundle import Staging, check_files, list_files
+from portable_models.contract import Artifact, Attempt, Contract, load_contract
+from portable_models.errors import (
+    BundleWriteError,
+    ContractError,
+    GoldenSetError,
+    InputError,
+    UsageError,
+)
+from portable_models.iomap import Binding, IoMap
+from portable_models.parity import TolerancePolicy, compare_outputs
+from portable_models.reports import render, to_junit
+from portable_models.spec import DimSpec, TensorSpec, parse_dynamic_option, parse_input_option
+
+
+def test_parse_input_option() -> None:
+    spec = parse_input_option("ids:batch,16:int64:0..999")
+    assert spec.shape == ("batch", 16) and spec.dtype == "int64" and spec.range == (0.0, 999.0)
+    assert parse_input_option("image:1x3x32x32:float32").shape == (1, 3, 32, 32)
+    for bad in ("image:1x3", "image:1x?:float32", "x:1:complex64", "x:1:float32:a..b"):
+        with pytest.raises(UsageError):
+            parse_input_option(bad)
+
+
+def test_parse_dynamic_option() -> None:
+    name, axis, dim = parse_dynamic_option("image:0:batch:1..32")
+    assert (name, axis, dim) == ("image", 0, DimSpec(name="batch", min=1, max=32))
+    with pytest.raises(UsageError):
+        parse_dynamic_option("image:x:batch")
+
+
+def test_golden_inputs_are_seeded_and_cover_two_sizes() -> None:
+    specs = [TensorSpec(name="x", dtype="float32", shape=("batch", 3), range=(0, 1)),
+             TensorSpec(name="ids", dtype="int64", shape=("batch", 5), range=(0, 9)),
+             TensorSpec(name="mask", dtype="bool", shape=("batch", 5))]
+    dims = {"batch": DimSpec(name="batch", min=1, max=4)}
+    example = {"x": np.zeros((2, 3), np.float32), "ids": np.zeros((2, 5), np.int64),
+               "mask": np.ones((2, 5), bool)}
+    a = golden.make_inputs(specs, dims, example, cases=4, seed=0)
+    b = golden.make_inputs(specs, dims, example, cases=4, seed=0)
+    assert [c["x"].shape[0] for c in a] == [2, 3, 2, 3]
+    for ca, cb in zip(a, b, strict=True):
+        for k in ca:
+            np.testing.assert_array_equal(ca[k], cb[k])
+    assert all(0 <= c["ids"].min() and c["ids"].max() <= 9 for c in a)
+    assert all(c["mask"].dtype == bool and c["ids"].dtype == np.int64 for c in a)
+    assert all((0 <= c["x"]).all() and (c["x"] <= 1).all() for c in a[1:])
+
+
+def test_integer_input_without_range_is_refused() -> None:
+    spec = TensorSpec(name="ids", dtype="int64", shape=(2, 3))
+    with pytest.raises(UsageError, match="no value range"):
+        golden.make_inputs([spec], {}, {"ids": np.zeros((2, 3), np.int64)}, cases=2)
+
+
+@pytest.mark.parametrize(("outputs", "message"), [
+    ([{"y": np.ones(3)}, {"y": np.ones(3)}], "identical for every golden case"),
+    ([{"y": np.array([1.0, np.nan])}, {"y": np.ones(2)}], "NaN or Inf"),
+    ([{"y": np.zeros((0,))}, {"y": np.zeros((0,))}], "empty"),
+    ([{"y": np.zeros((2, 3))}, {"y": np.zeros((3, 3))}], "identical for every golden case"),
+])
+def test_degenerate_golden_outputs_are_refused(outputs: list, message: str) -> None:
+    with pytest.raises(GoldenSetError, match=message):
+        golden.check_outputs(outputs, ["y"])
+
+
+def test_cases_round_trip_without_pickle(tmp_path: Path) -> None:
+    cases = [{"x": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([True, False])},
+             {"x": np.ones((3, 3), np.float32), "b": np.array([False, False])}]
+    golden.save_cases(tmp_path / "g.npz", cases)
+    back = golden.load_cases(tmp_path / "g.npz")
+    assert len(back) == 2 and back[1]["x"].shape == (3, 3) and back[0]["b"].dtype == bool
+
+
+def test_npz_with_object_array_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.npz"
+    np.savez(path, **{"0/x": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(InputError, match="pickle"):
+        golden.load_cases(path)
+
+
+def test_npz_declaring_a_huge_array_is_refused_before_allocation(tmp_path: Path) -> None:
+    import zipfile
+
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (100000, 1000000), }"
+    header += " " * (118 - len(header)) + "\n"
+    blob = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 64
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("0/x.npy", blob)
+    with pytest.raises(InputError, match="745 GiB"):
+        golden.load_cases(path)
+
+
+def _contract(tmp: Path) -> Contract:
+    io = IoMap(inputs={"image": Binding(name="input_1", layout="NHWC", perm=(0, 2, 3, 1))},
+               outputs={"logits": Binding(name="Identity")})
+    art = Artifact(target="tflite", status="pass", route_name="onnx2tf", file="artifacts/model.tflite",
+                   sha256="0" * 64, bytes=10, runtime="litert", io=io,
+                   route=[{"step": "onnx2tf", "version": "1.28.8"}],
+                   parity={"status": "pass", "outputs": {}},
+                   attempts=[Attempt(route="litert-torch", status="error", stage="convert",
+                                     error={"message": "boom"}), Attempt(route="onnx2tf", status="pass")])
+    return Contract(name="net", source={"framework": "torch", "version": "2.13.0", "file": "source/model.pt2",
+                                        "sha256": "1" * 64},
+                    inputs=[TensorSpec(name="image", dtype="float32", shape=("batch", 3, 8, 8), layout="NCHW")],
+                    outputs=[TensorSpec(name="logits", dtype="float32", shape=("batch", 10))],
+                    dims={"batch": DimSpec(name="batch", min=1, max=8)},
+                    golden={"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz", "cases": 4, "seed": 0},
+                    tolerance=TolerancePolicy().to_dict(), artifacts=[art])
+
+
+def test_contract_round_trip_and_schema(tmp_path: Path) -> None:
+    c = _contract(tmp_path)
+    (tmp_path / "contract.json").write_text(c.to_json())
+    back = load_contract(tmp_path)
+    assert back.to_dict() == c.to_dict()
+    assert back.artifacts[0].io is not None
+    assert back.artifacts[0].io.inputs["image"].perm == (0, 2, 3, 1)
+
+
+def test_invalid_contract_names_the_place(tmp_path: Path) -> None:
+    data = _contract(tmp_path).to_dict()
+    data["artifacts"][0]["status"] = "passed"
+    (tmp_path / "contract.json").write_text(json.dumps(data))
+    with pytest.raises(ContractError, match="artifacts/0/status"):
+        load_contract(tmp_path)
+    (tmp_path / "contract.json").write_text("{not json")
+    with pytest.raises(ContractError, match="not valid JSON"):
+        load_contract(tmp_path)
+
+
+def test_io_map_undoes_layout() -> None:
+    b = Binding(name="x", perm=(0, 2, 3, 1))
+    nchw = np.arange(24).reshape(1, 2, 3, 4)
+    assert b.to_physical(nchw).shape == (1, 3, 4, 2)
+    np.testing.assert_array_equal(b.to_logical(b.to_physical(nchw)), nchw)
+
+
+def test_nhwc_output_undone_by_io_map_passes_parity() -> None:
+    ref = np.random.default_rng(0).standard_normal((1, 3, 4, 5)).astype(np.float32)
+    io = IoMap(outputs={"y": Binding(name="Y", perm=(0, 2, 3, 1))})
+    physical = {"Y": np.transpose(ref, (0, 2, 3, 1))}
+    res = compare_outputs([{"y": ref}], [io.results(physical)], precision="float32", policy=TolerancePolicy())
+    assert res[0].status == "pass"
+    raw = compare_outputs([{"y": ref}], [{"y": physical["Y"]}], precision="float32", policy=TolerancePolicy())
+    assert raw[0].status == "fail"
+
+
+def test_staging_commits_atomically_and_refuses_overwrite(tmp_path: Path) -> None:
+    dest = tmp_path / "bundle"
+    with Staging(dest) as st:
+        st.write_text("a.txt", "one")
+        assert not dest.exists()
+        st.commit()
+    assert (dest / "a.txt").read_text() == "one"
+    with pytest.raises(UsageError, match="overwrite"):
+        with Staging(dest):
+            pass
+    with pytest.raises(RuntimeError):
+        with Staging(dest, overwrite=True) as st:
+            st.write_text("a.txt", "two")
+            raise RuntimeError("crash before commit")
+    assert (dest / "a.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_concurrent_writer_is_refused_naming_holder(tmp_path: Path) -> None:
+    dest = tmp_path / "bundle"
+    with Staging(dest):
+        with pytest.raises(BundleWriteError, match=f"pid {os.getpid()}"):
+            with Staging(dest):
+                pass
+
+
+def test_output_path_that_is_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UsageError, match="existing file"):
+        with Staging(f):
+            pass
+
+
+def test_file_list_detects_changes(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"abc")
+    files = list_files(tmp_path)
+    assert check_files(tmp_path, files) == []
+    (tmp_path / "a" / "x.bin").write_bytes(b"abd")
+    assert check_files(tmp_path, files) == ["changed file: a/x.bin (sha256 differs from the contract)"]
+    (tmp_path / "a" / "x.bin").unlink()
+    assert check_files(tmp_path, files) == ["missing file: a/x.bin"]
+
+
+def test_reports_render(tmp_path: Path) -> None:
+    c = _contract(tmp_path)
+    table = render(c, "table")
+    assert "onnx2tf" in table and "litert-torch error at convert: boom" in table
+    parsed = json.loads(render(c, "json"))
+    assert parsed["ok"] is True and parsed["artifacts"][0]["route"] == "onnx2tf"
+    from xml.etree import ElementTree as ET
+
+    root = ET.fromstring(to_junit(c))
+    assert root.tag == "testsuite" and root.get("tests") == "1"
+    assert "| tflite |" in render(c, "md")
