@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import portable_models as pm
-from portable_models.golden import load_cases
 from models import ZOO
+from portable_models.golden import load_cases
 
 pytestmark = pytest.mark.slow
 CORE = ["onnx", "torchscript", "executorch"]
