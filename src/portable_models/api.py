@@ -56,6 +56,8 @@ class ExportOptions:
     jobs: int = 1
     name: str | None = None
     progress: Progress | None = None
+    #: how the source file was loaded ("safe" or "trusted"); set by export_file.
+    source_trust: str = "safe"
 
 
 def _targets(value: str | Sequence[str]) -> list[str]:
@@ -206,7 +208,7 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
     return Contract(
         name=name,
         source={"framework": captured.framework, "version": captured.version,
-                "file": src.relative_to(root).as_posix(), "sha256": sha256_path(src), "trust": "safe"},
+                "file": src.relative_to(root).as_posix(), "sha256": sha256_path(src), "trust": opts.source_trust},
         inputs=captured.inputs, outputs=captured.outputs, dims=captured.dims,
         golden={"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz",
                 "cases": len(captured.golden_inputs), "seed": opts.seed,

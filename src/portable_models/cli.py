@@ -21,6 +21,7 @@ __all__ = ["main", "build_parser"]
 
 EPILOG = """examples:
   portable-models demo --out dist/demo
+  portable-models convert model.pt2 --out dist/net
   portable-models verify dist/demo --format junit > parity.xml
   portable-models inspect dist/demo
   portable-models doctor
@@ -69,6 +70,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = verify(out)
     sys.stdout.write(_report(report, args.format, report.problems))
     return 0 if bundle.ok and report.ok else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from portable_models.fromfile import export_file, tolerance_overrides
+    from portable_models.parity import DEFAULT_TOLERANCES, TolerancePolicy
+    from portable_models.spec import parse_dynamic_option, parse_input_option
+
+    tol = tolerance_overrides({"atol": args.atol or [], "rtol": args.rtol or []})
+    defaults = dict(DEFAULT_TOLERANCES)
+    if tol["defaults"]:
+        import dataclasses
+
+        defaults["float32"] = dataclasses.replace(defaults["float32"], **tol["defaults"])
+    routes = {}
+    for item in args.route or []:
+        target, sep, route = item.partition("=")
+        if not sep:
+            from portable_models.errors import UsageError
+
+            raise UsageError(f"--route {item!r} is not TARGET=ROUTE", fix="for example --route tflite=onnx2tf")
+        routes[target] = route
+    bundle = export_file(
+        args.src, out=args.out, inputs=[parse_input_option(t) for t in args.input or []],
+        dynamic=[parse_dynamic_option(t) for t in args.dynamic or []], model_class=args.model_class,
+        samples=args.samples, trust=args.trust_model, targets=args.targets or "all",
+        cases=args.cases, precision=args.precision, timeout_s=args.timeout, jobs=args.jobs,
+        memory_mb=args.memory_limit, overwrite=args.overwrite, routes=routes,
+        tolerance=TolerancePolicy(defaults=defaults, per_output=tol["per_output"]),
+        progress=Progress(sys.stderr, args.quiet), name=args.name,
+    )
+    sys.stdout.write(_report(bundle, args.format))
+    return 0 if bundle.ok else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -121,10 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"portable-models {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="print only the result")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = {"choices": ("table", "json", "junit", "md"), "default": "table", "help": "report format"}
 
-    d = sub.add_parser("demo", help="the built-in example, end to end",
+    d = sub.add_parser("demo", parents=[common], help="the built-in example, end to end",
                        epilog="example:\n  portable-models demo --out dist/demo",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--out", default="dist/demo", help="bundle folder (replaced if it exists)")
@@ -132,7 +170,43 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", **fmt)  # type: ignore[arg-type]
     d.set_defaults(func=cmd_demo)
 
-    v = sub.add_parser("verify", help="re-run every artifact of a bundle and check parity",
+    c = sub.add_parser("convert", parents=[common], help="convert a saved model to every target and prove parity",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  portable-models convert model.pt2 --out dist/net\n"
+        "  portable-models convert weights.pt --class mypkg.nets:TinyNet \\\n"
+        "      --input image:2x3x32x32:float32:0..1 --dynamic image:0:batch:1..32 --out dist/net\n"
+        "  portable-models convert model.keras --out dist/k --targets tflite onnx --precision fp16\n"
+        "  portable-models convert ids.pt2 --input ids:2x16:int64:0..999 --atol logits=1e-3 --out d")
+    c.add_argument("src", help=".pt2, TorchScript .pt, state dict (.pt/.pth/.safetensors) with --class, "
+                   ".keras, .h5, SavedModel folder (format detected from content)")
+    c.add_argument("--out", required=True, help="bundle folder")
+    c.add_argument("--targets", nargs="+", help="default: all (onnx torchscript executorch tflite coreml)")
+    c.add_argument("--input", action="append", metavar="NAME:SHAPE:DTYPE[:LOW..HIGH]",
+                   help="an input and its value range, e.g. image:2x3x32x32:float32:0..1 (repeatable)")
+    c.add_argument("--dynamic", action="append", metavar="NAME:AXIS:LABEL[:MIN..MAX]",
+                   help="a dynamic axis, e.g. image:0:batch:1..32 (repeatable)")
+    c.add_argument("--class", dest="model_class", metavar="MODULE:CLASS",
+                   help="the model class for a state dict (constructed with no arguments)")
+    c.add_argument("--samples", metavar="FILE.npz", help="real sample inputs (better than random data)")
+    c.add_argument("--cases", type=int, default=4, help="golden cases (default 4)")
+    c.add_argument("--atol", action="append", metavar="[NAME=]VALUE",
+                   help="float32 atol, or per output with NAME=VALUE (repeatable)")
+    c.add_argument("--rtol", action="append", metavar="[NAME=]VALUE", help="likewise for rtol")
+    c.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "fp16"),
+                   help="fp16 adds float16 TFLite/Core ML artifacts with their own tolerance")
+    c.add_argument("--route", action="append", metavar="TARGET=ROUTE", help="force one route")
+    c.add_argument("--timeout", type=float, default=600.0, help="seconds per conversion job")
+    c.add_argument("--memory-limit", type=int, default=8192, metavar="MB", help="per worker")
+    c.add_argument("--jobs", type=int, default=1, help="targets converted at once")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    c.add_argument("--trust-model", action="store_true",
+                   help="allow loading that can run code (TorchScript, pickles, SavedModel, Lambda)")
+    c.add_argument("--name", help="bundle name in the contract (default: the folder name)")
+    c.add_argument("--format", **fmt)  # type: ignore[arg-type]
+    c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("verify", parents=[common], help="re-run every artifact of a bundle and check parity",
                        epilog="examples:\n  portable-models verify dist/mynet\n"
                        "  portable-models verify dist/mynet --format junit > parity.xml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,11 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", **fmt)  # type: ignore[arg-type]
     v.set_defaults(func=cmd_verify)
 
-    i = sub.add_parser("inspect", help="what the contract says, per artifact")
+    i = sub.add_parser("inspect", parents=[common], help="what the contract says, per artifact")
     i.add_argument("bundle")
     i.set_defaults(func=cmd_inspect)
 
-    doc = sub.add_parser("doctor", help="which converters and runtimes are installed")
+    doc = sub.add_parser("doctor", parents=[common], help="which converters and runtimes are installed")
     doc.set_defaults(func=cmd_doctor)
     return p
 

@@ -24,6 +24,8 @@ __all__ = [
     "save_cases",
     "load_cases",
     "check_outputs",
+    "draw",
+    "load_samples",
     "MAX_NPZ_BYTES",
 ]
 
@@ -55,7 +57,8 @@ def case_sizes(
     return [dict(base) if i % 2 == 0 else dict(other) for i in range(cases)]
 
 
-def _draw(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def draw(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Seeded values for one input: within its range, of its dtype."""
     if spec.dtype == "bool":
         return rng.integers(0, 2, size=shape).astype(bool)
     if spec.dtype.startswith(("int", "uint")):
@@ -86,7 +89,7 @@ def make_inputs(
     sizes = case_sizes(specs, dims, example, cases)
     out: Cases = [{s.name: np.asarray(example[s.name]) for s in specs}]
     for i in range(1, cases):
-        out.append({s.name: _draw(s, concrete_shape(s, sizes[i]), rng) for s in specs})
+        out.append({s.name: draw(s, concrete_shape(s, sizes[i]), rng) for s in specs})
     return out
 
 
@@ -186,3 +189,17 @@ def check_outputs(cases: Sequence[Mapping[str, np.ndarray]], names: Sequence[str
             raise GoldenSetError(
                 f"output {name!r} is identical for every golden case", stage="capture", fix=fix,
             )
+
+
+def load_samples(path: Path) -> Cases:
+    """User sample inputs: an ``.npz`` with ``<case>/<name>`` members, or ``<name>`` members
+    for a single case. Loaded with the same limits as golden files, never with pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"samples file {path} does not exist", file=str(path), stage="load",
+                         fix="pass an .npz written with numpy.savez")
+    _check_archive(path)
+    with np.load(path, allow_pickle=False) as data:
+        if data.files and all("/" not in k for k in data.files):
+            return [{k: data[k] for k in data.files}]
+    return load_cases(path)

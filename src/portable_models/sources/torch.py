@@ -50,8 +50,11 @@ def _input_names(model: torch.nn.Module, n: int, given: Sequence[str] | None) ->
             raise UsageError(f"input_names has {len(given)} names for {n} inputs",
                              stage=_STAGE, fix="give one name per example input")
         return list(given)
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # TorchScript methods have no Python signature
+        params = []
     if len(params) >= n:
         return [p.name for p in params[:n]]
     return [f"input_{i}" for i in range(n)]
@@ -232,7 +235,12 @@ def capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_
     _check_deterministic(model, in_specs, cases[0], outputs[0], opts.output_names)
     golden.check_outputs(outputs, out_names)
     try:
-        ep = torch.export.export(model, args, dynamic_shapes=_dynamic_shapes(names, args, axes, dims),
+        exportable = model
+        if isinstance(model, torch.jit.ScriptModule):  # a TorchScript source: to a program first
+            from torch._export.converter import TS2EPConverter
+
+            exportable = TS2EPConverter(model, args).convert().module()
+        ep = torch.export.export(exportable, args, dynamic_shapes=_dynamic_shapes(names, args, axes, dims),
                                  strict=False)
     except Exception as exc:
         raise CaptureError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
