@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/portable-models demo --out dist/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench examples tools
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
