@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = {"choices": ("table", "json", "junit", "md"), "default": "table", "help": "report format"}
+    fmt = {"choices": ("table", "json", "junit", "md", "html"), "default": "table", "help": "report format"}
 
     d = sub.add_parser("demo", parents=[common], help="the built-in example, end to end",
                        epilog="example:\n  portable-models demo --out dist/demo",

@@ -97,6 +97,10 @@ def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap,
                               output_names=output_names)
     record = {"status": verdict(results), "runtime": result["runtime"], "checked_by": result["label"],
               "outputs": {r.name: r.to_dict() for r in results}}
+    for name, res in record["outputs"].items():
+        hist = error_histogram(golden_outputs, actual, name)
+        if hist is not None:
+            res["abs_error_hist"] = hist
     worst = _worst(results)
     if worst is not None and worst.status != "pass":
         record["reason"] = f"{worst.name}: {worst.reason}"
@@ -104,6 +108,32 @@ def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap,
     timings = {"load_s": round(float(result["load_s"]), 4),
                "run_ms_p50": round(statistics.median(runs), 3)}
     return record, timings
+
+
+#: decades of |artifact - reference| that the error histogram counts (plus exact zeros).
+HIST_DECADES = tuple(range(-12, 3))
+
+
+def error_histogram(reference: Cases, actual: Cases, name: str) -> dict[str, Any] | None:
+    """Counts of absolute errors per decade (1e-12 … 1e2) for one float output, for the
+    plots of the HTML report. None when shapes or dtypes make it meaningless."""
+    import numpy as np
+
+    diffs = []
+    for ref, got in zip(reference, actual, strict=False):
+        g, a = ref.get(name), got.get(name)
+        if g is None or a is None or g.shape != a.shape or g.dtype.kind != "f" or a.dtype.kind not in "fc":
+            return None
+        d = np.abs(a.astype(np.float64) - g.astype(np.float64)).ravel()
+        diffs.append(d[np.isfinite(d)])
+    if not diffs:
+        return None
+    d = np.concatenate(diffs)
+    zeros = int((d == 0).sum())
+    logs = np.log10(d[d > 0]) if (d > 0).any() else np.zeros(0)
+    edges = [float(e) for e in HIST_DECADES]
+    counts, _ = np.histogram(np.clip(logs, edges[0], edges[-1]), bins=[*edges, edges[-1] + 1])
+    return {"decades": edges, "counts": [int(c) for c in counts], "zeros": zeros}
 
 
 def _worst(results: Sequence[OutputParity]) -> OutputParity | None:

@@ -9,11 +9,12 @@ from xml.etree import ElementTree as ET
 
 from portable_models.contract import Contract
 from portable_models.parity import format_float
+from portable_models.reports.html import to_html
 from portable_models.reports.table import HEADERS, next_steps, render_table, rows
 
-__all__ = ["render", "write_reports", "FORMATS", "to_json", "to_junit", "to_markdown"]
+__all__ = ["render", "write_reports", "FORMATS", "to_html", "to_json", "to_junit", "to_markdown"]
 
-FORMATS = ("table", "json", "junit", "md")
+FORMATS = ("table", "json", "junit", "md", "html")
 REPORT_SCHEMA = "portable-models/report/v1"
 
 
@@ -102,6 +103,8 @@ def render(contract: Contract, fmt: str, *, problems: list[str] | None = None) -
         return to_junit(contract, problems=problems)
     if fmt == "md":
         return to_markdown(contract, problems=problems)
+    if fmt == "html":
+        return to_html(contract, problems=problems)
     raise ValueError(f"unknown report format {fmt!r}")
 
 
@@ -110,3 +113,4 @@ def write_reports(contract: Contract, folder: Path) -> None:
     (folder / "parity.json").write_text(to_json(contract), encoding="utf-8")
     (folder / "parity.md").write_text(to_markdown(contract), encoding="utf-8")
     (folder / "junit.xml").write_text(to_junit(contract), encoding="utf-8")
+    (folder / "report.html").write_text(to_html(contract), encoding="utf-8")
