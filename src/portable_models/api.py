@@ -256,7 +256,8 @@ def _reverify(pool: WorkerPool, root: Path, art: Artifact, problems: list[str], 
     parity, timings = check_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
                                      golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
                                      precision=art.precision, log=scratch / f"{art.key}.log",
-                                     work_dir=scratch / art.key, timeout_s=timeout_s)
+                                     work_dir=scratch / art.key, timeout_s=timeout_s,
+                                     cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None)
     art.status = parity["status"]
     art.parity = parity
     art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}

@@ -69,16 +69,38 @@ def _error_dict(exc: PortableModelsError) -> dict[str, Any]:
     return {k: v for k, v in exc.to_dict().items() if v}
 
 
+def fixed_shape_cases(golden_inputs: Path) -> list[int]:
+    """The golden cases a fixed-shape artifact can take: those shaped like case 0 (the
+    sample it was converted with)."""
+    cases = load_cases(golden_inputs)
+    first = {k: v.shape for k, v in cases[0].items()}
+    return [i for i, c in enumerate(cases) if {k: v.shape for k, v in c.items()} == first]
+
+
+def _subset(golden_inputs: Path, indices: Sequence[int], work_dir: Path) -> Path:
+    from portable_models.golden import save_cases
+
+    cases = load_cases(golden_inputs)
+    path = work_dir / "golden-subset.npz"
+    save_cases(path, [cases[i] for i in indices])
+    return path
+
+
 def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
                    golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
                    work_dir: Path, timeout_s: float | None = None,
-                   output_names: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run ``artifact`` on every golden case in a worker and compare. Returns the parity
-    record and the timings. Load/run failures become an ``error`` record, not an exception."""
+                   output_names: Sequence[str] | None = None,
+                   cases: Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``artifact`` on the golden cases (all, or the ``cases`` a fixed-shape artifact
+    accepts) in a worker and compare. Returns the parity record and the timings.
+    Load/run failures become an ``error`` record, not an exception."""
     runtime = checking_runtime(runtime)
     info = runtime_info(runtime)
     out = work_dir / f"outputs-{runtime}.npz"
     work_dir.mkdir(parents=True, exist_ok=True)
+    if cases is not None:
+        golden_inputs = _subset(golden_inputs, cases, work_dir)
+        golden_outputs = [golden_outputs[i] for i in cases]
     payload = {"runtime": runtime, "artifact": str(artifact), "io": io.to_dict(),
                "inputs": str(golden_inputs), "out": str(out)}
     try:
@@ -104,6 +126,8 @@ def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap,
     worst = _worst(results)
     if worst is not None and worst.status != "pass":
         record["reason"] = f"{worst.name}: {worst.reason}"
+    if cases is not None:
+        record["cases_checked"] = list(cases)
     runs = result.get("run_ms") or [0.0]
     timings = {"load_s": round(float(result["load_s"]), 4),
                "run_ms_p50": round(statistics.median(runs), 3)}
@@ -168,11 +192,18 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
         return Attempt(route=route.name, status="error", stage="convert",
                        error=_error_dict(failed.error), seconds=time.monotonic() - start), None
     io = IoMap.from_dict(conv["io"])
+    meta = dict(conv.get("meta") or {})
+    cases = None
+    if meta.get("dynamic") is False and ctx.dims:
+        cases = fixed_shape_cases(ctx.golden_inputs)
+        meta["fixed_shape"] = True
+        meta["cases_checked"] = cases
     ctx.progress(key, "running", route.name)
     parity, timings = check_artifact(
         ctx.pool, artifact=out_dir / conv["file"], runtime=route.runtime, io=io,
         golden_inputs=ctx.golden_inputs, golden_outputs=ctx.golden_outputs, policy=ctx.policy,
-        precision=precision, log=log, work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s)
+        precision=precision, log=log, work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s,
+        cases=cases)
     attempt = Attempt(route=route.name, status=parity["status"], seconds=time.monotonic() - start,
                       stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
                       error=parity.get("error"),
@@ -181,13 +212,18 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
                    route_name=route.name, file=f"artifacts/{conv['file']}", runtime=route.runtime,
                    route=conv["steps"], io=io, parity=parity,
                    timings={"convert_s": round(float(conv["convert_s"]), 3), **timings},
-                   meta=conv.get("meta") or {})
+                   meta=meta)
     art.meta["_staged"] = str(out_dir / conv["file"])
     return attempt, art
 
 
 def _rank(status: str) -> int:
     return {"pass": 0, "unverified": 1, "fail": 2, "error": 3, "skipped": 4}.get(status, 5)
+
+
+def _art_rank(art: Artifact) -> tuple[int, bool]:
+    """Full passes beat passes of a fixed-shape artifact (which ignores dynamic dims)."""
+    return _rank(art.status), bool(art.meta.get("fixed_shape"))
 
 
 def build_target(ctx: TargetContext, target: str, precision: str = "float32",
@@ -203,9 +239,9 @@ def build_target(ctx: TargetContext, target: str, precision: str = "float32",
     for n, route in enumerate(routes):
         attempt, art = _attempt(ctx, route, precision, ctx.root / ".attempts" / f"{key}-{n}-{route.name}")
         attempts.append(attempt)
-        if art is not None and (best is None or _rank(art.status) < _rank(best.status)):
+        if art is not None and (best is None or _art_rank(art) < _art_rank(best)):
             best = art
-        if attempt.status == "pass":
+        if attempt.status == "pass" and not (art and art.meta.get("fixed_shape")):
             break
     if best is None or best.status not in ("pass", "unverified"):
         status = min((a.status for a in attempts), key=_rank, default="skipped")

@@ -60,13 +60,17 @@ def next_steps(contract: Contract) -> list[str]:
     lines = []
     for art in contract.artifacts:
         for att in art.attempts:
-            if att.status == "pass":
+            if att.status == "pass" or (att.route == art.route_name and att.status == art.status):
                 continue
             err = att.error or {}
             msg = (err.get("message") or (att.parity or {}).get("reason") or att.status).splitlines()[0]
             then = f"; then {art.route_name} {art.status}" if art.status in ("pass", "unverified") else ""
             lines.append(f"{art.key}: {att.route} {att.status} at {att.stage or '?'}: {msg[:200]}"
                          f" (log: logs/{art.key}.log){then}")
+        if art.meta.get("fixed_shape"):
+            checked = art.meta.get("cases_checked") or []
+            lines.append(f"{art.key}: fixed-shape artifact ({art.route_name} keeps no dynamic dims): "
+                         f"checked on golden cases {checked} only")
         if art.status == "unverified":
             checked = art.parity.get("checked") or []
             lines.append(f"{art.key}: unverified — {(art.parity.get('error') or {}).get('message', '')}"

@@ -7,10 +7,19 @@ loads and passes parity wins. Adding a route is one module plus one row here.
 
 from __future__ import annotations
 
+import importlib
+import os
+from functools import cache
+
 from portable_models.errors import UsageError
 from portable_models.targets.base import RouteInfo
 
-__all__ = ["TARGETS", "ROUTES", "routes_for", "route_by_name"]
+__all__ = ["TARGETS", "ROUTES", "EXTRA_ROUTES_ENV", "all_routes", "routes_for", "route_by_name"]
+
+#: ``module:attr[,module:attr…]`` naming sequences of extra :class:`RouteInfo` rows (your own
+#: converters, or failing routes injected by tests). They are tried before the built-in
+#: routes of their target. Read in the caller and inherited by every worker.
+EXTRA_ROUTES_ENV = "PORTABLE_MODELS_EXTRA_ROUTES"
 
 #: every target, in the order reports list them.
 TARGETS = ("onnx", "torchscript", "executorch", "tflite", "coreml")
@@ -54,19 +63,84 @@ ROUTES: tuple[RouteInfo, ...] = (
               impl="portable_models.targets.coreml:convert_from_trace",
               requires=("torch", "coremltools"), runtime="coreml",
               description="coremltools from a traced TorchScript module (mlprogram)"),
+    # -- from a captured Keras model (source/model.keras): TF-native routes first, then the
+    # -- torch-backend bridge to the PyTorch routes above (portable_models.targets.keras_bridge)
+    RouteInfo(name="keras-tf2onnx", target="onnx", source="keras",
+              impl="portable_models.targets.keras_tf:convert_tf2onnx",
+              requires=("keras", "tensorflow", "tf2onnx", "onnx"), runtime="onnxruntime",
+              framework="tf", description="tf2onnx from a tf.function of the model"),
+    RouteInfo(name="keras-export-onnx", target="onnx", source="keras",
+              impl="portable_models.targets.keras_tf:convert_keras_onnx",
+              requires=("keras", "tensorflow", "tf2onnx", "onnx"), runtime="onnxruntime",
+              framework="tf", description="Keras's own model.export(format='onnx')"),
+    RouteInfo(name="keras-torch-onnx", target="onnx", source="keras",
+              impl="portable_models.targets.keras_bridge:convert_bridge_onnx",
+              requires=("keras", *_TORCH_ONNX), runtime="onnxruntime", framework="keras-torch",
+              description="torch backend -> torch.export -> torch.onnx.export"),
+    RouteInfo(name="keras-torch-jit-trace", target="torchscript", source="keras",
+              impl="portable_models.targets.keras_bridge:convert_bridge_torchscript",
+              requires=("keras", "torch"), runtime="torchscript", framework="keras-torch",
+              description="torch backend -> torch.export -> torch.jit.trace"),
+    RouteInfo(name="keras-executorch-xnnpack", target="executorch", source="keras",
+              impl="portable_models.targets.keras_bridge:convert_bridge_xnnpack",
+              requires=("keras", *_TORCH_ET), runtime="executorch", framework="keras-torch",
+              description="torch backend -> torch.export -> ExecuTorch with XNNPACK"),
+    RouteInfo(name="keras-executorch-portable", target="executorch", source="keras",
+              impl="portable_models.targets.keras_bridge:convert_bridge_portable",
+              requires=("keras", *_TORCH_ET), runtime="executorch", framework="keras-torch",
+              description="torch backend -> torch.export -> ExecuTorch, portable kernels"),
+    RouteInfo(name="keras-tflite", target="tflite", source="keras",
+              impl="portable_models.targets.keras_tf:convert_tf_tflite",
+              requires=("keras", "tensorflow", "ai-edge-litert"), runtime="litert",
+              framework="tf", description="TFLiteConverter from a frozen tf.function"),
+    RouteInfo(name="keras-litert-torch", target="tflite", source="keras",
+              impl="portable_models.targets.keras_bridge:convert_bridge_litert",
+              requires=("keras", *_TORCH_LITERT), runtime="litert", framework="keras-torch",
+              description="torch backend -> torch.export -> litert_torch.convert"),
+    RouteInfo(name="keras-coreml-tf", target="coreml", source="keras",
+              impl="portable_models.targets.keras_tf:convert_tf_coreml",
+              requires=("keras", "tensorflow", "coremltools"), runtime="coreml",
+              framework="tf", description="coremltools from one concrete tf.function (mlprogram)"),
+    RouteInfo(name="keras-coremltools-export", target="coreml", source="keras",
+              impl="portable_models.targets.keras_bridge:convert_bridge_coreml_export",
+              requires=("keras", "torch", "coremltools"), runtime="coreml", framework="keras-torch",
+              description="torch backend -> torch.export -> coremltools (mlprogram)"),
+    RouteInfo(name="keras-coremltools-trace", target="coreml", source="keras",
+              impl="portable_models.targets.keras_bridge:convert_bridge_coreml_trace",
+              requires=("keras", "torch", "coremltools"), runtime="coreml", framework="keras-torch",
+              description="torch backend -> torch.export -> jit.trace -> coremltools"),
 )
+
+
+@cache
+def _extra_routes(spec: str) -> tuple[RouteInfo, ...]:
+    found: list[RouteInfo] = []
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        module, _, attr = item.partition(":")
+        try:
+            rows = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"{EXTRA_ROUTES_ENV}: cannot load {item!r}: {exc}",
+                             fix="name module:attr of a sequence of RouteInfo, importable here") from exc
+        found.extend(r for r in rows if isinstance(r, RouteInfo))
+    return tuple(found)
+
+
+def all_routes() -> tuple[RouteInfo, ...]:
+    """Extra routes (from ``PORTABLE_MODELS_EXTRA_ROUTES``) first, then the built-in ones."""
+    return _extra_routes(os.environ.get(EXTRA_ROUTES_ENV, "")) + ROUTES
 
 
 def routes_for(target: str, source: str) -> list[RouteInfo]:
     """The routes that reach ``target`` from ``source``, in order of preference."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}", fix=f"use one of {', '.join(TARGETS)}")
-    return [r for r in ROUTES if r.target == target and r.source == source]
+    return [r for r in all_routes() if r.target == target and r.source == source]
 
 
 def route_by_name(name: str) -> RouteInfo:
-    for r in ROUTES:
+    for r in all_routes():
         if r.name == name:
             return r
     raise UsageError(f"unknown route {name!r}",
-                     fix=f"use one of {', '.join(r.name for r in ROUTES)}")
+                     fix=f"use one of {', '.join(r.name for r in all_routes())}")

@@ -1,0 +1,65 @@
+"""Routes injected by the tests through PORTABLE_MODELS_EXTRA_ROUTES: a converter that
+fails, one that drifts (perturbed weights), one that segfaults, hangs or eats memory.
+They run inside the real worker processes, tried before the built-in routes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+from portable_models.errors import ConversionError
+from portable_models.targets.base import ConvertJob, ConvertResult, RouteInfo
+
+
+def fail_convert(job: ConvertJob) -> ConvertResult:
+    raise ConversionError("injected failure: this converter step always fails", stage="convert")
+
+
+def drift_onnx(job: ConvertJob) -> ConvertResult:
+    """The real ONNX route, then every float initializer scaled by 1.05."""
+    import onnx
+    from onnx import numpy_helper
+
+    from portable_models.targets.onnx import convert_torch_onnx
+
+    result = convert_torch_onnx(job)
+    path = job.out_dir / result.file
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.size > 1:
+            init.CopyFrom(numpy_helper.from_array(arr * np.float32(1.05), init.name))
+    onnx.save(model, str(path))
+    return result
+
+
+def segfault(job: ConvertJob) -> Any:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def hang(job: ConvertJob) -> Any:
+    time.sleep(3600)
+
+
+def hog(job: ConvertJob) -> Any:
+    chunks = []
+    while True:
+        chunks.append(np.ones(2**25))  # 256 MiB at a time, touched
+
+
+def _row(name: str, target: str, fn: str, runtime: str) -> RouteInfo:
+    return RouteInfo(name=name, target=target, source="torch", impl=f"injected_routes:{fn}",
+                     requires=("torch",), runtime=runtime)
+
+
+FAIL_TFLITE = (_row("test-fail-convert", "tflite", "fail_convert", "litert"),)
+DRIFT_ONNX = (_row("test-drift-onnx", "onnx", "drift_onnx", "onnxruntime"),)
+MISBEHAVE = (
+    _row("test-segfault", "torchscript", "segfault", "torchscript"),
+    _row("test-hang", "onnx", "hang", "onnxruntime"),
+    _row("test-hog", "executorch", "hog", "executorch"),
+)
