@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from portable_models import golden
-from portable_models.bundle import Staging, check_files, list_files, sha256_path
+from portable_models.bundle import Staging, check_files, list_files, sha256_path, writing
 from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
@@ -26,7 +26,7 @@ from portable_models.pipeline import Progress, TargetContext, build_target, chec
 from portable_models.reports import write_reports
 from portable_models.reports.table import render_table
 from portable_models.sources import Captured, framework_of
-from portable_models.targets import TARGETS
+from portable_models.targets import TARGETS, routes_for
 from portable_models.workers import WorkerLimits, WorkerPool
 
 __all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
@@ -142,6 +142,10 @@ def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: P
         from portable_models.sources.keras import capture_keras
 
         return capture_keras(model, example_inputs, copts, source_dir)
+    if framework == "onnx":
+        from portable_models.sources.onnx import capture_onnx
+
+        return capture_onnx(model, example_inputs, copts, source_dir)
     raise UsageError(f"cannot export a {type(model).__module__}.{type(model).__name__}",
                      fix="pass a torch.nn.Module or a Keras 3 model")
 
@@ -160,16 +164,18 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
         raise UsageError(f"jobs={opts.jobs}", fix="use jobs >= 1")
     dest = Path(out)
     with Staging(dest, overwrite=opts.overwrite) as st:
-        captured = _capture(model, example_inputs, opts, st.path / "source")
-        golden.save_cases(st.path / "golden" / "inputs.npz", captured.golden_inputs)
-        golden.save_cases(st.path / "golden" / "outputs.npz", captured.golden_outputs)
+        with writing("the source and golden data", st.path):
+            captured = _capture(model, example_inputs, opts, st.path / "source")
+            golden.save_cases(st.path / "golden" / "inputs.npz", captured.golden_inputs)
+            golden.save_cases(st.path / "golden" / "outputs.npz", captured.golden_outputs)
         artifacts = _convert_all(captured, st.path, opts, targets, precisions, policy)
-        shutil.rmtree(st.path / ".attempts", ignore_errors=True)
-        contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name)
-        write_reports(contract, st.path / "reports")
-        contract.files = list_files(st.path)
-        st.write_text("contract.json", contract.to_json())
-        st.commit()
+        with writing("the bundle", st.path):
+            shutil.rmtree(st.path / ".attempts", ignore_errors=True)
+            contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name)
+            write_reports(contract, st.path / "reports")
+            contract.files = list_files(st.path)
+            st.write_text("contract.json", contract.to_json())
+            st.commit()
     return Bundle(path=dest, contract=contract)
 
 
@@ -187,6 +193,8 @@ def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: l
                                 timeout_s=opts.timeout_s)
             if opts.progress:
                 ctx.progress = opts.progress
+            if opts.targets == "all":  # "all" means every target this source has a route to
+                targets = [t for t in targets if routes_for(t, captured.framework)]
             jobs = [(t, p) for p in precisions for t in targets if p == "float32" or t in ("tflite", "coreml")]
             for t, p in jobs:
                 ctx.progress(t if p == "float32" else f"{t}-{p}", "waiting", "")

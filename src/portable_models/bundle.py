@@ -8,18 +8,20 @@ keeps two exports from writing one bundle at the same time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from portable_models.errors import BundleWriteError, IntegrityError, UsageError
 
-__all__ = ["Staging", "check_files", "list_files", "path_bytes", "raise_on_problems", "sha256_path"]
+__all__ = ["Staging", "writing", "check_files", "list_files", "path_bytes", "raise_on_problems", "sha256_path"]
 
 _CHUNK = 1 << 20
 
@@ -74,6 +76,19 @@ def raise_on_problems(root: Path, problems: list[str]) -> None:
             file=str(root / problems[0].split(": ", 1)[1].split(" ")[0]), stage="verify",
             fix="re-export the bundle, or restore the files named above",
         )
+
+
+@contextlib.contextmanager
+def writing(what: str, where: Path) -> Iterator[None]:
+    """Turn an OS error while writing the bundle (disk full, permissions) into a
+    :class:`BundleWriteError` naming the file and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        fix = "free some disk space and export again" if exc.errno == errno.ENOSPC else \
+            "check the output folder's permissions and free space"
+        raise BundleWriteError(f"cannot write {what}: {exc.strerror or exc}",
+                               file=str(exc.filename or where), stage="write", fix=fix) from exc
 
 
 class Staging:

@@ -227,9 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so that every ``with``/``finally`` cleans up: workers
+    killed, staging removed, lock released."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args))
     except PortableModelsError as exc:
@@ -241,8 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error{stage}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: workers stopped, nothing written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: workers stopped, nothing written", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

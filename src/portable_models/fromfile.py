@@ -56,9 +56,11 @@ def _example(loaded: Any, framework: str, inputs: Sequence[TensorSpec],
         return _to_framework([draw(s, tuple(int(d) for d in s.shape), rng) for s in inputs], framework)
     if "example" in hints:
         return tuple(hints["example"])
-    if framework == "keras":
+    if framework in ("keras", "onnx"):
         rng = np.random.default_rng(seed)
-        specs = _keras_specs(loaded.model)
+        specs = _keras_specs(loaded.model) if framework == "keras" else [
+            TensorSpec(name=s.name, dtype=s.dtype, shape=tuple(2 if isinstance(d, str) else d for d in s.shape))
+            for s in hints["input_specs"]]
         if any(s.dtype.startswith(("int", "uint")) for s in specs):
             raise UsageError("the model has integer inputs: their value range is needed",
                              fix="pass --input NAME:SHAPE:DTYPE:LOW..HIGH for each input")

@@ -245,8 +245,13 @@ def build_target(ctx: TargetContext, target: str, precision: str = "float32",
             break
     if best is None or best.status not in ("pass", "unverified"):
         status = min((a.status for a in attempts), key=_rank, default="skipped")
+        parity = dict(best.parity) if best else {}
+        if not routes:
+            parity = {"status": "skipped", "error": {
+                "code": "no_route", "message": f"no route reaches {target} from a {ctx.source_framework} source"
+                + (f" named {force_route!r}" if force_route else "")}}
         failed = Artifact(target=target, status=status, precision=precision, attempts=attempts,
-                          parity=dict(best.parity) if best else {})
+                          parity=parity)
         ctx.progress(key, status, attempts[-1].route if attempts else "no route")
         return failed
     _keep(ctx, best, key)

@@ -137,3 +137,54 @@ def test_help_and_version() -> None:
 def test_doctor_lists_routes() -> None:
     r = cli("doctor")
     assert "torch-onnx" in r.stdout and "onnxruntime" in r.stdout
+
+
+@pytest.mark.parametrize(("sig", "code"), [(2, 130), (15, 143)])
+def test_interrupt_kills_workers_and_leaves_nothing(saved: dict[str, Path], tmp_path: Path,
+                                                    sig: int, code: int) -> None:
+    import psutil
+
+    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "portable_models.cli", "convert", str(saved["pt2"]),
+                             "--out", str(out), "--targets", "executorch"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "converting" in line:
+            break
+    import time
+
+    deadline = time.monotonic() + 60
+    workers: list[psutil.Process] = []
+    while not workers and time.monotonic() < deadline:  # the worker starts just after the event
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(0.2)
+    assert workers, "a conversion runs in a worker process"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"orphans survived: {alive}"
+    assert list(tmp_path.iterdir()) == [], "staging, lock or bundle left behind"
+
+
+def test_disk_full_during_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import torch
+
+    import portable_models as pm
+    from portable_models import api
+
+    def full(*args: object, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "reports/parity.json")
+
+    monkeypatch.setattr(api, "write_reports", full)
+    from nets import make  # type: ignore[import-not-found]
+
+    with pytest.raises(pm.errors.BundleWriteError) as info:
+        pm.export(make(), (torch.rand(2, 3, 8, 8),), out=tmp_path / "b", targets=["torchscript"])
+    assert info.value.code == "write_failed" and "No space left" in str(info.value)
+    assert "free some disk space" in (info.value.fix or "")
+    assert list(tmp_path.iterdir()) == []

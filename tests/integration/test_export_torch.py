@@ -17,26 +17,35 @@ from portable_models.golden import load_cases
 
 pytestmark = pytest.mark.slow
 CORE = ["onnx", "torchscript", "executorch"]
+ALL = [*CORE, "tflite", "coreml"]
 
 
 @pytest.fixture(scope="module", params=sorted(ZOO))
 def exported(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any]:
     case = ZOO[request.param]()
     out = tmp_path_factory.mktemp(request.param) / "bundle"
-    bundle = pm.export(case.model, case.example, out=out, targets=CORE, **case.options)
+    bundle = pm.export(case.model, case.example, out=out, targets=ALL, **case.options)
     return request.param, bundle
 
 
-def test_every_core_target_passes(exported: tuple[str, Any]) -> None:
+def test_every_target_passes(exported: tuple[str, Any]) -> None:
+    """Every target passes parity; Core ML passes through the MIL reference executor where
+    it is installed, and is at least converted and structurally checked (unverified)."""
     name, bundle = exported
-    assert bundle.ok, f"{name}:\n{bundle.report()}"
-    assert [a.target for a in bundle.contract.artifacts] == CORE
+    by_target = {a.target: a for a in bundle.contract.artifacts}
+    assert list(by_target) == ALL
+    for target in CORE + ["tflite"]:
+        assert by_target[target].status == "pass", f"{name}/{target}:\n{bundle.report()}"
+    assert by_target["coreml"].status in ("pass", "unverified"), f"{name}/coreml:\n{bundle.report()}"
+    assert by_target["coreml"].file is not None
 
 
 def test_contract_records_route_hash_and_io(exported: tuple[str, Any]) -> None:
     _, bundle = exported
     contract = pm.load_contract(bundle.path)
     for art in contract.artifacts:
+        if art.status == "unverified":
+            continue
         assert art.file and (bundle.path / art.file).exists()
         assert art.sha256 and len(art.sha256) == 64 and art.bytes and art.bytes > 0
         assert art.route and all(step["version"] for step in art.route)
@@ -50,8 +59,9 @@ def test_contract_records_route_hash_and_io(exported: tuple[str, Any]) -> None:
 
 def test_verify_from_bundle_alone(exported: tuple[str, Any]) -> None:
     _, bundle = exported
-    report = pm.verify(bundle.path)
+    report = pm.verify(bundle.path, allow_unverified=["coreml"])
     assert report.ok, report.table()
+    assert [a.status for a in report.contract.artifacts] == [a.status for a in bundle.contract.artifacts]
     assert "pass" in report.table()
 
 

@@ -75,7 +75,7 @@ def next_steps(contract: Contract) -> list[str]:
             checked = art.parity.get("checked") or []
             lines.append(f"{art.key}: unverified — {(art.parity.get('error') or {}).get('message', '')}"
                          + (f"; checked: {', '.join(checked)}" if checked else ""))
-        elif art.status in ("fail", "error") and not art.attempts:
+        elif art.status in ("fail", "error", "skipped") and not art.attempts:
             reason = art.parity.get("reason") or (art.parity.get("error") or {}).get("message", "")
             lines.append(f"{art.key}: {art.status}: {reason}")
     return lines

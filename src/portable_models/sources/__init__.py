@@ -28,7 +28,9 @@ class Captured:
 
 
 def framework_of(model: object) -> str:
-    """'torch' or 'keras', judged from the class hierarchy without importing either."""
+    """'torch', 'keras' or 'onnx', judged from the class hierarchy without importing either."""
+    if type(model).__name__ == "OnnxModelFile" and type(model).__module__ == "portable_models.sources.onnx":
+        return "onnx"
     for cls in type(model).__mro__:
         qual = f"{cls.__module__}.{cls.__qualname__}"
         if qual == "torch.nn.modules.module.Module":

@@ -148,8 +148,12 @@ def _savedmodel(path: Path, trust: bool, model_class: str | None) -> LoadedSourc
 
 
 def _onnx(path: Path, trust: bool, model_class: str | None) -> LoadedSource:
-    raise UsageError(f"{path.name} is ONNX: ONNX as a source is not supported yet", file=str(path),
-                     stage="load", fix="export from the PyTorch or Keras model instead")
+    from portable_models.sources.onnx import OnnxModelFile, check_external_data, graph_specs
+
+    check_external_data(path)  # before onnx or onnxruntime reads any tensor
+    ins, _ = graph_specs(path)
+    return LoadedSource("onnx", OnnxModelFile(path), "safe",
+                        {"input_names": [s.name for s in ins], "input_specs": ins})
 
 
 _LOADERS: dict[str, Callable[[Path, bool, str | None], LoadedSource]] = {

@@ -69,13 +69,16 @@ def flatten_outputs(out: Any, names: Sequence[str] | None) -> tuple[list[str], l
     tensors, auto = [], []
     for path, leaf in leaves_with_path:
         label = ".".join(_key_label(k) for k in path) or "output"
+        if leaf is None:
+            raise CaptureError(f"model output {label!r} is None", stage=_STAGE,
+                               fix="return only tensors: leave the None entries out of the outputs")
         if not isinstance(leaf, torch.Tensor):
             raise CaptureError(
                 f"model output {label!r} is a {type(leaf).__name__}, not a tensor",
                 stage=_STAGE, fix="return tensors only (a tensor, a tuple/list or a dict of tensors)",
             )
         tensors.append(leaf)
-        auto.append(label if not label.isdigit() else f"output_{label}")
+        auto.append(label if not label[:1].isdigit() else f"output_{label}")
     if not tensors:
         raise CaptureError("the model returned no tensors", stage=_STAGE, fix="return at least one tensor")
     if names is not None:
@@ -86,7 +89,7 @@ def flatten_outputs(out: Any, names: Sequence[str] | None) -> tuple[list[str], l
         return list(names), tensors
     if len(tensors) == 1 and auto == ["output"]:
         return ["output"], tensors
-    return [a.replace("output_", "output_") for a in auto], tensors
+    return auto, tensors
 
 
 def _key_label(k: Any) -> str:
@@ -234,14 +237,14 @@ def capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_
     out_names, outputs = _run_eager(model, in_specs, cases, opts.output_names)
     _check_deterministic(model, in_specs, cases[0], outputs[0], opts.output_names)
     golden.check_outputs(outputs, out_names)
+    dynamic_shapes = _dynamic_shapes(names, args, axes, dims)
     try:
         exportable = model
         if isinstance(model, torch.jit.ScriptModule):  # a TorchScript source: to a program first
             from torch._export.converter import TS2EPConverter
 
             exportable = TS2EPConverter(model, args).convert().module()
-        ep = torch.export.export(exportable, args, dynamic_shapes=_dynamic_shapes(names, args, axes, dims),
-                                 strict=False)
+        ep = torch.export.export(exportable, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
         raise CaptureError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
                            stage=_STAGE,

@@ -63,6 +63,15 @@ ROUTES: tuple[RouteInfo, ...] = (
               impl="portable_models.targets.coreml:convert_from_trace",
               requires=("torch", "coremltools"), runtime="coreml",
               description="coremltools from a traced TorchScript module (mlprogram)"),
+    # -- from an ONNX file (source/model.onnx) ---------------------------------------
+    RouteInfo(name="onnx-source", target="onnx", source="onnx",
+              impl="portable_models.targets.onnx:convert_onnx_passthrough",
+              requires=("onnx",), runtime="onnxruntime", framework="none",
+              description="the ONNX source itself, checked with onnxruntime"),
+    RouteInfo(name="onnx-onnx2tf", target="tflite", source="onnx",
+              impl="portable_models.targets.tflite:convert_onnx2tf",
+              requires=("onnx", "onnx2tf", "tensorflow", "tf-keras", "onnxruntime"), runtime="litert",
+              framework="tf", description="onnx2tf from the ONNX source (NHWC inputs)"),
     # -- from a captured Keras model (source/model.keras): TF-native routes first, then the
     # -- torch-backend bridge to the PyTorch routes above (portable_models.targets.keras_bridge)
     RouteInfo(name="keras-tf2onnx", target="onnx", source="keras",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from onnx import ModelProto, ValueInfoProto
     from torch.export import ExportedProgram
 
-__all__ = ["convert_torch_onnx"]
+__all__ = ["convert_torch_onnx", "convert_onnx_passthrough"]
 
 ARTIFACT = "model.onnx"
 #: above this many bytes of weights the exporter must write external data.
@@ -182,3 +182,29 @@ def _opset(model: ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     raise ConversionError("the ONNX model imports no default-domain opset")
+
+
+def convert_onnx_passthrough(job: ConvertJob) -> ConvertResult:
+    """An ONNX source is already the ONNX artifact: copy it (and its external data), check it."""
+    import shutil
+
+    import onnx
+
+    from portable_models.sources.onnx import check_external_data
+
+    extra = check_external_data(job.source_file)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    dest = job.out_dir / "model.onnx"
+    shutil.copyfile(job.source_file, dest)
+    for rel in extra:
+        (job.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(job.source_file.parent / rel, job.out_dir / rel)
+    onnx.checker.check_model(str(dest))
+    opset = next((o.version for o in onnx.load(str(dest), load_external_data=False).opset_import
+                  if o.domain in ("", "ai.onnx")), None)
+    meta: dict[str, object] = {"opset": opset}
+    if extra:
+        meta["external_data"] = extra[0] if len(extra) == 1 else extra
+    return ConvertResult(file="model.onnx", io=IoMap.identity(job.input_names, job.output_names),
+                         steps=[Step(step="copy of the ONNX source", version=package_version("onnx"),
+                                     detail={"opset": opset})], meta=meta)

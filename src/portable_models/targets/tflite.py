@@ -228,7 +228,9 @@ def _export_onnx(job: ConvertJob, program: Any, static: bool) -> tuple[Path, lis
 
 
 def _onnx_source(job: ConvertJob, program: Any) -> tuple[Path, list[Step]]:
-    """The ONNX file to start from: the ONNX artifact, or a fresh export in work_dir."""
+    """The ONNX file to start from: the ONNX source or artifact, or a fresh export in work_dir."""
+    if program is None:  # the source itself is ONNX
+        return job.source_file, [Step(step="ONNX source", version=package_version("onnx"))]
     prior = job.prior_artifacts.get("onnx")
     if prior is not None and Path(prior).is_file():
         return Path(prior), [Step(step="onnx artifact", version=package_version("onnx"),
@@ -321,7 +323,7 @@ def _onnx2tf_any_shape(job: ConvertJob, program: Any,
         saved, onnx_ins = _run_onnx2tf(job, onnx_path, folder, "saved_model")
         return saved, onnx_ins, steps, {"dynamic_attempt": "ok"}
     except ConversionError as exc:
-        if not any(s.dynamic_axes for s in job.inputs):
+        if program is None or not any(s.dynamic_axes for s in job.inputs):
             raise
         first = exc
     static_path, steps = _export_onnx(job, program, static=True)
@@ -472,11 +474,24 @@ def _keeps_dynamic_dims(job: ConvertJob, io: IoMap,
     return True
 
 
+def _onnxruntime_outputs(job: ConvertJob) -> list[np.ndarray]:
+    """An ONNX source's outputs on the sample inputs (the reference for io matching)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(job.source_file), providers=["CPUExecutionProvider"])
+    feeds = {i.name: job.sample_inputs[i.name] for i in session.get_inputs()}
+    return [np.asarray(a) for a in session.run(job.output_names, feeds)]
+
+
 def convert_onnx2tf(job: ConvertJob) -> ConvertResult:
-    """ONNX -> onnx2tf -> TFLiteConverter -> ``model.tflite`` (channel-last inputs)."""
+    """ONNX -> onnx2tf -> TFLiteConverter -> ``model.tflite`` (channel-last inputs).
+    The ONNX comes from the source when it is ONNX, else from the captured program."""
     name = _artifact_name(job)
-    program = _load_program(job)
-    ref = _reference_outputs(program.module(), job)
+    if job.source_file.suffix == ".onnx":
+        program, ref = None, _onnxruntime_outputs(job)
+    else:
+        program = _load_program(job)
+        ref = _reference_outputs(program.module(), job)
     folder = job.work_dir / "onnx2tf"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
