@@ -164,7 +164,7 @@ def test_interrupt_kills_workers_and_leaves_nothing(saved: dict[str, Path], tmp_
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    gone, alive = psutil.wait_procs(workers, timeout=10)
+    _gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"orphans survived: {alive}"
     assert list(tmp_path.iterdir()) == [], "staging, lock or bundle left behind"
 

@@ -34,7 +34,7 @@ def test_every_target_passes(exported: tuple[str, Any]) -> None:
     name, bundle = exported
     by_target = {a.target: a for a in bundle.contract.artifacts}
     assert list(by_target) == ALL
-    for target in CORE + ["tflite"]:
+    for target in [*CORE, "tflite"]:
         assert by_target[target].status == "pass", f"{name}/{target}:\n{bundle.report()}"
     assert by_target["coreml"].status in ("pass", "unverified"), f"{name}/coreml:\n{bundle.report()}"
     assert by_target["coreml"].file is not None
