@@ -22,7 +22,13 @@ from portable_models.bundle import Staging, check_files, list_files, sha256_path
 from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
-from portable_models.pipeline import Progress, TargetContext, build_target, check_artifact
+from portable_models.pipeline import (
+    Progress,
+    TargetContext,
+    build_target,
+    check_artifact,
+    runner_options,
+)
 from portable_models.reports import write_reports
 from portable_models.reports.table import render_table
 from portable_models.sources import Captured, framework_of
@@ -243,7 +249,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     try:
         with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb)) as pool:
             for art in chosen:
-                _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s)
+                _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s, contract)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     contract.artifacts = chosen
@@ -252,7 +258,8 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
 
 
 def _reverify(pool: WorkerPool, root: Path, art: Artifact, problems: list[str], golden_in: Path,
-              golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float) -> None:
+              golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
+              contract: Contract) -> None:
     if art.file is None or art.io is None or art.runtime is None:
         return  # nothing was kept: the recorded verdict (error/fail/skipped) stands
     touched = [p for p in problems if art.file in p]
@@ -265,7 +272,9 @@ def _reverify(pool: WorkerPool, root: Path, art: Artifact, problems: list[str], 
                                      golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
                                      precision=art.precision, log=scratch / f"{art.key}.log",
                                      work_dir=scratch / art.key, timeout_s=timeout_s,
-                                     cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None)
+                                     cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
+                                     options=runner_options(contract.inputs, contract.outputs, contract.dims,
+                                                            art.precision))
     art.status = parity["status"]
     art.parity = parity
     art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}

@@ -27,7 +27,8 @@ from portable_models.targets import routes_for
 from portable_models.targets.base import RouteInfo, check_requires
 from portable_models.workers import JobFailed, WorkerPool
 
-__all__ = ["TargetContext", "build_target", "check_artifact", "checking_runtime", "Progress"]
+__all__ = ["TargetContext", "build_target", "check_artifact", "checking_runtime", "Progress",
+           "runner_options", "error_histogram", "fixed_shape_cases"]
 
 #: progress callback: (target key, state, detail)
 Progress = Callable[[str, str, str], None]
@@ -55,6 +56,16 @@ class TargetContext:
     timeout_s: float | None = None
     prior: dict[str, Path] = field(default_factory=dict)
     progress: Progress = _no_progress
+
+    def runner_options(self, precision: str) -> dict[str, Any]:
+        return runner_options(self.inputs, self.outputs, self.dims, precision)
+
+
+def runner_options(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                   dims: dict[str, DimSpec], precision: str) -> dict[str, Any]:
+    """What a runner may check an artifact against: the contract's specs."""
+    return {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
+            "dims": {k: v.to_dict() for k, v in dims.items()}, "precision": precision}
 
 
 def checking_runtime(runtime: str) -> str:
@@ -90,48 +101,89 @@ def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap,
                    golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
                    work_dir: Path, timeout_s: float | None = None,
                    output_names: Sequence[str] | None = None,
-                   cases: Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   cases: Sequence[int] | None = None,
+                   options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run ``artifact`` on the golden cases (all, or the ``cases`` a fixed-shape artifact
     accepts) in a worker and compare. Returns the parity record and the timings.
-    Load/run failures become an ``error`` record, not an exception."""
-    runtime = checking_runtime(runtime)
-    info = runtime_info(runtime)
-    out = work_dir / f"outputs-{runtime}.npz"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    if cases is not None:
-        golden_inputs = _subset(golden_inputs, cases, work_dir)
-        golden_outputs = [golden_outputs[i] for i in cases]
-    payload = {"runtime": runtime, "artifact": str(artifact), "io": io.to_dict(),
-               "inputs": str(golden_inputs), "out": str(out)}
-    try:
-        result, _ = pool.call(kind="run", payload=payload, framework=info.framework,
-                              step=f"run:{runtime}", log=log, work_dir=work_dir, timeout_s=timeout_s)
-    except JobFailed as failed:
-        status = "unverified" if isinstance(failed.error, UnverifiedError) else "error"
-        record: dict[str, Any] = {"status": status, "runtime": runtime,
-                                  "stage": failed.error.stage or f"run:{runtime}",
-                                  "error": _error_dict(failed.error)}
-        if isinstance(failed.error, UnverifiedError):
-            record["checked"] = failed.error.checked
-        return record, {}
-    actual = load_cases(out)
-    results = compare_outputs(golden_outputs, actual, precision=precision, policy=policy,
-                              output_names=output_names)
-    record = {"status": verdict(results), "runtime": result["runtime"], "checked_by": result["label"],
-              "outputs": {r.name: r.to_dict() for r in results}}
-    for name, res in record["outputs"].items():
-        hist = error_histogram(golden_outputs, actual, name)
-        if hist is not None:
-            res["abs_error_hist"] = hist
-    worst = _worst(results)
-    if worst is not None and worst.status != "pass":
-        record["reason"] = f"{worst.name}: {worst.reason}"
-    if cases is not None:
-        record["cases_checked"] = list(cases)
-    runs = result.get("run_ms") or [0.0]
-    timings = {"load_s": round(float(result["load_s"]), 4),
-               "run_ms_p50": round(statistics.median(runs), 3)}
+    Load/run failures become an ``error`` record, not an exception. Core ML off macOS is
+    checked structurally by its own runner first, then numerically by the MIL reference."""
+    job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
+                  golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
+                  work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
+                  options=options or {})
+    checker = checking_runtime(runtime)
+    structural: list[str] | None = None
+    if checker != runtime:
+        first, _ = job.run(runtime, [0])
+        if first["status"] != "unverified":
+            return first, {}
+        structural = list(first.get("checked") or [])
+    record, timings = job.run(checker, cases)
+    if structural is not None:
+        record["structural"] = structural
+        if record["status"] == "unverified":
+            record["checked"] = structural + list(record.get("checked") or [])
     return record, timings
+
+
+@dataclass(kw_only=True)
+class _RunJob:
+    pool: WorkerPool
+    artifact: Path
+    io: IoMap
+    golden_inputs: Path
+    golden_outputs: Cases
+    policy: TolerancePolicy
+    precision: str
+    log: Path
+    work_dir: Path
+    timeout_s: float | None
+    output_names: Sequence[str] | None
+    options: dict[str, Any]
+
+    def run(self, runtime: str, cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        info = runtime_info(runtime)
+        out = self.work_dir / f"outputs-{runtime}.npz"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        golden_inputs, golden_outputs = self.golden_inputs, self.golden_outputs
+        if cases is not None:
+            golden_inputs = _subset(golden_inputs, cases, self.work_dir)
+            golden_outputs = [golden_outputs[i] for i in cases]
+        payload = {"runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
+                   "inputs": str(golden_inputs), "out": str(out), "options": self.options}
+        try:
+            result, _ = self.pool.call(kind="run", payload=payload, framework=info.framework,
+                                       step=f"run:{runtime}", log=self.log, work_dir=self.work_dir,
+                                       timeout_s=self.timeout_s)
+        except JobFailed as failed:
+            status = "unverified" if isinstance(failed.error, UnverifiedError) else "error"
+            record: dict[str, Any] = {"status": status, "runtime": runtime,
+                                      "stage": failed.error.stage or f"run:{runtime}",
+                                      "error": _error_dict(failed.error)}
+            if isinstance(failed.error, UnverifiedError):
+                record["checked"] = failed.error.checked
+            return record, {}
+        return self._compare(result, load_cases(out), golden_outputs, cases)
+
+    def _compare(self, result: dict[str, Any], actual: Cases, golden_outputs: Cases,
+                 cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        results = compare_outputs(golden_outputs, actual, precision=self.precision, policy=self.policy,
+                                  output_names=self.output_names)
+        record = {"status": verdict(results), "runtime": result["runtime"], "checked_by": result["label"],
+                  "outputs": {r.name: r.to_dict() for r in results}}
+        for name, res in record["outputs"].items():
+            hist = error_histogram(golden_outputs, actual, name)
+            if hist is not None:
+                res["abs_error_hist"] = hist
+        worst = _worst(results)
+        if worst is not None and worst.status != "pass":
+            record["reason"] = f"{worst.name}: {worst.reason}"
+        if cases is not None:
+            record["cases_checked"] = list(cases)
+        runs = result.get("run_ms") or [0.0]
+        timings = {"load_s": round(float(result["load_s"]), 4),
+                   "run_ms_p50": round(statistics.median(runs), 3)}
+        return record, timings
 
 
 #: decades of |artifact - reference| that the error histogram counts (plus exact zeros).
@@ -203,7 +255,7 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
         ctx.pool, artifact=out_dir / conv["file"], runtime=route.runtime, io=io,
         golden_inputs=ctx.golden_inputs, golden_outputs=ctx.golden_outputs, policy=ctx.policy,
         precision=precision, log=log, work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s,
-        cases=cases)
+        cases=cases, options=ctx.runner_options(precision))
     attempt = Attempt(route=route.name, status=parity["status"], seconds=time.monotonic() - start,
                       stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
                       error=parity.get("error"),

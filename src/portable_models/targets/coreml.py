@@ -244,13 +244,31 @@ def _decomposed_program(job: ConvertJob, *, always: bool) -> tuple[Any, list[str
               if hasattr(torch.ops.aten, n)]
     used = {n.target for n in ep.graph.nodes if n.op == "call_function"}
     table = {op: stock[op] for op in wanted if op in stock and op in used}
+    dropped = _drop_aliases(ep)
     if not table and not always:
-        return ep, []
+        return ep, dropped
     try:
-        return ep.run_decompositions(table), sorted(str(op) for op in table)
+        return ep.run_decompositions(table), sorted(str(op) for op in table) + dropped
     except Exception as exc:
         raise ConversionError(f"run_decompositions failed: {type(exc).__name__}: {exc}",
                               file=str(job.source_file), stage="convert:coreml") from exc
+
+
+def _drop_aliases(ep: Any) -> list[str]:
+    """``aten.alias`` (a view that changes nothing, e.g. from a full-range slice) has no
+    converter in either coremltools frontend: replace each by its input."""
+    import torch
+
+    graph = ep.graph_module.graph
+    aliases = [n for n in graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.aten.alias.default, getattr(torch.ops.aten, "alias_copy", torch.ops.aten.alias).default)]
+    for node in aliases:
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+    if aliases:
+        ep.graph_module.recompile()
+        return [f"aten.alias x{len(aliases)} (removed)"]
+    return []
 
 
 def _convert(job: ConvertJob, model: Any, *, frontend: str, steps: list[Step]) -> ConvertResult:
