@@ -64,6 +64,8 @@ class ExportOptions:
     progress: Progress | None = None
     #: how the source file was loaded ("safe" or "trusted"); set by export_file.
     source_trust: str = "safe"
+    #: reuse the outcome of unchanged attempts (see portable_models.cache).
+    cache: bool = True
 
 
 def _targets(value: str | Sequence[str]) -> list[str]:
@@ -196,7 +198,7 @@ def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: l
                                 outputs=captured.outputs, dims=captured.dims,
                                 golden_inputs=root / "golden" / "inputs.npz",
                                 golden_outputs=captured.golden_outputs, policy=policy,
-                                timeout_s=opts.timeout_s)
+                                timeout_s=opts.timeout_s, cache=opts.cache)
             if opts.progress:
                 ctx.progress = opts.progress
             if opts.targets == "all":  # "all" means every target this source has a route to

@@ -98,7 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         cases=args.cases, precision=args.precision, timeout_s=args.timeout, jobs=args.jobs,
         memory_mb=args.memory_limit, overwrite=args.overwrite, routes=routes,
         tolerance=TolerancePolicy(defaults=defaults, per_output=tol["per_output"]),
-        progress=Progress(sys.stderr, args.quiet), name=args.name,
+        progress=Progress(sys.stderr, args.quiet), name=args.name, cache=not args.no_cache,
     )
     sys.stdout.write(_report(bundle, args.format))
     return 0 if bundle.ok else 1
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-model", action="store_true",
                    help="allow loading that can run code (TorchScript, pickles, SavedModel, Lambda)")
     c.add_argument("--name", help="bundle name in the contract (default: the folder name)")
+    c.add_argument("--no-cache", action="store_true",
+                   help="convert everything again (default: reuse unchanged attempts)")
     c.add_argument("--format", **fmt)  # type: ignore[arg-type]
     c.set_defaults(func=cmd_convert)
 

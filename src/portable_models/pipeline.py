@@ -56,9 +56,26 @@ class TargetContext:
     timeout_s: float | None = None
     prior: dict[str, Path] = field(default_factory=dict)
     progress: Progress = _no_progress
+    cache: bool = True
+    _inputs_digest: str = ""
 
     def runner_options(self, precision: str) -> dict[str, Any]:
         return runner_options(self.inputs, self.outputs, self.dims, precision)
+
+    def cache_key(self, route: RouteInfo, precision: str) -> str:
+        """Everything an attempt's outcome depends on (see :mod:`portable_models.cache`)."""
+        from portable_models import cache
+
+        if not self._inputs_digest:
+            golden_out = self.golden_inputs.parent / "outputs.npz"
+            self._inputs_digest = "|".join(cache.content_digest(p) for p in
+                                           (self.source_file, self.golden_inputs, golden_out))
+        runtime = runtime_info(route.runtime)
+        parts = {"inputs": self._inputs_digest, "route": route.name, "impl": route.impl,
+                 "precision": precision, "options": self.options, "tolerance": self.policy.to_dict(),
+                 "specs": self.runner_options(precision), "runtime": checking_runtime(route.runtime),
+                 "prior": {k: cache.content_digest(v) for k, v in sorted(self.prior.items())}}
+        return cache.attempt_key(parts=parts, packages=route.requires + runtime.requires)
 
 
 def runner_options(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
@@ -228,8 +245,13 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
         check_requires(route)
     except PortableModelsError as exc:
         return Attempt(route=route.name, status="skipped", stage="requires", error=_error_dict(exc)), None
-    ctx.progress(key, "converting", route.name)
     out_dir = attempt_dir / "out"
+    cache_key = ctx.cache_key(route, precision) if ctx.cache else None
+    if cache_key is not None:
+        hit = _from_cache(cache_key, out_dir)
+        if hit is not None:
+            return hit
+    ctx.progress(key, "converting", route.name)
     payload = {"route": route.name, "source_file": str(ctx.source_file), "out_dir": str(out_dir),
                "work_dir": str(attempt_dir / "work"), "inputs": [s.to_dict() for s in ctx.inputs],
                "outputs": [s.to_dict() for s in ctx.outputs],
@@ -241,8 +263,14 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
                                 step=f"convert:{route.target} ({route.name})", log=log,
                                 work_dir=attempt_dir / "work", timeout_s=ctx.timeout_s)
     except JobFailed as failed:
-        return Attempt(route=route.name, status="error", stage="convert",
-                       error=_error_dict(failed.error), seconds=time.monotonic() - start), None
+        attempt = Attempt(route=route.name, status="error", stage="convert",
+                          error=_error_dict(failed.error), seconds=time.monotonic() - start)
+        if cache_key is not None:
+            from portable_models import cache
+
+            cache.store(cache_key, {"attempt": attempt.to_dict(), "artifact": None,
+                                    "error": attempt.error}, None)
+        return attempt, None
     io = IoMap.from_dict(conv["io"])
     meta = dict(conv.get("meta") or {})
     cases = None
@@ -265,7 +293,28 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
                    route=conv["steps"], io=io, parity=parity,
                    timings={"convert_s": round(float(conv["convert_s"]), 3), **timings},
                    meta=meta)
+    if cache_key is not None:
+        from portable_models import cache
+
+        cache.store(cache_key, {"attempt": attempt.to_dict(), "artifact": art.to_dict(), "file": conv["file"]},
+                    out_dir)
     art.meta["_staged"] = str(out_dir / conv["file"])
+    return attempt, art
+
+
+def _from_cache(key: str, out_dir: Path) -> tuple[Attempt, Artifact | None] | None:
+    from portable_models import cache
+
+    hit = cache.load(key, out_dir)
+    if hit is None:
+        return None
+    attempt = Attempt.from_dict(hit["attempt"])
+    art = Artifact.from_dict(hit["artifact"]) if hit.get("artifact") else None
+    if art is not None:
+        if not (out_dir / hit["file"]).exists():
+            return None
+        art.meta["_staged"] = str(out_dir / hit["file"])
+        art.meta["cache"] = "hit"
     return attempt, art
 
 

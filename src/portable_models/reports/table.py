@@ -49,9 +49,12 @@ def rows(contract: Contract) -> list[tuple[str, ...]]:
         tol = res.get("tolerance") or {}
         tol_text = f"{format_float(tol.get('atol'))}/{format_float(tol.get('rtol'))}" if tol else "-"
         conv = art.timings.get("convert_s")
+        conv_text = f"{conv:.1f} s" if conv is not None else "-"
+        if art.meta.get("cache") == "hit":
+            conv_text += " (cached)"
         out.append((art.target, art.route_name or "-", art.precision, status_text(art), name,
                     format_float(res.get("max_abs")), format_float(res.get("max_rel")), tol_text,
-                    f"{conv:.1f} s" if conv is not None else "-", _size(art.bytes)))
+                    conv_text, _size(art.bytes)))
     return out
 
 
