@@ -1,0 +1,100 @@
+"""The floor for `make bench`: the same converter and runtime calls the library made for a
+bundle, replayed directly in this one process (no workers, no bundle writing).
+
+    python bench/direct.py BUNDLE  ->  prints JSON {"capture_s", "convert_s", "runtime_s", "total_s"}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from portable_models.contract import load_contract
+from portable_models.golden import load_cases
+from portable_models.pipeline import checking_runtime, runner_options
+from portable_models.runtimes import runtime_info
+from portable_models.runtimes.base import RunnerOptions
+from portable_models.targets import route_by_name
+from portable_models.targets.base import ConvertJob, load_impl
+
+
+def capture_s() -> float:
+    """torch.export of the demo model plus its eager reference on the golden cases."""
+    import torch
+
+    from portable_models.demo import build_demo_model
+
+    start = time.perf_counter()
+    model, example = build_demo_model()
+    ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
+    with tempfile.TemporaryDirectory() as d:
+        torch.export.save(ep, str(Path(d) / "model.pt2"))
+    with torch.no_grad():
+        for n in (2, 3, 2, 3):
+            model(torch.rand(n, 3, 32, 32))
+    return time.perf_counter() - start
+
+
+def replay(bundle: Path) -> dict[str, float]:
+    contract = load_contract(bundle)
+    cases = load_cases(bundle / contract.golden["inputs"])
+    convert = runtime = 0.0
+    prior: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for art in contract.artifacts:
+            for n, attempt in enumerate(art.attempts):
+                if attempt.stage == "requires":
+                    continue
+                info = route_by_name(attempt.route)
+                work = Path(tmp) / f"{art.key}-{n}"
+                job = ConvertJob(route=info.name, source_file=bundle / contract.source["file"],
+                                 out_dir=work / "out", work_dir=work / "work", inputs=contract.inputs,
+                                 outputs=contract.outputs, dims=contract.dims, sample_inputs=cases[0],
+                                 precision=art.precision, prior_artifacts=dict(prior))
+                job.out_dir.mkdir(parents=True)
+                job.work_dir.mkdir(parents=True)
+                start = time.perf_counter()
+                try:
+                    result = load_impl(info.impl)(job)
+                except Exception:
+                    convert += time.perf_counter() - start
+                    continue
+                convert += time.perf_counter() - start
+                if info.target == "onnx":
+                    prior["onnx"] = job.out_dir / result.file
+                runtime += _run(info.runtime, job.out_dir / result.file, result, contract, cases, art.precision)
+    return {"convert_s": convert, "runtime_s": runtime}
+
+
+def _run(runtime: str, path: Path, result: object, contract: object, cases: list, precision: str) -> float:
+    names = [checking_runtime(runtime)] if checking_runtime(runtime) == runtime else [runtime, checking_runtime(runtime)]
+    total = 0.0
+    opts = RunnerOptions(extra=runner_options(contract.inputs, contract.outputs, contract.dims, precision))  # type: ignore[attr-defined]
+    fixed = getattr(result, "meta", {}).get("dynamic") is False
+    for name in names:
+        cls = load_impl(runtime_info(name).impl)
+        start = time.perf_counter()
+        try:
+            with cls(path, result.io, opts) as runner:  # type: ignore[attr-defined]
+                for case in (cases[::2] if fixed else cases):
+                    runner.run(case)
+        except Exception:
+            pass
+        total += time.perf_counter() - start
+    return total
+
+
+def main() -> int:
+    bundle = Path(sys.argv[1])
+    start = time.perf_counter()
+    cap = capture_s()
+    rest = replay(bundle)
+    print(json.dumps({"capture_s": cap, **rest, "total_s": time.perf_counter() - start}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
