@@ -29,27 +29,75 @@ EPILOG = """examples:
 
 
 class Progress:
-    """One line per target state change (waiting / converting / running / pass / fail),
-    with elapsed time. Thread-safe; quiet mode prints nothing."""
+    """The live view while converting: one line per target (waiting / converting / running /
+    pass / fail) with elapsed time. On a terminal the lines are redrawn in place every
+    second; elsewhere (CI logs, pipes) one plain line per change. ``NO_COLOR`` is honoured."""
 
     def __init__(self, stream: TextIO, quiet: bool = False) -> None:
         self.stream, self.quiet = stream, quiet
-        self.start: dict[str, float] = {}
+        self.live = not quiet and hasattr(stream, "isatty") and stream.isatty()
+        self.color = self.live and not os.environ.get("NO_COLOR")
+        self.rows: dict[str, list[Any]] = {}
+        self.drawn = 0
         self.lock = threading.Lock()
+        self.ticker: threading.Thread | None = None
+        self.done = threading.Event()
 
     def __call__(self, key: str, state: str, detail: str) -> None:
         if self.quiet:
             return
         with self.lock:
             now = time.monotonic()
-            if state == "waiting":
-                self.start.setdefault(key, now)
-                return
-            if state == "converting" and key not in self.start:
-                self.start[key] = now
-            elapsed = now - self.start.get(key, now)
-            extra = f" ({detail})" if detail else ""
-            print(f"  {key:<14} {state:<11}{extra:<26} {elapsed:6.1f} s", file=self.stream, flush=True)
+            row = self.rows.setdefault(key, [state, detail, None, None])
+            if state in ("converting", "running") and row[2] is None:
+                row[2] = now
+            if state not in ("waiting", "converting", "running"):
+                row[3] = now
+            row[0], row[1] = state, detail
+            if self.live:
+                self._draw()
+                if self.ticker is None:
+                    self.ticker = threading.Thread(target=self._tick, daemon=True)
+                    self.ticker.start()
+            elif state != "waiting":
+                print(self._line(key, row, now), file=self.stream, flush=True)
+
+    def _line(self, key: str, row: list[Any], now: float) -> str:
+        state, detail, started, ended = row
+        elapsed = ((ended or now) - started) if started else 0.0
+        text = f"{state:<11}"
+        if self.color:
+            code = {"pass": 32, "fail": 31, "error": 31, "unverified": 33}.get(state)
+            text = f"\033[{code}m{text}\033[0m" if code else text
+        extra = f"({detail})" if detail else ""
+        return f"  {key:<14} {text} {extra:<26} {elapsed:6.1f} s"
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        if self.drawn:
+            self.stream.write(f"\033[{self.drawn}F")
+        for key, row in self.rows.items():
+            self.stream.write("\033[2K" + self._line(key, row, now) + "\n")
+        self.drawn = len(self.rows)
+        self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self.done.wait(1.0):
+            with self.lock:
+                if any(r[0] in ("converting", "running") for r in self.rows.values()):
+                    self._draw()
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def _show_logs(bundle_dir: Any, stream: TextIO) -> None:
+    """-v: everything the converters printed (it is in the bundle's logs/ as well)."""
+    from pathlib import Path
+
+    for log in sorted(Path(bundle_dir, "logs").glob("*.log")):
+        print(f"----- {log.name} -----", file=stream)
+        stream.write(log.read_text(errors="replace"))
 
 
 def _report(obj: Any, fmt: str, problems: list[str] | None = None) -> str:
@@ -65,7 +113,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = args.out
     print(f"portable_models {__version__} demo: a small CNN (batch norm, dynamic batch) -> {out}",
           file=sys.stderr)
-    bundle = run_demo(out, progress=Progress(sys.stderr, args.quiet), jobs=args.jobs)
+    progress = Progress(sys.stderr, args.quiet)
+    try:
+        bundle = run_demo(out, progress=progress, jobs=args.jobs)
+    finally:
+        progress.close()
+    if getattr(args, "verbose", False):
+        _show_logs(out, sys.stderr)
     print(f"\nexported {out}; verifying from the bundle alone …", file=sys.stderr)
     report = verify(out)
     sys.stdout.write(_report(report, args.format, report.problems))
@@ -73,9 +127,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from portable_models.fromfile import export_file, tolerance_overrides
-    from portable_models.parity import DEFAULT_TOLERANCES, TolerancePolicy
-    from portable_models.spec import parse_dynamic_option, parse_input_option
+    from portable_models.fromfile import tolerance_overrides
+    from portable_models.parity import DEFAULT_TOLERANCES
 
     tol = tolerance_overrides({"atol": args.atol or [], "rtol": args.rtol or []})
     defaults = dict(DEFAULT_TOLERANCES)
@@ -91,17 +144,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
             raise UsageError(f"--route {item!r} is not TARGET=ROUTE", fix="for example --route tflite=onnx2tf")
         routes[target] = route
-    bundle = export_file(
+    progress = Progress(sys.stderr, args.quiet)
+    try:
+        bundle = _export_file(args, tol, defaults, routes, progress)
+    finally:
+        progress.close()
+    if getattr(args, "verbose", False):
+        _show_logs(args.out, sys.stderr)
+    sys.stdout.write(_report(bundle, args.format))
+    return 0 if bundle.ok else 1
+
+
+def _export_file(args: argparse.Namespace, tol: dict[str, Any], defaults: dict[str, Any],
+                 routes: dict[str, str], progress: Progress) -> Any:
+    from portable_models.fromfile import export_file
+    from portable_models.parity import TolerancePolicy
+    from portable_models.spec import parse_dynamic_option, parse_input_option
+
+    return export_file(
         args.src, out=args.out, inputs=[parse_input_option(t) for t in args.input or []],
         dynamic=[parse_dynamic_option(t) for t in args.dynamic or []], model_class=args.model_class,
         samples=args.samples, trust=args.trust_model, targets=args.targets or "all",
         cases=args.cases, precision=args.precision, timeout_s=args.timeout, jobs=args.jobs,
         memory_mb=args.memory_limit, overwrite=args.overwrite, routes=routes,
         tolerance=TolerancePolicy(defaults=defaults, per_output=tol["per_output"]),
-        progress=Progress(sys.stderr, args.quiet), name=args.name, cache=not args.no_cache,
+        progress=progress, name=args.name, cache=not args.no_cache,
     )
-    sys.stdout.write(_report(bundle, args.format))
-    return 0 if bundle.ok else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

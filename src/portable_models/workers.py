@@ -65,13 +65,18 @@ class JobFailed(Exception):
         self.seconds = seconds
 
 
-#: per-framework additions: Keras's backend is fixed per process, so a Keras model reloaded
-#: as a torch.nn.Module needs a worker of its own.
+#: per-kind additions to the worker's environment. Keras's backend is fixed per process,
+#: so a Keras model reloaded as a torch.nn.Module needs a worker of its own; every other
+#: job shares the main worker, which imports torch, TensorFlow or coremltools once.
 FRAMEWORK_ENV = {
     "keras-torch": {"KERAS_BACKEND": "torch"},
-    "tf": {"KERAS_BACKEND": "tensorflow"},
-    "keras": {"KERAS_BACKEND": "tensorflow"},
+    "main": {"KERAS_BACKEND": "tensorflow"},
 }
+
+
+def worker_kind(framework: str) -> str:
+    """Which worker a job of ``framework`` runs in."""
+    return "keras-torch" if framework == "keras-torch" else "main"
 
 
 def offline_env(scratch: Path, framework: str = "none") -> dict[str, str]:
@@ -212,13 +217,13 @@ class WorkerPool:
         self.close()
 
     def _acquire(self, framework: str) -> _Worker:
+        framework = worker_kind(framework)
         with self._lock:
-            for want in (framework, None):
-                for w in self._idle:
-                    if (want is None and framework == "none") or w.framework == want:
-                        self._idle.remove(w)
-                        self._busy.append(w)
-                        return w
+            for w in self._idle:
+                if w.framework == framework:
+                    self._idle.remove(w)
+                    self._busy.append(w)
+                    return w
             self._count += 1
             n = self._count
         wdir = self.scratch / f"worker-{n}"
