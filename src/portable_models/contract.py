@@ -202,6 +202,9 @@ def load_contract(bundle: str | Path) -> Contract:
     path = Path(bundle)
     if path.is_dir():
         path = path / "contract.json"
+    elif path.is_file() and path.name != "contract.json":
+        raise ContractError(f"{path} is a file, not a bundle folder", file=str(path), stage="load",
+                            fix="point at the folder that holds contract.json")
     if not path.is_file():
         raise ContractError(f"no contract at {path}", file=str(path), stage="load",
                             fix="point at a bundle folder written by portable_models export/convert")
