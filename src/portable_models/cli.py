@@ -121,9 +121,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         _show_logs(out, sys.stderr)
     print(f"\nexported {out}; verifying from the bundle alone …", file=sys.stderr)
-    report = verify(out)
+    report = verify(out, allow_unverified=args.allow_unverified or ())
     sys.stdout.write(_report(report, args.format, report.problems))
-    return 0 if bundle.ok and report.ok else 1
+    return 0 if bundle.passed(args.allow_unverified or ()) and report.ok else 1
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -152,7 +152,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         _show_logs(args.out, sys.stderr)
     sys.stdout.write(_report(bundle, args.format))
-    return 0 if bundle.ok else 1
+    return 0 if bundle.passed(args.allow_unverified or ()) else 1
 
 
 def _export_file(args: argparse.Namespace, tol: dict[str, Any], defaults: dict[str, Any],
@@ -214,6 +214,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+_ALLOW_HELP = ("let these targets pass the gate while 'unverified' (converted and checked "
+               "structurally, but not run here), e.g. coreml; by default unverified fails")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="portable-models", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -236,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="dist/demo", help="bundle folder (replaced if it exists)")
     d.add_argument("--jobs", type=int, default=1, help="targets converted at once")
     d.add_argument("--format", **fmt)  # type: ignore[arg-type]
+    d.add_argument("--allow-unverified", nargs="+", metavar="TARGET", help=_ALLOW_HELP)
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("convert", parents=[common], help="convert a saved model to every target and prove parity",
@@ -274,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true",
                    help="convert everything again (default: reuse unchanged attempts)")
     c.add_argument("--format", **fmt)  # type: ignore[arg-type]
+    c.add_argument("--allow-unverified", nargs="+", metavar="TARGET", help=_ALLOW_HELP)
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", parents=[common], help="re-run every artifact of a bundle and check parity",
@@ -282,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("bundle")
     v.add_argument("--targets", nargs="+", help="only these targets")
-    v.add_argument("--allow-unverified", nargs="+", metavar="TARGET",
-                   help="let these targets pass the gate while unverified (e.g. coreml)")
+    v.add_argument("--allow-unverified", nargs="+", metavar="TARGET", help=_ALLOW_HELP)
     v.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact run")
     v.add_argument("--format", **fmt)  # type: ignore[arg-type]
     v.set_defaults(func=cmd_verify)

@@ -130,6 +130,8 @@ def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap,
                   options=options or {})
     checker = checking_runtime(runtime)
     structural: list[str] | None = None
+    if runtime == "coreml" and sys.platform == "darwin" and "mil-reference" in RUNTIMES:
+        return _coreml_on_macos(job, cases)
     if checker != runtime:
         first, _ = job.run(runtime, [0])
         if first["status"] != "unverified":
@@ -140,6 +142,18 @@ def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap,
         record["structural"] = structural
         if record["status"] == "unverified":
             record["checked"] = structural + list(record.get("checked") or [])
+    return record, timings
+
+
+def _coreml_on_macos(job: _RunJob, cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On macOS: the real Core ML runtime gives the verdict; the MIL reference executor runs
+    too, and a disagreement between them (either failing) fails the artifact."""
+    record, timings = job.run("coreml", cases)
+    reference, _ = job.run("mil-reference", cases)
+    record["reference"] = {k: v for k, v in reference.items() if k != "outputs"}
+    if record["status"] == "pass" and reference["status"] == "fail":
+        record["status"] = "fail"
+        record["reason"] = f"MIL reference: {reference.get('reason')}"
     return record, timings
 
 
