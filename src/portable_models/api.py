@@ -145,9 +145,7 @@ def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: P
     from portable_models.sources.torch import CaptureOptions
 
     framework = framework_of(model)
-    copts = CaptureOptions(input_names=opts.input_names, output_names=opts.output_names,
-                           dynamic_dims=opts.dynamic_dims, input_ranges=opts.input_ranges,
-                           layouts=opts.layouts, samples=opts.samples, cases=opts.cases, seed=opts.seed)
+    copts = CaptureOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(CaptureOptions)})
     if framework == "torch":
         from portable_models.sources.torch import capture_torch
 

@@ -11,15 +11,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from clihelp import cli, cli_env
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "portable_models.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=600)
 
 
 def refused(tmp_path: Path, src: Path, *words: str, extra: tuple[str, ...] = ()) -> str:
@@ -111,7 +108,6 @@ def test_directory_and_file_mixed_up(tmp_path: Path) -> None:
 def test_npz_samples_with_objects_is_refused(tmp_path: Path) -> None:
     import numpy as np
     import torch
-
     from nets import make  # type: ignore[import-not-found]
 
     x = torch.rand(2, 3, 8, 8)
@@ -125,12 +121,11 @@ def test_npz_samples_with_objects_is_refused(tmp_path: Path) -> None:
 
 def test_two_exports_racing_for_one_destination(tmp_path: Path) -> None:
     import torch
-
     from nets import make  # type: ignore[import-not-found]
 
     ep = torch.export.export(make(), (torch.rand(2, 3, 8, 8),))
     torch.export.save(ep, str(tmp_path / "net.pt2"))
-    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = cli_env()
     cmd = [sys.executable, "-m", "portable_models.cli", "convert", str(tmp_path / "net.pt2"), "--out",
            str(tmp_path / "same"), "--targets", "torchscript", "--no-cache"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

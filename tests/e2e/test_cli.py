@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
+from clihelp import cli, cli_env
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "portable_models.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +140,7 @@ def test_interrupt_kills_workers_and_leaves_nothing(saved: dict[str, Path], tmp_
                                                     sig: int, code: int) -> None:
     import psutil
 
-    env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = cli_env()
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "portable_models.cli", "convert", str(saved["pt2"]),
                              "--out", str(out), "--targets", "executorch"],

@@ -9,8 +9,9 @@ check state, time the calls and translate errors.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,20 +64,22 @@ class Runner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def load(self) -> None:
-        start = time.perf_counter()
+    @contextlib.contextmanager
+    def _translated(self, error: type[PortableModelsError], doing: str, stage: str) -> Iterator[None]:
+        """The runtime's own exceptions become ``error`` (with ``from exc``); ours and
+        programming errors (TypeError, AssertionError …) pass through unchanged."""
         try:
-            self._load_impl()
-        except PortableModelsError:
-            raise
-        except (TypeError, AssertionError, NameError, AttributeError):
+            yield
+        except (PortableModelsError, TypeError, AssertionError, NameError, AttributeError):
             raise
         except Exception as exc:
-            raise RuntimeLoadError(
-                f"{self.runtime_name()} could not load {self.artifact.name}: {exc}",
-                file=str(self.artifact),
-                stage=f"load:{self.runtime_name()}",
-            ) from exc
+            raise error(f"{self.runtime_name()} {doing} {self.artifact.name}: {exc}",
+                        file=str(self.artifact), stage=f"{stage}:{self.runtime_name()}") from exc
+
+    def load(self) -> None:
+        start = time.perf_counter()
+        with self._translated(RuntimeLoadError, "could not load", "load"):
+            self._load_impl()
         self.load_s = time.perf_counter() - start
         self.loaded = True
 
@@ -88,18 +91,8 @@ class Runner:
         if missing:
             raise RuntimeRunError(f"inputs missing: {missing}", stage=f"run:{self.runtime_name()}")
         feeds = self.io.feeds(inputs)
-        try:
+        with self._translated(RuntimeRunError, "failed to run", "run"):
             physical = self._run_impl(feeds)
-        except PortableModelsError:
-            raise
-        except (TypeError, AssertionError, NameError, AttributeError):
-            raise
-        except Exception as exc:
-            raise RuntimeRunError(
-                f"{self.runtime_name()} failed to run {self.artifact.name}: {exc}",
-                file=str(self.artifact),
-                stage=f"run:{self.runtime_name()}",
-            ) from exc
         return self.io.results(physical)
 
     def close(self) -> None:
