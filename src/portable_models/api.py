@@ -66,6 +66,8 @@ class ExportOptions:
     source_trust: str = "safe"
     #: reuse the outcome of unchanged attempts (see portable_models.cache).
     cache: bool = True
+    #: allow loading that can run code (a Keras Lambda layer): only for models you trust.
+    trust_model: bool = False
 
 
 def _targets(value: str | Sequence[str]) -> list[str]:
@@ -184,11 +186,20 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
         with writing("the bundle", st.path):
             shutil.rmtree(st.path / ".attempts", ignore_errors=True)
             contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name)
+            _check_artifact_hashes(st.path, artifacts)
             write_reports(contract, st.path / "reports")
             contract.files = list_files(st.path)
             st.write_text("contract.json", contract.to_json())
             st.commit()
     return Bundle(path=dest, contract=contract)
+
+
+def _check_artifact_hashes(root: Path, artifacts: list[Artifact]) -> None:
+    """Every kept artifact is still the file that was checked (a programming error otherwise)."""
+    for art in artifacts:
+        if art.file is not None and art.sha256 is not None:
+            now = sha256_path(root / art.file)
+            assert now == art.sha256, f"{art.file} changed after it was checked"
 
 
 def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: list[str],
@@ -202,7 +213,9 @@ def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: l
                                 outputs=captured.outputs, dims=captured.dims,
                                 golden_inputs=root / "golden" / "inputs.npz",
                                 golden_outputs=captured.golden_outputs, policy=policy,
-                                timeout_s=opts.timeout_s, cache=opts.cache)
+                                timeout_s=opts.timeout_s, cache=opts.cache,
+                                options={"trust_model": opts.trust_model,
+                                         "keras_custom_modules": captured.meta.get("custom_modules") or []})
             if opts.progress:
                 ctx.progress = opts.progress
             if opts.targets == "all":  # "all" means every target this source has a route to
@@ -228,7 +241,8 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
     return Contract(
         name=name,
         source={"framework": captured.framework, "version": captured.version,
-                "file": src.relative_to(root).as_posix(), "sha256": sha256_path(src), "trust": opts.source_trust},
+                "file": src.relative_to(root).as_posix(), "sha256": sha256_path(src),
+                "trust": "trusted" if opts.trust_model else opts.source_trust},
         inputs=captured.inputs, outputs=captured.outputs, dims=captured.dims,
         golden={"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz",
                 "cases": len(captured.golden_inputs), "seed": opts.seed,

@@ -49,8 +49,13 @@ def content_digest(path: Path) -> str:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             for name in sorted(zf.namelist()):
+                data = zf.read(name)
+                if name == "metadata.json":  # a .keras file's save date says nothing of the model
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
                 h.update(name.split("/", 1)[-1].encode() + b"\0")
-                h.update(hashlib.sha256(zf.read(name)).digest())
+                h.update(hashlib.sha256(data).digest())
         return h.hexdigest()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):

@@ -99,6 +99,7 @@ def export_file(src: str | Path, *, out: str | Path, inputs: Sequence[TensorSpec
     if cases:
         opts["samples"] = cases
     opts["source_trust"] = loaded.trust
+    opts.setdefault("trust_model", trust)
     return export(loaded.model, example, out=out, **opts)
 
 

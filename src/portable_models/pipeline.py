@@ -271,7 +271,7 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
                "outputs": [s.to_dict() for s in ctx.outputs],
                "dims": {k: v.to_dict() for k, v in ctx.dims.items()}, "samples": str(ctx.golden_inputs),
                "precision": precision, "options": ctx.options,
-               "prior": {k: str(v) for k, v in ctx.prior.items()}}
+               "prior": {k: str(v) for k, v in _private_copies(ctx.prior, attempt_dir / "prior").items()}}
     try:
         conv, _ = ctx.pool.call(kind="convert", payload=payload, framework=route.framework,
                                 step=f"convert:{route.target} ({route.name})", log=log,
@@ -316,6 +316,21 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
     return attempt, art
 
 
+def _private_copies(prior: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Routes get copies of other targets' artifacts: a converter that rewrites its input
+    (onnx2tf does) must never change an artifact already hashed into the bundle."""
+    copies: dict[str, Path] = {}
+    for key, path in prior.items():
+        dest = folder / key / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, dest, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(path, dest)
+        copies[key] = dest
+    return copies
+
+
 def _from_cache(key: str, out_dir: Path) -> tuple[Attempt, Artifact | None] | None:
     from portable_models import cache
 
@@ -358,6 +373,10 @@ def build_target(ctx: TargetContext, target: str, precision: str = "float32",
             best = art
         if attempt.status == "pass" and not (art and art.meta.get("fixed_shape")):
             break
+        rest = routes[n + 1:]
+        if attempt.status == "unverified" and all(checking_runtime(r.runtime) == r.runtime == route.runtime
+                                                 for r in rest):
+            break  # no runtime here can run this target: another route cannot do better
     if best is None or best.status not in ("pass", "unverified"):
         status = min((a.status for a in attempts), key=_rank, default="skipped")
         parity = dict(best.parity) if best else {}

@@ -1,7 +1,11 @@
 """Capture of a Keras 3 model: ``source/model.keras``, specs, golden set.
 
 Functional, Sequential and subclassed models are captured in the caller's process with
-whatever Keras backend it runs. Names come from the model: an input is named after its
+whatever Keras backend it runs. The routes reload the saved file in worker processes:
+a model with classes of its own (a subclassed model, custom layers) reloads there only
+when those classes are registered (``@keras.saving.register_keras_serializable``) in
+modules the worker can import; the capture lists them in ``meta["custom_modules"]`` and
+the routes import the ones named in the job option ``keras_custom_modules``. Names come from the model: an input is named after its
 ``InputLayer`` (``keras.Input(name=...)``), an output after the layer that makes it, or
 after its key when the model returns a dict; ``input_names`` / ``output_names`` override
 them. 4-D float inputs are recorded as ``NHWC`` (the Keras convention). Axis 0 of every
@@ -63,10 +67,19 @@ def _is_unsafe(exc: BaseException) -> bool:
     return "safe_mode" in text or "unsafe_deserialization" in text
 
 
-def load_saved(path: Path, *, trust: bool = False, stage: str = "convert") -> Any:
-    """``keras.saving.load_model(path, safe_mode=not trust)``, errors translated."""
+def load_saved(path: Path, *, trust: bool = False, stage: str = "convert",
+               modules: Sequence[str] = ()) -> Any:
+    """``keras.saving.load_model(path, safe_mode=not trust)``, errors translated. The
+    ``modules`` that register the model's own classes are imported first."""
+    import importlib
+
     import keras
 
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise _reload_error(exc, path, stage) from exc
     try:
         return keras.saving.load_model(str(path), safe_mode=not trust)
     except ValueError as exc:

@@ -34,6 +34,8 @@ class CaptureOptions:
     samples: Sequence[Mapping[str, np.ndarray]] | None = None
     cases: int = 4
     seed: int = 0
+    #: allow loading that can run code (Keras Lambda layers) — the caller's explicit opt-in.
+    trust_model: bool = False
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

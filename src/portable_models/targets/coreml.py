@@ -56,6 +56,11 @@ __all__ = [
 ]
 
 ARTIFACT = "model.mlpackage"
+
+
+def artifact_name(precision: str) -> str:
+    """``model.mlpackage``, or ``model_fp16.mlpackage`` beside it for a float16 twin."""
+    return ARTIFACT if precision == "float32" else "model_fp16.mlpackage"
 DEFAULT_TARGET = "iOS16"
 #: user-defined metadata key holding the logical specs, dims, precision and io map.
 METADATA_KEY = "portable_models"
@@ -284,7 +289,7 @@ def _convert(job: ConvertJob, model: Any, *, frontend: str, steps: list[Step]) -
                         for s in job.outputs})
     dtypes = _physical_dtypes(mlmodel)
     _embed_metadata(mlmodel, job, io)
-    out = job.out_dir / ARTIFACT
+    out = job.out_dir / artifact_name(job.precision)
     if out.exists():
         shutil.rmtree(out)
     job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +309,7 @@ def _convert(job: ConvertJob, model: Any, *, frontend: str, steps: list[Step]) -
         "physical_dtypes": dtypes, "casts": _casts(job, dtypes),
         "convert_s": round(convert_s, 3),
     }
-    return ConvertResult(file=ARTIFACT, io=io, steps=steps, precision=job.precision, meta=meta)
+    return ConvertResult(file=artifact_name(job.precision), io=io, steps=steps, precision=job.precision, meta=meta)
 
 
 def _convert_with_target(job: ConvertJob, model: Any, names: dict[str, str],
