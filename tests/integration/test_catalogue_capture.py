@@ -93,8 +93,10 @@ def test_integer_input_without_range(tmp_path: Path) -> None:
 
 def test_bool_input_needs_no_range(tmp_path: Path) -> None:
     model = Fn(lambda h, x, m: torch.where(m, h, -h))
-    bundle = pm.export(model.eval(), (torch.rand(2, 4), torch.rand(2, 4) > 0.5), out=tmp_path / "b",
+    out = tmp_path / "dir with spaces ü" / "bündle"
+    bundle = pm.export(model.eval(), (torch.rand(2, 4), torch.rand(2, 4) > 0.5), out=out,
                        targets=["onnx"])
+    assert pm.verify(out).ok
     assert bundle.ok, bundle.report()
     assert bundle.contract.inputs[1].dtype == "bool"
 
@@ -128,3 +130,19 @@ def test_read_only_output_folder(tmp_path: Path) -> None:
             pm.export(Fn(lambda h, x: h).eval(), X, out=ro / "b", targets=["onnx"])
     finally:
         ro.chmod(0o755)
+
+
+def test_read_only_output_folder_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same refusal where permissions are not enforced (root): the folder reports itself
+    read-only, as it would to any other user."""
+    import os
+
+    from portable_models import bundle
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(bundle.os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    with pytest.raises(pm.errors.BundleWriteError, match="not writable") as info:
+        pm.export(Fn(lambda h, x: h).eval(), X, out=ro / "b", targets=["onnx"])
+    assert info.value.file == str(ro) and list(ro.iterdir()) == []
