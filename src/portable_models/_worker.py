@@ -97,6 +97,7 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "convert": jobs.convert_job,
         "run": jobs.run_job,
+        "bench": jobs.bench_job,
         "ping": lambda payload: {"pid": os.getpid()},
         "test": jobs.test_job,
     }

@@ -24,6 +24,7 @@ EPILOG = """examples:
   portable-models convert model.pt2 --out dist/net
   portable-models verify dist/demo --format junit > parity.xml
   portable-models inspect dist/demo
+  portable-models bench dist/demo
   portable-models doctor
 """
 
@@ -181,6 +182,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from portable_models.benchmark import bench
+
+    contract = bench(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                     targets=args.targets, write=not args.no_write, timeout_s=args.timeout)
+    print(f"{'target':<14} {'runtime':<28} {'load':>9} {'p50':>10} {'p90':>10} {'min':>10} threads")
+    failed = False
+    for a in contract.artifacts:
+        b = a.timings.get("bench")
+        if not b:
+            continue
+        if "error" in b:
+            failed = True
+            print(f"{a.key:<14} {b['runtime']:<28} error: {b['error']}")
+            continue
+        print(f"{a.key:<14} {b['runtime']:<28} {b['load_s'] * 1000:7.1f} ms {b['p50_ms']:7.3f} ms "
+              f"{b['p90_ms']:7.3f} ms {b['min_ms']:7.3f} ms {b['threads']}"
+              + (f"  ({b['note']})" if b.get("note") else ""))
+    return 1 if failed else 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from portable_models.contract import load_contract
 
@@ -292,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact run")
     v.add_argument("--format", **fmt)  # type: ignore[arg-type]
     v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("bench", parents=[common], help="load time and latency per runtime",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  portable-models bench dist/mynet\n"
+                       "  portable-models bench dist/mynet --runs 100 --threads 1 --targets tflite")
+    b.add_argument("bundle")
+    b.add_argument("--runs", type=int, default=20, help="timed runs after warm-up (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    b.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own)")
+    b.add_argument("--targets", nargs="+", help="only these targets")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact")
+    b.add_argument("--no-write", action="store_true", help="print only; leave the bundle as it is")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", parents=[common], help="what the contract says, per artifact")
     i.add_argument("bundle")

@@ -7,6 +7,7 @@ Payloads and results are plain JSON; arrays travel as ``.npz`` files.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from portable_models.golden import load_cases, save_cases
 from portable_models.iomap import IoMap
 from portable_models.spec import DimSpec, TensorSpec
 
-__all__ = ["convert_job", "run_job", "test_job"]
+__all__ = ["convert_job", "run_job", "bench_job", "test_job"]
 
 
 def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +87,37 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     save_cases(Path(payload["out"]), outputs)
     return {"load_s": load_s, "run_ms": run_ms, "runtime": cls.runtime_name(),
             "label": cls.label or cls.runtime_name()}
+
+
+def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Latency of one artifact in its runtime: load once, warm up, then time ``runs`` calls
+    on golden case 0."""
+    import statistics
+
+    from portable_models.runtimes import runtime_info
+    from portable_models.runtimes.base import RunnerOptions
+    from portable_models.targets.base import load_impl
+
+    cls = load_impl(runtime_info(payload["runtime"]).impl)
+    case = load_cases(Path(payload["inputs"]))[0]
+    threads = payload.get("threads")
+    runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
+                 RunnerOptions(threads=threads, extra=dict(payload.get("options") or {})))
+    times: list[float] = []
+    with runner:
+        for _ in range(int(payload.get("warmup", 3))):
+            runner.run(case)
+        for _ in range(int(payload.get("runs", 20))):
+            start = time.perf_counter()
+            runner.run(case)
+            times.append((time.perf_counter() - start) * 1000)
+        load_s = runner.load_s
+    times.sort()
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
+    return {"runtime": cls.runtime_name(), "load_s": round(load_s, 4),
+            "p50_ms": round(statistics.median(times), 4), "p90_ms": round(p90, 4),
+            "min_ms": round(times[0], 4), "runs": len(times), "warmup": int(payload.get("warmup", 3)),
+            "threads": threads or os.cpu_count()}
 
 
 def test_job(payload: dict[str, Any]) -> dict[str, Any]:

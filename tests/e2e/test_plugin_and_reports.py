@@ -87,3 +87,20 @@ def test_html_report_renders_in_a_real_browser(tmp_path: Path) -> None:
     html = page.read_text()
     assert "<svg" in html and "<script" not in html and "http://" not in html.replace(
         "http://www.w3.org/2000/svg", "")
+
+
+def test_bench_writes_latency_into_contract_and_reports(tmp_path: Path) -> None:
+    from clihelp import cli
+
+    from portable_models.contract import load_contract
+
+    bundle = tmp_path / "tiny"
+    shutil.copytree(TINY, bundle)
+    r = cli("bench", str(bundle), "--runs", "5", "--warmup", "1", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime" in r.stdout and "p50" in r.stdout
+    b = load_contract(bundle).artifacts[0].timings["bench"]
+    assert b["runs"] == 5 and b["threads"] == 1 and 0 < b["min_ms"] <= b["p50_ms"] <= b["p90_ms"]
+    assert b["load_s"] > 0
+    assert "Latency per runtime" in (bundle / "reports" / "report.html").read_text()
+    assert cli("verify", str(bundle)).returncode == 0  # the bundle stays consistent

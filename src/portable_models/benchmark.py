@@ -1,0 +1,74 @@
+"""``portable-models bench DIR``: latency per runtime, from the bundle alone.
+
+Each artifact is loaded once in a worker, warmed up, then timed over ``runs`` calls on
+golden case 0 (warm-up excluded). Results — load time, p50/p90/min, runs, threads — go into
+each artifact's ``timings["bench"]`` in the contract and into the reports, rewritten
+atomically with the contract's file list.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from portable_models.bundle import check_files, list_files, raise_on_problems, writing
+from portable_models.contract import Contract, load_contract
+from portable_models.pipeline import checking_runtime, runner_options
+from portable_models.reports import write_reports
+from portable_models.runtimes import runtime_info
+from portable_models.workers import JobFailed, WorkerLimits, WorkerPool
+
+__all__ = ["bench"]
+
+
+def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int | None = None,
+          targets: list[str] | None = None, write: bool = True, timeout_s: float = 600.0) -> Contract:
+    """Time every kept artifact of ``bundle`` in its runtime; return the updated contract."""
+    root = Path(bundle)
+    contract = load_contract(root)
+    raise_on_problems(root, check_files(root, contract.files))
+    scratch = Path(tempfile.mkdtemp(prefix="portable-models-bench-"))
+    try:
+        with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=timeout_s)) as pool:
+            for art in contract.artifacts:
+                if art.file is None or art.io is None or art.runtime is None:
+                    continue
+                if targets and art.target not in targets and art.key not in targets:
+                    continue
+                art.timings["bench"] = _one(pool, root, contract, art, runs, warmup, threads, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if write:
+        _rewrite(root, contract)
+    return contract
+
+
+def _one(pool: WorkerPool, root: Path, contract: Contract, art: Any, runs: int, warmup: int,
+         threads: int | None, scratch: Path) -> dict[str, Any]:
+    runtime = checking_runtime(art.runtime)
+    payload = {"runtime": runtime, "artifact": str(root / art.file), "io": art.io.to_dict(),
+               "inputs": str(root / contract.golden["inputs"]), "runs": runs, "warmup": warmup,
+               "threads": threads,
+               "options": runner_options(contract.inputs, contract.outputs, contract.dims, art.precision)}
+    try:
+        result, _ = pool.call(kind="bench", payload=payload, framework=runtime_info(runtime).framework,
+                              step=f"bench:{runtime}", log=scratch / f"{art.key}.log",
+                              work_dir=scratch / art.key)
+    except JobFailed as failed:
+        return {"runtime": runtime, "error": failed.error.message}
+    if runtime != art.runtime:
+        result["note"] = f"{art.runtime} cannot run here; timed with {runtime} (not Apple's kernels)"
+    return result
+
+
+def _rewrite(root: Path, contract: Contract) -> None:
+    """New reports, new file list, then the contract (via a temporary file and a rename)."""
+    with writing("the bench results", root):
+        write_reports(contract, root / "reports")
+        contract.files = list_files(root)
+        tmp = root / f".contract.json.{os.getpid()}"
+        tmp.write_text(contract.to_json(), encoding="utf-8")
+        os.replace(tmp, root / "contract.json")
