@@ -395,12 +395,17 @@ def build_target(ctx: TargetContext, target: str, precision: str = "float32",
 
 
 def _keep(ctx: TargetContext, art: Artifact, key: str) -> None:
+    """Move the winning artifact (and any external data files beside it) into artifacts/."""
     staged = Path(art.meta.pop("_staged"))
     dest = ctx.root / "artifacts" / staged.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-    shutil.move(str(staged), dest)
+    extra = art.meta.get("external_data") or []
+    for name in [staged.name, *([extra] if isinstance(extra, str) else extra)]:
+        source, target = staged.parent / name, dest.parent / name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), target)
     art.file = dest.relative_to(ctx.root).as_posix()
     art.sha256 = sha256_path(dest)
     art.bytes = path_bytes(dest)

@@ -78,7 +78,8 @@ def next_steps(contract: Contract) -> list[str]:
             checked = art.parity.get("checked") or []
             lines.append(f"{art.key}: unverified — {(art.parity.get('error') or {}).get('message', '')}"
                          + (f"; checked: {', '.join(checked)}" if checked else ""))
-        elif art.status in ("fail", "error", "skipped") and not art.attempts:
+        elif art.status in ("fail", "error", "skipped") and (
+                not art.attempts or art.attempts[-1].status == "pass"):  # e.g. failed again in verify
             reason = art.parity.get("reason") or (art.parity.get("error") or {}).get("message", "")
             lines.append(f"{art.key}: {art.status}: {reason}")
     return lines
