@@ -450,21 +450,7 @@ def convert_tf_coreml(job: ConvertJob) -> ConvertResult:
 def _ct_inputs(ct: Any, job: ConvertJob, names: dict[str, str]) -> list[Any]:
     from portable_models.targets import coreml as cm
 
-    out = []
-    for spec in job.inputs:
-        sample = job.sample_inputs.get(spec.name)
-        shape: list[Any] = []
-        for axis, dim in enumerate(spec.shape):
-            if isinstance(dim, int):
-                shape.append(dim)
-                continue
-            bounds = job.dims.get(dim)
-            lo, hi = (bounds.min, bounds.max) if bounds else (1, 64)
-            default = int(sample.shape[axis]) if sample is not None else lo
-            shape.append(ct.RangeDim(lower_bound=lo, upper_bound=hi,
-                                     default=min(max(default, lo), hi)))
-        out.append(ct.TensorType(name=names[spec.name], shape=tuple(shape),
-                                 dtype=cm._ct_dtype(spec.dtype)))
+    out = [cm._input_type(ct, job, spec, names[spec.name]) for spec in job.inputs]
     return out
 
 
