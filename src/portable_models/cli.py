@@ -353,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        # Ctrl-C must clean up even when started from a shell that ignored SIGINT for its
+        # background jobs (Python keeps an inherited SIG_IGN otherwise).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return int(args.func(args))
     except PortableModelsError as exc:
