@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from portable_models import golden
-from portable_models.errors import CaptureError, ConversionError, UnsafeModelError, UsageError
+from portable_models.errors import (
+    CaptureError,
+    ConversionError,
+    MissingDependencyError,
+    UnsafeModelError,
+    UsageError,
+)
 from portable_models.sources import Captured
 from portable_models.spec import DTYPES, DimSpec, TensorSpec, normalise_dynamic_dims
 from portable_models.targets.base import package_version
@@ -41,7 +47,7 @@ if TYPE_CHECKING:
     from portable_models.sources.torch import CaptureOptions
 
 __all__ = ["capture_keras", "load_saved", "pack_inputs", "flat_outputs", "to_numpy",
-           "custom_modules", "TRUST_FIX"]
+           "custom_modules", "require_backend", "TRUST_FIX"]
 
 _STAGE = "capture"
 TRUST_FIX = ("the model holds Python code (e.g. a Lambda layer's function) that Keras runs "
@@ -451,3 +457,22 @@ def _cases(specs: list[TensorSpec], dims: dict[str, DimSpec], example: dict[str,
         out.append({s.name: np.ascontiguousarray(to_numpy(case[s.name]).astype(s.dtype))
                     for s in specs})
     return out
+
+
+def require_backend(route: str, backend: str, framework: str, extra: str) -> None:
+    """A Keras route runs only where Keras and ``backend`` import and Keras uses ``backend``
+    (the worker's KERAS_BACKEND, chosen by the route table's ``framework``)."""
+    import importlib
+
+    try:
+        import keras
+
+        importlib.import_module(backend)
+    except ImportError as exc:
+        raise MissingDependencyError(f"keras / {backend} not importable: {exc}", stage=f"convert:{route}",
+                                     fix=f"pip install 'portable-models[{extra}]'") from exc
+    have = keras.backend.backend()
+    if have != backend:
+        raise ConversionError(f"route {route!r} needs KERAS_BACKEND={backend}, this worker runs {have!r}",
+                              stage=f"convert:{route}",
+                              fix=f"the route table must give this route framework={framework!r}")

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.errors import ConversionError, MissingDependencyError, PortableModelsError
-from portable_models.sources.keras import flat_outputs, load_saved, pack_inputs
+from portable_models.errors import ConversionError, PortableModelsError
+from portable_models.sources.keras import flat_outputs, load_saved, pack_inputs, require_backend
 from portable_models.targets.base import ConvertJob, ConvertResult, Step, load_impl, package_version
 
 __all__ = [
@@ -117,17 +117,7 @@ def _bridge(job: ConvertJob, which: str) -> ConvertResult:
 
 
 def _check_backend(job: ConvertJob) -> None:
-    try:
-        import keras
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(f"keras / torch not importable: {exc}",
-                                     stage=f"convert:{job.route}",
-                                     fix="pip install 'portable-models[keras,torch]'") from exc
-    if keras.backend.backend() != "torch":
-        raise ConversionError(f"route {job.route!r} needs KERAS_BACKEND=torch, this worker runs "
-                              f"{keras.backend.backend()!r}", stage=f"convert:{job.route}",
-                              fix="the route table must give this route framework='keras-torch'")
+    require_backend(job.route, "torch", "keras-torch", "keras,torch")
 
 
 def export_samples(job: ConvertJob) -> dict[str, np.ndarray]:

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portable_models.errors import ConversionError, MissingDependencyError, PortableModelsError
+from portable_models.errors import ConversionError, PortableModelsError
 from portable_models.iomap import Binding, IoMap
-from portable_models.sources.keras import flat_outputs, load_saved, pack_inputs
+from portable_models.sources.keras import flat_outputs, load_saved, pack_inputs, require_backend
 from portable_models.targets.base import ConvertJob, ConvertResult, Step, package_version
 
 __all__ = ["convert_tf_tflite", "convert_tf2onnx", "convert_keras_onnx", "convert_tf_coreml",
@@ -74,17 +74,7 @@ def _fail(job: ConvertJob, what: str, exc: BaseException, fix: str | None = None
 
 
 def _load(job: ConvertJob) -> Any:
-    try:
-        import keras
-        import tensorflow  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(f"keras / tensorflow not importable: {exc}",
-                                     stage=f"convert:{job.route}",
-                                     fix="pip install 'portable-models[keras]'") from exc
-    if keras.backend.backend() != "tensorflow":
-        raise ConversionError(f"route {job.route!r} needs KERAS_BACKEND=tensorflow, this worker "
-                              f"runs {keras.backend.backend()!r}", stage=f"convert:{job.route}",
-                              fix="the route table must give this route framework='tf'")
+    require_backend(job.route, "tensorflow", "tf", "keras")
     return load_saved(job.source_file, trust=bool(job.options.get("trust_model")),
                       stage=f"convert:{job.route}",
                       modules=list(job.options.get("keras_custom_modules") or ()))
