@@ -3,8 +3,13 @@ export options each needs. Imported by tests only (imports torch inside function
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+#: what checks a Core ML artifact's numbers here: the real runtime on macOS, the MIL
+#: reference executor elsewhere.
+CORE_ML_CHECKER = "Core ML runtime, macOS" if sys.platform == "darwin" else "MIL reference, numpy"
 
 
 @dataclass

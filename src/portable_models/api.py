@@ -31,6 +31,7 @@ from portable_models.pipeline import (
 )
 from portable_models.reports import write_reports
 from portable_models.reports.table import render_table
+from portable_models.runtimes.base import COMPUTE_UNITS
 from portable_models.sources import Captured, framework_of
 from portable_models.targets import TARGETS, routes_for
 from portable_models.workers import WorkerLimits, WorkerPool
@@ -255,9 +256,13 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
 
 def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
            allow_unverified: Sequence[str] = (), timeout_s: float = 600.0,
-           memory_mb: int | None = 8192) -> VerifyReport:
+           memory_mb: int | None = 8192, compute_units: str = "CPU_ONLY") -> VerifyReport:
     """Re-run every artifact of a bundle from the bundle alone and compare with its golden
-    outputs. File hashes are checked first; a changed or missing file fails its artifact."""
+    outputs. File hashes are checked first; a changed or missing file fails its artifact.
+    ``compute_units`` is what the real Core ML runtime runs on (macOS only); the MIL
+    reference executor that checks Core ML elsewhere ignores it."""
+    if compute_units not in COMPUTE_UNITS:
+        raise UsageError(f"unknown compute units {compute_units!r}", fix=f"use one of {', '.join(COMPUTE_UNITS)}")
     root = Path(bundle)
     contract = load_contract(root)
     problems = check_files(root, contract.files)
@@ -269,7 +274,8 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     try:
         with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb)) as pool:
             for art in chosen:
-                _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s, contract)
+                _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s, contract,
+                          {"compute_units": compute_units})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     contract.artifacts = chosen
@@ -279,7 +285,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
 
 def _reverify(pool: WorkerPool, root: Path, art: Artifact, problems: list[str], golden_in: Path,
               golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
-              contract: Contract) -> None:
+              contract: Contract, extra: dict[str, Any]) -> None:
     if art.file is None or art.io is None or art.runtime is None:
         return  # nothing was kept: the recorded verdict (error/fail/skipped) stands
     touched = [p for p in problems if art.file in p]
@@ -293,8 +299,8 @@ def _reverify(pool: WorkerPool, root: Path, art: Artifact, problems: list[str], 
                                      precision=art.precision, log=scratch / f"{art.key}.log",
                                      work_dir=scratch / art.key, timeout_s=timeout_s,
                                      cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
-                                     options=runner_options(contract.inputs, contract.outputs, contract.dims,
-                                                            art.precision))
+                                     options={**runner_options(contract.inputs, contract.outputs, contract.dims,
+                                                               art.precision), **extra})
     art.status = parity["status"]
     art.parity = parity
     art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}

@@ -177,7 +177,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from portable_models.api import verify
 
     report = verify(args.bundle, targets=args.targets or None, allow_unverified=args.allow_unverified or (),
-                    timeout_s=args.timeout)
+                    timeout_s=args.timeout, compute_units=args.compute_units)
     sys.stdout.write(_report(report, args.format, report.problems))
     return 0 if report.ok else 1
 
@@ -241,6 +241,8 @@ _ALLOW_HELP = ("let these targets pass the gate while 'unverified' (converted an
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from portable_models.runtimes.base import COMPUTE_UNITS
+
     p = argparse.ArgumentParser(prog="portable-models", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Export models to ONNX, TFLite, Core ML, TorchScript and "
@@ -312,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--targets", nargs="+", help="only these targets")
     v.add_argument("--allow-unverified", nargs="+", metavar="TARGET", help=_ALLOW_HELP)
     v.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact run")
+    v.add_argument("--compute-units", default="CPU_ONLY",
+                   choices=COMPUTE_UNITS,
+                   help="what the real Core ML runtime runs on, macOS only (default CPU_ONLY); "
+                   "elsewhere Core ML is checked by the MIL reference executor")
     v.add_argument("--format", **fmt)  # type: ignore[arg-type]
     v.set_defaults(func=cmd_verify)
 

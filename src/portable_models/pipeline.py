@@ -194,7 +194,9 @@ class _RunJob:
             if isinstance(failed.error, UnverifiedError):
                 record["checked"] = failed.error.checked
             return record, {}
-        return self._compare(result, load_cases(out), golden_outputs, cases)
+        record, timings = self._compare(result, load_cases(out), golden_outputs, cases)
+        record["checker"] = runtime
+        return record, timings
 
     def _compare(self, result: dict[str, Any], actual: Cases, golden_outputs: Cases,
                  cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -23,6 +23,7 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("torch")
 
 import portable_models as pm  # noqa: E402
+from models import CORE_ML_CHECKER  # noqa: E402
 from portable_models.errors import UnsafeModelError  # noqa: E402
 from portable_models.sources.keras import capture_keras  # noqa: E402
 from portable_models.sources.torch import CaptureOptions  # noqa: E402
@@ -143,8 +144,9 @@ def test_every_target_passes_through_some_route(exported: tuple[str, Any]) -> No
     statuses = {a.target: a.status for a in bundle.contract.artifacts}
     assert list(statuses) == ALL, name
     for target, status in statuses.items():
-        allowed = ("pass", "unverified") if target == "coreml" else ("pass",)
-        assert status in allowed, f"{name} {target}: {status}\n{_explain(bundle)}"
+        assert status == "pass", f"{name} {target}: {status}\n{_explain(bundle)}"
+    coreml = next(a for a in bundle.contract.artifacts if a.target == "coreml")
+    assert coreml.parity["checked_by"] == CORE_ML_CHECKER, coreml.parity
     for art in bundle.contract.artifacts:
         if art.status != "pass":
             continue
@@ -194,7 +196,7 @@ def test_contract_keeps_keras_names_layouts_and_batch(exported: tuple[str, Any])
 
 def test_verify_from_bundle_alone(exported: tuple[str, Any]) -> None:
     _, bundle = exported
-    report = pm.verify(bundle.path, allow_unverified=["coreml"])
+    report = pm.verify(bundle.path)
     assert report.ok, report.table()
 
 

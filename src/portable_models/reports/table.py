@@ -82,7 +82,18 @@ def next_steps(contract: Contract) -> list[str]:
                 not art.attempts or art.attempts[-1].status == "pass"):  # e.g. failed again in verify
             reason = art.parity.get("reason") or (art.parity.get("error") or {}).get("message", "")
             lines.append(f"{art.key}: {art.status}: {reason}")
+    by_reference = [a.key for a in contract.artifacts
+                    if a.parity.get("checker") == "mil-reference" and a.status in ("pass", "fail")]
+    if by_reference:
+        lines.append(f"{', '.join(by_reference)}: {REFERENCE_CAVEAT}")
     return lines
+
+
+#: what a verdict of the MIL reference executor does and does not cover.
+REFERENCE_CAVEAT = ("numbers checked by the MIL reference executor (numpy), which runs the program's "
+                    "ops as saved: it checks the artifact's meaning (weights, layouts, attributes, graph "
+                    "passes, casts), not Apple's kernels or GPU/Neural Engine precision; "
+                    "`portable-models verify` on macOS runs the real Core ML runtime as well")
 
 
 def render_table(contract: Contract, *, problems: Sequence[str] = ()) -> str:

@@ -23,6 +23,10 @@ RUNTIMES: dict[str, RuntimeInfo] = {
     "coreml": RuntimeInfo(name="coreml", requires=("coremltools",), framework="coreml",
                           impl="portable_models.runtimes.coreml:CoreMLRunner",
                           description="coremltools predict (macOS only)"),
+    "mil-reference": RuntimeInfo(name="mil-reference", requires=("coremltools",), framework="coreml",
+                                 impl="portable_models.runtimes.mil_reference:MilReferenceRunner",
+                                 description="Core ML ML programs executed op by op with numpy "
+                                             "(the artifact's meaning, not Apple's kernels)"),
 }
 
 

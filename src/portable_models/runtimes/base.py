@@ -21,7 +21,10 @@ import numpy as np
 from portable_models.errors import PortableModelsError, RuntimeLoadError, RuntimeRunError
 from portable_models.iomap import IoMap
 
-__all__ = ["RuntimeInfo", "Runner", "RunnerOptions"]
+__all__ = ["COMPUTE_UNITS", "RuntimeInfo", "Runner", "RunnerOptions"]
+
+#: what the real Core ML runtime (macOS only) may be told to run on.
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 
 
 @dataclass(frozen=True, kw_only=True)

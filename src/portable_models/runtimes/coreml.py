@@ -53,7 +53,7 @@ import numpy as np
 
 from portable_models.errors import RuntimeLoadError, RuntimeRunError, UnverifiedError
 from portable_models.iomap import IoMap
-from portable_models.runtimes.base import Runner
+from portable_models.runtimes.base import COMPUTE_UNITS, Runner
 from portable_models.spec import DimSpec, TensorSpec
 
 __all__ = ["CoreMLRunner", "predict_unavailable_reason", "structural_check"]
@@ -66,7 +66,6 @@ _ARRAY_NUMPY = {"FLOAT32": np.float32, "FLOAT16": np.float16, "INT32": np.int32,
 _MIL_BYTES = {"FLOAT16": 2, "BFLOAT16": 2, "FLOAT32": 4, "FLOAT64": 8, "INT8": 1,
               "UINT8": 1, "INT16": 2, "UINT16": 2, "INT32": 4, "UINT32": 4,
               "INT64": 8, "UINT64": 8, "BOOL": 1}
-_COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 
 
 # -- the public check ---------------------------------------------------------------
@@ -406,7 +405,7 @@ class CoreMLRunner(Runner):
     """Structural checks on load; ``predict`` on macOS, UnverifiedError elsewhere."""
 
     distribution = "coremltools"
-    label = "Core ML runtime (macOS)"
+    label = "Core ML runtime, macOS"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -425,9 +424,9 @@ class CoreMLRunner(Runner):
                                         dims=expected.dims)
         if predict_unavailable_reason() is None:
             units = str(self.options.extra.get("compute_units", "CPU_ONLY"))
-            if units not in _COMPUTE_UNITS:
+            if units not in COMPUTE_UNITS:
                 raise RuntimeLoadError(f"unknown Core ML compute units {units!r}",
-                                       stage="load:coreml", fix=f"use one of {_COMPUTE_UNITS}")
+                                       stage="load:coreml", fix=f"use one of {COMPUTE_UNITS}")
             self._model = ct.models.MLModel(str(self.artifact),
                                             compute_units=getattr(ct.ComputeUnit, units))
 
