@@ -2,6 +2,9 @@
 bundle, replayed directly in this one process (no workers, no bundle writing).
 
     python bench/direct.py BUNDLE  ->  prints JSON {"capture_s", "convert_s", "runtime_s", "total_s"}
+    python bench/direct.py BUNDLE --runtimes  ->  {"runtimes_cold_s"}: a fresh process that
+        imports each runtime and loads and runs the bundle's own artifacts on the golden
+        cases (the floor of a cold `portable-models verify`)
 """
 
 from __future__ import annotations
@@ -87,8 +90,24 @@ def _run(runtime: str, path: Path, result: object, contract: object, cases: list
     return total
 
 
+def runtimes_only(bundle: Path) -> float:
+    """Import, load and run every kept artifact of the bundle, as verify does, directly."""
+    start = time.perf_counter()
+    contract = load_contract(bundle)
+    cases = load_cases(bundle / contract.golden["inputs"])
+    for art in contract.artifacts:
+        if art.file is None or art.io is None or art.runtime is None:
+            continue
+        result = type("R", (), {"io": art.io, "meta": {"dynamic": not art.meta.get("fixed_shape")}})()
+        _run(art.runtime, bundle / art.file, result, contract, cases, art.precision)
+    return time.perf_counter() - start
+
+
 def main() -> int:
     bundle = Path(sys.argv[1])
+    if "--runtimes" in sys.argv:
+        print(json.dumps({"runtimes_cold_s": runtimes_only(bundle)}))
+        return 0
     start = time.perf_counter()
     cap = capture_s()
     rest = replay(bundle)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from portable_models.errors import PortableModelsError
     from portable_models.parity import Tolerance, TolerancePolicy
     from portable_models.spec import DimSpec, TensorSpec
+    from portable_models.workers import shutdown_workers
 
 __all__ = [
     "__version__",
@@ -33,6 +34,7 @@ __all__ = [
     "DimSpec",
     "PortableModelsError",
     "errors",
+    "shutdown_workers",
 ]
 
 _LAZY = {
@@ -48,6 +50,7 @@ _LAZY = {
     "TensorSpec": "portable_models.spec",
     "DimSpec": "portable_models.spec",
     "PortableModelsError": "portable_models.errors",
+    "shutdown_workers": "portable_models.workers",
 }
 
 

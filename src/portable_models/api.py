@@ -34,7 +34,7 @@ from portable_models.reports.table import render_table
 from portable_models.runtimes.base import COMPUTE_UNITS
 from portable_models.sources import Captured, framework_of
 from portable_models.targets import TARGETS, routes_for
-from portable_models.workers import WorkerLimits, WorkerPool
+from portable_models.workers import Pool, WorkerLimits, shared_pool
 
 __all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
 
@@ -207,31 +207,30 @@ def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: l
                  precisions: list[str], policy: TolerancePolicy) -> list[Artifact]:
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-"))
     try:
-        with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=opts.timeout_s,
-                                                             memory_mb=opts.memory_mb)) as pool:
-            ctx = TargetContext(pool=pool, root=root, source_framework=captured.framework,
-                                source_file=captured.source_file, inputs=captured.inputs,
-                                outputs=captured.outputs, dims=captured.dims,
-                                golden_inputs=root / "golden" / "inputs.npz",
-                                golden_outputs=captured.golden_outputs, policy=policy,
-                                timeout_s=opts.timeout_s, cache=opts.cache,
-                                options={"trust_model": opts.trust_model,
-                                         "keras_custom_modules": captured.meta.get("custom_modules") or []})
-            if opts.progress:
-                ctx.progress = opts.progress
-            if opts.targets == "all":  # "all" means every target this source has a route to
-                targets = [t for t in targets if routes_for(t, captured.framework)]
-            jobs = [(t, p) for p in precisions for t in targets if p == "float32" or t in ("tflite", "coreml")]
-            for t, p in jobs:
-                ctx.progress(t if p == "float32" else f"{t}-{p}", "waiting", "")
+        pool = shared_pool(WorkerLimits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb))
+        ctx = TargetContext(pool=pool, root=root, source_framework=captured.framework,
+                            source_file=captured.source_file, inputs=captured.inputs,
+                            outputs=captured.outputs, dims=captured.dims,
+                            golden_inputs=root / "golden" / "inputs.npz",
+                            golden_outputs=captured.golden_outputs, policy=policy,
+                            timeout_s=opts.timeout_s, cache=opts.cache,
+                            options={"trust_model": opts.trust_model,
+                                     "keras_custom_modules": captured.meta.get("custom_modules") or []})
+        if opts.progress:
+            ctx.progress = opts.progress
+        if opts.targets == "all":  # "all" means every target this source has a route to
+            targets = [t for t in targets if routes_for(t, captured.framework)]
+        jobs = [(t, p) for p in precisions for t in targets if p == "float32" or t in ("tflite", "coreml")]
+        for t, p in jobs:
+            ctx.progress(t if p == "float32" else f"{t}-{p}", "waiting", "")
 
-            def one(job: tuple[str, str]) -> Artifact:
-                return build_target(ctx, job[0], job[1], opts.routes.get(job[0]))
+        def one(job: tuple[str, str]) -> Artifact:
+            return build_target(ctx, job[0], job[1], opts.routes.get(job[0]))
 
-            if opts.jobs == 1:
-                return [one(j) for j in jobs]
-            with ThreadPoolExecutor(max_workers=opts.jobs) as ex:
-                return list(ex.map(one, jobs))
+        if opts.jobs == 1:
+            return [one(j) for j in jobs]
+        with ThreadPoolExecutor(max_workers=opts.jobs) as ex:
+            return list(ex.map(one, jobs))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -272,10 +271,10 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
     try:
-        with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb)) as pool:
-            for art in chosen:
-                _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s, contract,
-                          {"compute_units": compute_units})
+        pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb))
+        for art in chosen:
+            _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s, contract,
+                      {"compute_units": compute_units})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     contract.artifacts = chosen
@@ -283,7 +282,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
                         allow_unverified=tuple(allow_unverified))
 
 
-def _reverify(pool: WorkerPool, root: Path, art: Artifact, problems: list[str], golden_in: Path,
+def _reverify(pool: Pool, root: Path, art: Artifact, problems: list[str], golden_in: Path,
               golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
               contract: Contract, extra: dict[str, Any]) -> None:
     if art.file is None or art.io is None or art.runtime is None:

@@ -19,7 +19,7 @@ from portable_models.contract import Contract, load_contract
 from portable_models.pipeline import checking_runtime, runner_options
 from portable_models.reports import write_reports
 from portable_models.runtimes import runtime_info
-from portable_models.workers import JobFailed, WorkerLimits, WorkerPool
+from portable_models.workers import JobFailed, Pool, WorkerLimits, shared_pool
 
 __all__ = ["bench"]
 
@@ -32,13 +32,13 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
     raise_on_problems(root, check_files(root, contract.files))
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-bench-"))
     try:
-        with WorkerPool(scratch=scratch, limits=WorkerLimits(timeout_s=timeout_s)) as pool:
-            for art in contract.artifacts:
-                if art.file is None or art.io is None or art.runtime is None:
-                    continue
-                if targets and art.target not in targets and art.key not in targets:
-                    continue
-                art.timings["bench"] = _one(pool, root, contract, art, runs, warmup, threads, scratch)
+        pool = shared_pool(WorkerLimits(timeout_s=timeout_s))
+        for art in contract.artifacts:
+            if art.file is None or art.io is None or art.runtime is None:
+                continue
+            if targets and art.target not in targets and art.key not in targets:
+                continue
+            art.timings["bench"] = _one(pool, root, contract, art, runs, warmup, threads, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if write:
@@ -46,7 +46,7 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
     return contract
 
 
-def _one(pool: WorkerPool, root: Path, contract: Contract, art: Any, runs: int, warmup: int,
+def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup: int,
          threads: int | None, scratch: Path) -> dict[str, Any]:
     runtime = checking_runtime(art.runtime)
     payload = {"runtime": runtime, "artifact": str(root / art.file), "io": art.io.to_dict(),

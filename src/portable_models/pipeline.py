@@ -25,7 +25,7 @@ from portable_models.runtimes import RUNTIMES, runtime_info
 from portable_models.spec import DimSpec, TensorSpec
 from portable_models.targets import routes_for
 from portable_models.targets.base import RouteInfo, check_requires
-from portable_models.workers import JobFailed, WorkerPool
+from portable_models.workers import JobFailed, Pool
 
 __all__ = ["TargetContext", "build_target", "check_artifact", "checking_runtime", "Progress",
            "runner_options", "error_histogram", "fixed_shape_cases"]
@@ -42,7 +42,7 @@ def _no_progress(key: str, state: str, detail: str) -> None:
 class TargetContext:
     """What every target of one export shares."""
 
-    pool: WorkerPool
+    pool: Pool
     root: Path
     source_framework: str
     source_file: Path
@@ -114,7 +114,7 @@ def _subset(golden_inputs: Path, indices: Sequence[int], work_dir: Path) -> Path
     return path
 
 
-def check_artifact(pool: WorkerPool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
+def check_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
                    golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
                    work_dir: Path, timeout_s: float | None = None,
                    output_names: Sequence[str] | None = None,
@@ -159,7 +159,7 @@ def _coreml_on_macos(job: _RunJob, cases: Sequence[int] | None) -> tuple[dict[st
 
 @dataclass(kw_only=True)
 class _RunJob:
-    pool: WorkerPool
+    pool: Pool
     artifact: Path
     io: IoMap
     golden_inputs: Path

@@ -5,16 +5,25 @@ caller's: a converter that segfaults, hangs or eats memory fails its own target 
 Workers are reused per framework (torch and TensorFlow are imported once per worker,
 not once per job) and replaced after a crash, a timeout or a memory kill. Each worker
 is the leader of its own process group, so killing it kills its children too.
+
+One pool serves the whole process (:func:`shared_pool`): an ``export`` followed by a
+``verify`` or a ``bench`` in the same script reuses the warm workers instead of
+importing torch, TensorFlow and coremltools again. Idle workers are stopped after
+``PORTABLE_MODELS_WORKER_IDLE_S`` seconds (default 120), at interpreter exit, or by
+:func:`shutdown_workers`.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -31,7 +40,15 @@ from portable_models.errors import (
     error_from_dict,
 )
 
-__all__ = ["WorkerLimits", "WorkerPool", "JobFailed", "offline_env"]
+__all__ = ["WorkerLimits", "WorkerPool", "LimitedPool", "Pool", "JobFailed", "offline_env", "shared_pool",
+           "shutdown_workers"]
+
+#: seconds an idle worker of the shared pool lives on (it holds torch, TensorFlow …).
+IDLE_ENV = "PORTABLE_MODELS_WORKER_IDLE_S"
+DEFAULT_IDLE_S = 120.0
+#: a worker is replaced after this many jobs, so that state converters leave behind
+#: (caches, registered ops, TensorFlow graphs) cannot grow without bound.
+MAX_JOBS_PER_WORKER = 200
 
 #: environment that keeps well-behaved libraries from reaching the network at all.
 _OFFLINE_ENV = {
@@ -95,6 +112,12 @@ def offline_env(scratch: Path, framework: str = "none") -> dict[str, str]:
     return env
 
 
+def _environment_key() -> int:
+    """Workers see the caller's environment as it was when they started; one started
+    under another environment is not reused."""
+    return hash(frozenset(os.environ.items()))
+
+
 def _group_rss_mb(pid: int) -> float:
     """Resident memory of a process and its descendants, in MiB (Linux /proc; 0 elsewhere)."""
     proc = Path("/proc")
@@ -125,7 +148,10 @@ class _Worker:
 
     def __init__(self, framework: str, scratch: Path, log: Path) -> None:
         self.framework = framework
+        #: the caller's environment the worker was started with (see :func:`_environment_key`).
+        self.env_key = _environment_key()
         self.jobs_done = 0
+        self.idle_since = time.monotonic()
         read_fd, write_fd = os.pipe()
         scratch.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as log_file:
@@ -200,14 +226,21 @@ class _Worker:
 
 @dataclass(kw_only=True)
 class WorkerPool:
-    """Reusable workers keyed by framework. Thread-safe: each worker serves one job at a time."""
+    """Reusable workers keyed by framework. Thread-safe: each worker serves one job at a
+    time; a job that finds no idle worker of its kind starts one (so ``jobs=2`` runs two).
+    ``idle_s``: stop workers idle that long (None: keep them until :meth:`close`)."""
 
     scratch: Path
     limits: WorkerLimits = field(default_factory=WorkerLimits)
+    idle_s: float | None = None
+    #: remove ``scratch`` on close (the shared pool owns its folder).
+    owns_scratch: bool = False
     _idle: list[_Worker] = field(default_factory=list)
     _busy: list[_Worker] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _count: int = 0
+    _reaper: threading.Thread | None = None
+    _closed: threading.Event = field(default_factory=threading.Event)
     started: int = 0
 
     def __enter__(self) -> WorkerPool:
@@ -216,46 +249,69 @@ class WorkerPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _acquire(self, framework: str) -> _Worker:
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _acquire(self, framework: str, limits: WorkerLimits) -> _Worker:
         framework = worker_kind(framework)
+        env_key = _environment_key()
         with self._lock:
-            for w in self._idle:
-                if w.framework == framework:
-                    self._idle.remove(w)
-                    self._busy.append(w)
-                    return w
-            self._count += 1
-            n = self._count
+            if self.closed:
+                raise WorkerError("the worker pool is shut down", stage="worker start")
+            stale = [w for w in self._idle if w.env_key != env_key]
+            self._idle = [w for w in self._idle if w.env_key == env_key]
+            found = next((w for w in self._idle if w.framework == framework), None)
+            if found is not None:
+                self._idle.remove(found)
+                self._busy.append(found)
+            else:
+                self._count += 1
+                n = self._count
+        for w in stale:  # started under another environment (PYTHONPATH, extra routes …)
+            w.kill()
+        if found is not None:
+            return found
         wdir = self.scratch / f"worker-{n}"
         worker = _Worker(framework, wdir, self.scratch / f"worker-{n}.log")
         with self._lock:
             self._busy.append(worker)
             self.started += 1
-        worker.read_line(120.0, self.limits, "worker start")
+        worker.read_line(120.0, limits, "worker start")
+        self._start_reaper()
         return worker
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
         with self._lock:
             if worker in self._busy:
                 self._busy.remove(worker)
-            if healthy and worker.alive():
+            worker.jobs_done += 1
+            keep = healthy and worker.alive() and not self.closed and worker.jobs_done < MAX_JOBS_PER_WORKER
+            if keep:
+                worker.idle_since = time.monotonic()
                 self._idle.append(worker)
-            else:
-                worker.kill()
+        if not keep:
+            worker.kill()
 
     def call(self, *, kind: str, payload: Mapping[str, Any], framework: str, step: str,
              log: Path | None = None, work_dir: Path | None = None,
-             timeout_s: float | None = None) -> tuple[dict[str, Any], float]:
-        """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`."""
+             timeout_s: float | None = None, limits: WorkerLimits | None = None,
+             ) -> tuple[dict[str, Any], float]:
+        """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
+        ``limits`` overrides the pool's for this job (memory cap, default timeout)."""
+        limits = limits or self.limits
         start = time.monotonic()
-        worker = self._acquire(framework)
+        try:
+            worker = self._acquire(framework, limits)
+        except WorkerError as exc:
+            raise JobFailed(exc, time.monotonic() - start) from exc
         healthy = False
         try:
             job_id = f"{os.getpid()}-{time.monotonic_ns()}"
             worker.send({"id": job_id, "kind": kind, "payload": dict(payload), "step": step,
                          "log": str(log) if log else None,
                          "work_dir": str(work_dir) if work_dir else None})
-            answer = worker.read_line(timeout_s or self.limits.timeout_s, self.limits, step)
+            answer = worker.read_line(timeout_s or limits.timeout_s, limits, step)
             healthy = True
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
@@ -266,9 +322,97 @@ class WorkerPool:
             raise JobFailed(error_from_dict(answer.get("error") or {}), seconds)
         return dict(answer.get("result") or {}), seconds
 
+    def with_limits(self, limits: WorkerLimits) -> LimitedPool:
+        """This pool, with ``limits`` applied to every call made through the view."""
+        return LimitedPool(self, limits)
+
+    def idle_workers(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def reap(self, now: float | None = None) -> int:
+        """Stop workers idle longer than ``idle_s``; returns how many were stopped."""
+        if self.idle_s is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            old = [w for w in self._idle if now - w.idle_since >= self.idle_s]
+            self._idle = [w for w in self._idle if w not in old]
+        for w in old:
+            w.kill()
+        return len(old)
+
+    def _start_reaper(self) -> None:
+        if self.idle_s is None or self._reaper is not None:
+            return
+        interval = max(0.5, min(10.0, self.idle_s / 4))
+
+        def loop() -> None:
+            while not self._closed.wait(interval):
+                self.reap()
+
+        with self._lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=loop, name="portable-models-reaper", daemon=True)
+                self._reaper.start()
+
     def close(self) -> None:
         with self._lock:
+            self._closed.set()
             workers = self._idle + self._busy
             self._idle, self._busy = [], []
         for w in workers:
             w.kill()
+        if self.owns_scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class LimitedPool:
+    """A view of a pool that applies its own limits to every call (export and verify
+    share one pool, each with the limits it was given)."""
+
+    pool: WorkerPool
+    limits: WorkerLimits
+
+    def call(self, **kwargs: Any) -> tuple[dict[str, Any], float]:
+        kwargs.setdefault("limits", self.limits)
+        return self.pool.call(**kwargs)
+
+
+#: what the pipeline calls jobs through: a pool, or a pool seen with its own limits.
+Pool = WorkerPool | LimitedPool
+
+_SHARED: WorkerPool | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def _idle_seconds() -> float | None:
+    raw = os.environ.get(IDLE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_IDLE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        return DEFAULT_IDLE_S
+    return max(value, 0.0)
+
+
+def shared_pool(limits: WorkerLimits | None = None) -> LimitedPool:
+    """The process-wide pool (started on first use), seen with ``limits``."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None or _SHARED.closed:
+            scratch = Path(tempfile.mkdtemp(prefix="portable-models-workers-"))
+            _SHARED = WorkerPool(scratch=scratch, idle_s=_idle_seconds(), owns_scratch=True)
+            atexit.register(shutdown_workers)
+        return _SHARED.with_limits(limits or WorkerLimits())
+
+
+def shutdown_workers() -> None:
+    """Stop the shared pool's workers now (they are started again when needed)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        pool, _SHARED = _SHARED, None
+    if pool is not None:
+        pool.close()

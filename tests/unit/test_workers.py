@@ -82,3 +82,71 @@ def test_job_output_goes_to_its_log(pool: WorkerPool, tmp_path: Path) -> None:
     _fail(pool, "raise", tmp_path)
     text = (tmp_path / "job.log").read_text()
     assert "asked to fail" in text and "Traceback" in text
+
+
+# -- one pool per process -------------------------------------------------------------
+def test_shared_pool_keeps_warm_workers_between_calls_until_shutdown() -> None:
+    from portable_models.workers import shared_pool, shutdown_workers
+
+    shutdown_workers()
+    first, _ = shared_pool().call(kind="ping", payload={}, framework="torch", step="ping")
+    again, _ = shared_pool().call(kind="ping", payload={}, framework="torch", step="ping")
+    assert first["pid"] == again["pid"], "a second call (export, then verify) reuses the warm worker"
+    shutdown_workers()
+    assert not _alive(first["pid"])
+    fresh, _ = shared_pool().call(kind="ping", payload={}, framework="torch", step="ping")
+    assert fresh["pid"] != first["pid"]
+    shutdown_workers()
+
+
+def test_each_view_applies_its_own_limits(tmp_path: Path) -> None:
+    from portable_models.workers import shared_pool, shutdown_workers
+
+    strict = shared_pool(WorkerLimits(timeout_s=1, memory_mb=None))
+    with pytest.raises(JobFailed) as info:
+        strict.call(kind="test", payload={"action": "hang"}, framework="none", step="hang",
+                    work_dir=tmp_path / "w")
+    assert "timeout after 1 s" in str(info.value.error)
+    result, _ = shared_pool().call(kind="ping", payload={}, framework="none", step="ping")
+    assert result["pid"] > 0
+    shutdown_workers()
+
+
+def test_idle_workers_are_stopped_after_idle_s(tmp_path: Path) -> None:
+    import time
+
+    with WorkerPool(scratch=tmp_path / "s", idle_s=0.5) as pool:
+        pid = pool.call(kind="ping", payload={}, framework="none", step="ping")[0]["pid"]
+        assert pool.idle_workers() == 1
+        deadline = time.monotonic() + 10
+        while pool.idle_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pool.idle_workers() == 0 and not _alive(pid)
+        again = pool.call(kind="ping", payload={}, framework="none", step="ping")[0]["pid"]
+        assert again != pid  # started afresh when needed
+
+
+def test_closed_pool_refuses_jobs(tmp_path: Path) -> None:
+    pool = WorkerPool(scratch=tmp_path / "s")
+    pool.close()
+    with pytest.raises(JobFailed, match="shut down"):
+        pool.call(kind="ping", payload={}, framework="none", step="ping")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it is gone in all that matters
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_a_changed_environment_gets_a_fresh_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        first = pool.call(kind="ping", payload={}, framework="none", step="ping")[0]["pid"]
+        monkeypatch.setenv("PORTABLE_MODELS_EXTRA_ROUTES", "somewhere:ROUTES")
+        second = pool.call(kind="ping", payload={}, framework="none", step="ping")[0]["pid"]
+        assert second != first and not _alive(first), "the old worker is not reused, and is stopped"
+        assert pool.call(kind="ping", payload={}, framework="none", step="ping")[0]["pid"] == second

@@ -107,17 +107,16 @@ def _reference(model_file: Path, specs: list[TensorSpec], outs: list[TensorSpec]
                cases: golden.Cases) -> golden.Cases:
     """The source's outputs, from onnxruntime in an isolated worker."""
     from portable_models.iomap import IoMap
-    from portable_models.workers import JobFailed, WorkerPool
+    from portable_models.workers import JobFailed, shared_pool
 
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-ref-"))
     try:
         golden.save_cases(scratch / "in.npz", cases)
-        with WorkerPool(scratch=scratch / "w") as pool:
-            io = IoMap.identity([s.name for s in specs], [o.name for o in outs])
-            pool.call(kind="run", framework="none", step="capture:onnxruntime", work_dir=scratch / "run",
-                      log=scratch / "ref.log",
-                      payload={"runtime": "onnxruntime", "artifact": str(model_file), "io": io.to_dict(),
-                               "inputs": str(scratch / "in.npz"), "out": str(scratch / "out.npz")})
+        io = IoMap.identity([s.name for s in specs], [o.name for o in outs])
+        shared_pool().call(kind="run", framework="none", step="capture:onnxruntime", work_dir=scratch / "run",
+                           log=scratch / "ref.log",
+                           payload={"runtime": "onnxruntime", "artifact": str(model_file), "io": io.to_dict(),
+                                    "inputs": str(scratch / "in.npz"), "out": str(scratch / "out.npz")})
         return golden.load_cases(scratch / "out.npz")
     except JobFailed as failed:
         raise CaptureError(f"onnxruntime could not run the source model: {failed.error.message}",

@@ -218,7 +218,17 @@ def _output_specs(ep: Any, names: list[str], ref: dict[str, np.ndarray],
 
 
 def capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_dir: Path) -> Captured:
-    """Export the model, draw the golden set, compute reference outputs, save ``model.pt2``."""
+    """Export the model, draw the golden set, compute reference outputs, save ``model.pt2``.
+    Runs in a forked child of the caller where that is safe (see :mod:`portable_models.forked`):
+    the tracing machinery's memory stays out of the caller's process."""
+    from portable_models.forked import fork_unavailable, run_forked
+
+    if fork_unavailable() is None:
+        return run_forked(_capture_torch, model, example_inputs, opts, source_dir, stage=_STAGE)
+    return _capture_torch(model, example_inputs, opts, source_dir)
+
+
+def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_dir: Path) -> Captured:
     import torch
 
     if not isinstance(model, torch.nn.Module):
