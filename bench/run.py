@@ -6,7 +6,9 @@ one run on this machine. Results: bench/results/bench.json and bench.md.
    and runtime calls replayed directly in one process (bench/direct.py) (target <= 1.15x);
 3. --jobs 2 against sequential (target <= 0.75x);
 4. re-export of the unchanged model against the first export (cache; target <= 5%);
-5. verify against the runtimes' own load + run time (target <= 1.2x);
+5. verify against the runtimes' own load + run time (target <= 1.2x): in the same process
+   right after the export (warm workers vs the runtimes already imported), and as a cold
+   `portable-models verify` against a fresh process importing, loading and running them;
 6. the caller's peak RSS growth during an export (target < 100 MB).
 """
 

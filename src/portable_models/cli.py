@@ -378,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("terminated: workers stopped, nothing written", file=sys.stderr)
         return 143
+    finally:
+        workers = sys.modules.get("portable_models.workers")
+        if workers is not None:  # the command is over: its warm workers go now, not at exit
+            workers.shutdown_workers()
 
 
 if __name__ == "__main__":
