@@ -261,3 +261,16 @@ def test_run_mlpackage_and_supported_ops(encoder_package: Path) -> None:
         run_mlpackage(encoder_package, {"x": np.full((2, 7), 2**40, np.int64)})
     with pytest.raises(RuntimeRunError, match="shape"):  # the program's static shape is (2, 7)
         run_mlpackage(encoder_package, {"x": np.zeros((2, 8), np.int32)})
+
+
+def test_neuralnetwork_package_is_unverified_not_run(tmp_path: Path) -> None:
+    """Only ML programs have a Linux executor; a neuralnetwork-format model is refused
+    as unverified (its numbers are checked on macOS only), never passed."""
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    traced = torch.jit.trace(model, torch.rand(1, 4))
+    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=(1, 4))], convert_to="neuralnetwork")
+    package = tmp_path / "nn.mlpackage"
+    mlmodel.save(str(package))
+    runner = MilReferenceRunner(package, IoMap.identity(["x"], output_names(package)))
+    with pytest.raises(UnverifiedError, match="'neuralNetwork' model; the MIL reference executor runs ML programs only"):
+        runner.load()
