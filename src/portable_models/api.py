@@ -7,6 +7,7 @@ capture -> convert (one isolated job per route) -> run (one runtime per artifact
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -203,6 +204,35 @@ def _check_artifact_hashes(root: Path, artifacts: list[Artifact]) -> None:
             assert now == art.sha256, f"{art.file} changed after it was checked"
 
 
+#: rough relative cost of a target's conversion (the demo's, measured by `make bench`), and
+#: the targets that share converters and so the imports of one worker.
+_TARGET_COST = {"tflite": 10.7, "executorch": 8.0, "onnx": 4.8, "coreml": 3.2, "torchscript": 0.2}
+_FAMILIES = (("onnx", "tflite"), ("torchscript", "executorch", "coreml"))
+
+
+def lanes(targets: list[str], n: int) -> list[list[int]]:
+    """Split the jobs (their targets, in order) into at most ``n`` lanes: targets of one
+    family stay together (onnx before tflite, which reuses the ONNX artifact) unless that
+    leaves a lane idle; groups go to the least-loaded lane, largest first. Indices keep
+    their order within a lane."""
+    groups: list[list[int]] = []
+    for family in _FAMILIES:
+        idx = [i for i, t in enumerate(targets) if t in family]
+        if idx:
+            groups.append(idx)
+    groups += [[i] for i, t in enumerate(targets) if not any(t in f for f in _FAMILIES)]
+    if len(groups) < n:  # too few families to fill the lanes: every job on its own
+        groups = [[i] for i in range(len(targets))]
+    cost = lambda g: sum(_TARGET_COST.get(targets[i], 5.0) for i in g)  # noqa: E731
+    plan: list[list[int]] = [[] for _ in range(min(n, len(groups)))]
+    load = [0.0] * len(plan)
+    for g in sorted(groups, key=cost, reverse=True):
+        k = load.index(min(load))
+        plan[k] += g
+        load[k] += cost(g)
+    return [sorted(p) for p in plan if p]
+
+
 def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: list[str],
                  precisions: list[str], policy: TolerancePolicy) -> list[Artifact]:
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-"))
@@ -224,13 +254,25 @@ def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: l
         for t, p in jobs:
             ctx.progress(t if p == "float32" else f"{t}-{p}", "waiting", "")
 
-        def one(job: tuple[str, str]) -> Artifact:
-            return build_target(ctx, job[0], job[1], opts.routes.get(job[0]))
+        def one(lane_ctx: TargetContext, job: tuple[str, str]) -> Artifact:
+            return build_target(lane_ctx, job[0], job[1], opts.routes.get(job[0]))
 
-        if opts.jobs == 1:
-            return [one(j) for j in jobs]
-        with ThreadPoolExecutor(max_workers=opts.jobs) as ex:
-            return list(ex.map(one, jobs))
+        if opts.jobs == 1 or len(jobs) == 1:
+            return [one(ctx, j) for j in jobs]
+        # jobs > 1: each lane runs its targets in order, in workers of its own, with the
+        # numeric libraries' thread pools split between the lanes (they share the cores)
+        threads = max(1, (os.cpu_count() or 1) // opts.jobs)
+        results: list[Artifact | None] = [None] * len(jobs)
+
+        def run_lane(lane: int, indices: list[int]) -> None:
+            lane_ctx = dataclasses.replace(ctx, pool=pool.lane_view(lane, threads))
+            for i in indices:
+                results[i] = one(lane_ctx, jobs[i])
+
+        plan = lanes([t for t, _ in jobs], opts.jobs)
+        with ThreadPoolExecutor(max_workers=len(plan)) as ex:
+            list(ex.map(run_lane, range(len(plan)), plan))
+        return [r for r in results if r is not None]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -16,6 +16,7 @@ importing torch, TensorFlow and coremltools again. Idle workers are stopped afte
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import select
@@ -96,11 +97,19 @@ def worker_kind(framework: str) -> str:
     return "keras-torch" if framework == "keras-torch" else "main"
 
 
-def offline_env(scratch: Path, framework: str = "none") -> dict[str, str]:
-    """The worker's environment: the caller's, offline, with HOME and TMPDIR in scratch."""
+#: thread-pool sizes of the numeric libraries the converters use (torch, TensorFlow, BLAS).
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def offline_env(scratch: Path, framework: str = "none", threads: int | None = None) -> dict[str, str]:
+    """The worker's environment: the caller's, offline, with HOME and TMPDIR in scratch.
+    ``threads``: cap the numeric libraries' thread pools (workers running side by side)."""
     env = dict(os.environ)
     env.update(_OFFLINE_ENV)
     env.update(FRAMEWORK_ENV.get(framework, {}))
+    if threads:
+        env.update(dict.fromkeys(_THREAD_ENV, str(threads)))
     home = scratch / "home"
     tmp = scratch / "tmp"
     home.mkdir(parents=True, exist_ok=True)
@@ -146,8 +155,11 @@ def _group_rss_mb(pid: int) -> float:
 class _Worker:
     """One worker process and the pipe it answers on."""
 
-    def __init__(self, framework: str, scratch: Path, log: Path) -> None:
+    def __init__(self, framework: str, scratch: Path, log: Path, lane: int = 0,
+                 threads: int | None = None) -> None:
         self.framework = framework
+        self.lane = lane
+        self.threads = threads
         #: the caller's environment the worker was started with (see :func:`_environment_key`).
         self.env_key = _environment_key()
         self.jobs_done = 0
@@ -159,7 +171,7 @@ class _Worker:
                 [sys.executable, "-m", "portable_models._worker", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
                 pass_fds=(write_fd,), start_new_session=True, cwd=scratch,
-                env=offline_env(scratch, framework),
+                env=offline_env(scratch, framework, threads),
             )
         os.close(write_fd)
         self._fd = read_fd
@@ -253,7 +265,8 @@ class WorkerPool:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def _acquire(self, framework: str, limits: WorkerLimits) -> _Worker:
+    def _acquire(self, framework: str, limits: WorkerLimits, lane: int = 0,
+                 threads: int | None = None) -> _Worker:
         framework = worker_kind(framework)
         env_key = _environment_key()
         with self._lock:
@@ -261,7 +274,8 @@ class WorkerPool:
                 raise WorkerError("the worker pool is shut down", stage="worker start")
             stale = [w for w in self._idle if w.env_key != env_key]
             self._idle = [w for w in self._idle if w.env_key == env_key]
-            found = next((w for w in self._idle if w.framework == framework), None)
+            found = next((w for w in self._idle if (w.framework, w.lane, w.threads) == (framework, lane, threads)),
+                         None)
             if found is not None:
                 self._idle.remove(found)
                 self._busy.append(found)
@@ -273,7 +287,7 @@ class WorkerPool:
         if found is not None:
             return found
         wdir = self.scratch / f"worker-{n}"
-        worker = _Worker(framework, wdir, self.scratch / f"worker-{n}.log")
+        worker = _Worker(framework, wdir, self.scratch / f"worker-{n}.log", lane, threads)
         with self._lock:
             self._busy.append(worker)
             self.started += 1
@@ -296,13 +310,16 @@ class WorkerPool:
     def call(self, *, kind: str, payload: Mapping[str, Any], framework: str, step: str,
              log: Path | None = None, work_dir: Path | None = None,
              timeout_s: float | None = None, limits: WorkerLimits | None = None,
-             ) -> tuple[dict[str, Any], float]:
+             lane: int = 0, threads: int | None = None) -> tuple[dict[str, Any], float]:
         """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
-        ``limits`` overrides the pool's for this job (memory cap, default timeout)."""
+        ``limits`` overrides the pool's for this job (memory cap, default timeout).
+        ``lane``: jobs of one lane share their workers, so that conversions running side
+        by side (``jobs=2``) keep their own warm workers; ``threads`` caps the worker's
+        numeric thread pools."""
         limits = limits or self.limits
         start = time.monotonic()
         try:
-            worker = self._acquire(framework, limits)
+            worker = self._acquire(framework, limits, lane, threads)
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
         healthy = False
@@ -369,15 +386,23 @@ class WorkerPool:
 
 @dataclass(frozen=True)
 class LimitedPool:
-    """A view of a pool that applies its own limits to every call (export and verify
-    share one pool, each with the limits it was given)."""
+    """A view of a pool that applies its own limits (and lane, and thread cap) to every
+    call: export and verify share one pool, each with the limits it was given."""
 
     pool: WorkerPool
     limits: WorkerLimits
+    lane: int = 0
+    threads: int | None = None
 
     def call(self, **kwargs: Any) -> tuple[dict[str, Any], float]:
         kwargs.setdefault("limits", self.limits)
+        kwargs.setdefault("lane", self.lane)
+        kwargs.setdefault("threads", self.threads)
         return self.pool.call(**kwargs)
+
+    def lane_view(self, lane: int, threads: int | None) -> LimitedPool:
+        """The same pool and limits, on its own lane of workers."""
+        return dataclasses.replace(self, lane=lane, threads=threads)
 
 
 #: what the pipeline calls jobs through: a pool, or a pool seen with its own limits.

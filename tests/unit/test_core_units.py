@@ -215,3 +215,17 @@ def test_reports_render(tmp_path: Path) -> None:
     root = ET.fromstring(to_junit(c))
     assert root.tag == "testsuite" and root.get("tests") == "1"
     assert "| tflite |" in render(c, "md")
+
+
+# -- lanes for jobs > 1 --------------------------------------------------------------------
+def test_lanes_keep_families_together_and_balance() -> None:
+    from portable_models.api import lanes
+
+    every = ["onnx", "torchscript", "executorch", "tflite", "coreml"]
+    assert lanes(every, 2) == [[0, 3], [1, 2, 4]]  # onnx before tflite, in one lane
+    assert lanes(every, 1) == [[0, 1, 2, 3, 4]]
+    assert lanes(["onnx", "tflite"], 2) == [[1], [0]]  # one family would leave a lane idle
+    assert lanes(["coreml"], 4) == [[0]]
+    plan = lanes([*every, "tflite", "coreml"], 3)  # fp16 twins join their family
+    assert sorted(i for lane in plan for i in lane) == list(range(7))
+    assert all(lane == sorted(lane) for lane in plan)

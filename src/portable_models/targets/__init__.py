@@ -51,7 +51,7 @@ ROUTES: tuple[RouteInfo, ...] = (
               requires=_TORCH_LITERT, runtime="litert",
               description="litert_torch.convert from the captured program"),
     RouteInfo(name="onnx2tf", target="tflite", source="torch",
-              impl="portable_models.targets.tflite:convert_onnx2tf",
+              impl="portable_models.targets.onnx2tf:convert_onnx2tf",
               requires=("torch", "onnx", "onnx2tf", "tensorflow", "tf-keras"), runtime="litert",
               framework="tf",
               description="the ONNX artifact through onnx2tf (NHWC inputs)"),
@@ -69,7 +69,7 @@ ROUTES: tuple[RouteInfo, ...] = (
               requires=("onnx",), runtime="onnxruntime", framework="none",
               description="the ONNX source itself, checked with onnxruntime"),
     RouteInfo(name="onnx-onnx2tf", target="tflite", source="onnx",
-              impl="portable_models.targets.tflite:convert_onnx2tf",
+              impl="portable_models.targets.onnx2tf:convert_onnx2tf",
               requires=("onnx", "onnx2tf", "tensorflow", "tf-keras", "onnxruntime"), runtime="litert",
               framework="tf", description="onnx2tf from the ONNX source (NHWC inputs)"),
     # -- from a captured Keras model (source/model.keras): TF-native routes first, then the
