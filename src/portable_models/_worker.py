@@ -100,6 +100,7 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
         "bench": jobs.bench_job,
         "ping": lambda payload: {"pid": os.getpid()},
         "test": jobs.test_job,
+        "warm": jobs.warm_job,
     }
     handler = handlers.get(job["kind"])
     if handler is None:

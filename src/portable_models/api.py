@@ -35,7 +35,7 @@ from portable_models.reports.table import render_table
 from portable_models.runtimes.base import COMPUTE_UNITS
 from portable_models.sources import Captured, framework_of
 from portable_models.targets import TARGETS, routes_for
-from portable_models.workers import Pool, WorkerLimits, shared_pool
+from portable_models.workers import LimitedPool, Pool, WorkerLimits, shared_pool
 
 __all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
 
@@ -180,11 +180,17 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
         raise UsageError(f"jobs={opts.jobs}", fix="use jobs >= 1")
     dest = Path(out)
     with Staging(dest, overwrite=opts.overwrite) as st:
+        pool = shared_pool(WorkerLimits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb))
+        warm = _WARM_MODULES.get(framework_of(model))
+        # the workers import torch and its export machinery while the model is captured
+        ready = (pool.prewarm("torch", warm, lanes=opts.jobs, threads=_lane_threads(opts.jobs))
+                 if warm else (lambda: None))
         with writing("the source and golden data", st.path):
             captured = _capture(model, example_inputs, opts, st.path / "source")
             golden.save_cases(st.path / "golden" / "inputs.npz", captured.golden_inputs)
             golden.save_cases(st.path / "golden" / "outputs.npz", captured.golden_outputs)
-        artifacts = _convert_all(captured, st.path, opts, targets, precisions, policy)
+        ready()  # (a failed capture does not wait: the warm-up ends on its own)
+        artifacts = _convert_all(pool, captured, st.path, opts, targets, precisions, policy)
         with writing("the bundle", st.path):
             shutil.rmtree(st.path / ".attempts", ignore_errors=True)
             contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name)
@@ -233,11 +239,19 @@ def lanes(targets: list[str], n: int) -> list[list[int]]:
     return [sorted(p) for p in plan if p]
 
 
-def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: list[str],
+#: what a worker imports ahead of its first job, per source framework.
+_WARM_MODULES = {"torch": ["torch", "torch.export", "torch._dynamo"]}
+
+
+def _lane_threads(jobs: int) -> int | None:
+    """Thread-pool size per lane: the cores split between the lanes (None: one lane)."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
+def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: ExportOptions, targets: list[str],
                  precisions: list[str], policy: TolerancePolicy) -> list[Artifact]:
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-"))
     try:
-        pool = shared_pool(WorkerLimits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb))
         ctx = TargetContext(pool=pool, root=root, source_framework=captured.framework,
                             source_file=captured.source_file, inputs=captured.inputs,
                             outputs=captured.outputs, dims=captured.dims,
@@ -261,7 +275,7 @@ def _convert_all(captured: Captured, root: Path, opts: ExportOptions, targets: l
             return [one(ctx, j) for j in jobs]
         # jobs > 1: each lane runs its targets in order, in workers of its own, with the
         # numeric libraries' thread pools split between the lanes (they share the cores)
-        threads = max(1, (os.cpu_count() or 1) // opts.jobs)
+        threads = _lane_threads(opts.jobs)
         results: list[Artifact | None] = [None] * len(jobs)
 
         def run_lane(lane: int, indices: list[int]) -> None:

@@ -19,7 +19,16 @@ from portable_models.golden import load_cases, save_cases
 from portable_models.iomap import IoMap
 from portable_models.spec import DimSpec, TensorSpec
 
-__all__ = ["convert_job", "run_job", "bench_job", "test_job"]
+__all__ = ["convert_job", "run_job", "bench_job", "test_job", "warm_job"]
+
+
+def warm_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Import what the coming jobs will need, while the caller is still capturing."""
+    import importlib
+
+    for name in payload.get("modules") or []:
+        importlib.import_module(str(name))
+    return {"pid": os.getpid()}
 
 
 def convert_job(payload: dict[str, Any]) -> dict[str, Any]:

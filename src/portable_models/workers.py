@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -399,6 +399,27 @@ class LimitedPool:
         kwargs.setdefault("lane", self.lane)
         kwargs.setdefault("threads", self.threads)
         return self.pool.call(**kwargs)
+
+    def prewarm(self, framework: str, modules: list[str], lanes: int = 1,
+                threads: int | None = None) -> Callable[[], None]:
+        """Start a worker per lane importing ``modules`` in the background (while the
+        caller captures the model); returns a function that waits until they are ready.
+        A worker that fails to warm up is replaced when a job needs it."""
+        views = [self] if lanes <= 1 else [self.lane_view(k, threads) for k in range(lanes)]
+        started = [threading.Thread(target=v._warm, args=(framework, modules), daemon=True) for v in views]
+        for t in started:
+            t.start()
+
+        def wait() -> None:
+            for t in started:
+                t.join()
+        return wait
+
+    def _warm(self, framework: str, modules: list[str]) -> None:
+        try:
+            self.call(kind="warm", payload={"modules": modules}, framework=framework, step="warm-up")
+        except JobFailed:
+            pass
 
     def lane_view(self, lane: int, threads: int | None) -> LimitedPool:
         """The same pool and limits, on its own lane of workers."""
