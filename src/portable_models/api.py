@@ -182,14 +182,12 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
     with Staging(dest, overwrite=opts.overwrite) as st:
         pool = shared_pool(WorkerLimits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb))
         warm = _WARM_MODULES.get(framework_of(model))
-        # the workers import torch and its export machinery while the model is captured
-        ready = (pool.prewarm("torch", warm, lanes=opts.jobs, threads=_lane_threads(opts.jobs))
-                 if warm else (lambda: None))
+        if warm:  # the workers import torch and its export machinery while the model is captured
+            pool.prewarm("torch", warm, lanes=opts.jobs, threads=_lane_threads(opts.jobs))
         with writing("the source and golden data", st.path):
             captured = _capture(model, example_inputs, opts, st.path / "source")
             golden.save_cases(st.path / "golden" / "inputs.npz", captured.golden_inputs)
             golden.save_cases(st.path / "golden" / "outputs.npz", captured.golden_outputs)
-        ready()  # (a failed capture does not wait: the warm-up ends on its own)
         artifacts = _convert_all(pool, captured, st.path, opts, targets, precisions, policy)
         with writing("the bundle", st.path):
             shutil.rmtree(st.path / ".attempts", ignore_errors=True)

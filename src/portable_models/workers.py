@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,10 +121,14 @@ def offline_env(scratch: Path, framework: str = "none", threads: int | None = No
     return env
 
 
+#: variables only the caller reads: changing them does not make a worker stale.
+_CALLER_ONLY_ENV = frozenset({"PORTABLE_MODELS_CAPTURE", IDLE_ENV})
+
+
 def _environment_key() -> int:
     """Workers see the caller's environment as it was when they started; one started
     under another environment is not reused."""
-    return hash(frozenset(os.environ.items()))
+    return hash(frozenset((k, v) for k, v in os.environ.items() if k not in _CALLER_ONLY_ENV))
 
 
 def _group_rss_mb(pid: int) -> float:
@@ -252,6 +256,7 @@ class WorkerPool:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _count: int = 0
     _reaper: threading.Thread | None = None
+    _warming: dict[tuple[str, int, int | None], threading.Event] = field(default_factory=dict)
     _closed: threading.Event = field(default_factory=threading.Event)
     started: int = 0
 
@@ -265,9 +270,37 @@ class WorkerPool:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    def warm_in_background(self, framework: str, modules: list[str], limits: WorkerLimits,
+                           lane: int = 0, threads: int | None = None) -> None:
+        """A worker of this kind and lane importing ``modules`` on a background thread;
+        jobs for that worker wait for it instead of starting another."""
+        key = (worker_kind(framework), lane, threads)
+        with self._lock:
+            if key in self._warming or self.closed:
+                return
+            done = self._warming[key] = threading.Event()
+
+        def warm() -> None:
+            try:
+                self.call(kind="warm", payload={"modules": modules}, framework=framework,
+                          step="warm-up", limits=limits, lane=lane, threads=threads, _warming=True)
+            except JobFailed:
+                pass  # replaced when a job needs it
+            finally:
+                with self._lock:
+                    self._warming.pop(key, None)
+                done.set()
+
+        threading.Thread(target=warm, name="portable-models-warm", daemon=True).start()
+
     def _acquire(self, framework: str, limits: WorkerLimits, lane: int = 0,
-                 threads: int | None = None) -> _Worker:
+                 threads: int | None = None, warming: bool = False) -> _Worker:
         framework = worker_kind(framework)
+        if not warming:
+            with self._lock:
+                pending = self._warming.get((framework, lane, threads))
+            if pending is not None:  # its worker is importing: wait rather than start another
+                pending.wait(120.0)
         env_key = _environment_key()
         with self._lock:
             if self.closed:
@@ -310,7 +343,8 @@ class WorkerPool:
     def call(self, *, kind: str, payload: Mapping[str, Any], framework: str, step: str,
              log: Path | None = None, work_dir: Path | None = None,
              timeout_s: float | None = None, limits: WorkerLimits | None = None,
-             lane: int = 0, threads: int | None = None) -> tuple[dict[str, Any], float]:
+             lane: int = 0, threads: int | None = None,
+             _warming: bool = False) -> tuple[dict[str, Any], float]:
         """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
         ``limits`` overrides the pool's for this job (memory cap, default timeout).
         ``lane``: jobs of one lane share their workers, so that conversions running side
@@ -319,7 +353,7 @@ class WorkerPool:
         limits = limits or self.limits
         start = time.monotonic()
         try:
-            worker = self._acquire(framework, limits, lane, threads)
+            worker = self._acquire(framework, limits, lane, threads, _warming)
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
         healthy = False
@@ -401,25 +435,12 @@ class LimitedPool:
         return self.pool.call(**kwargs)
 
     def prewarm(self, framework: str, modules: list[str], lanes: int = 1,
-                threads: int | None = None) -> Callable[[], None]:
-        """Start a worker per lane importing ``modules`` in the background (while the
-        caller captures the model); returns a function that waits until they are ready.
-        A worker that fails to warm up is replaced when a job needs it."""
-        views = [self] if lanes <= 1 else [self.lane_view(k, threads) for k in range(lanes)]
-        started = [threading.Thread(target=v._warm, args=(framework, modules), daemon=True) for v in views]
-        for t in started:
-            t.start()
-
-        def wait() -> None:
-            for t in started:
-                t.join()
-        return wait
-
-    def _warm(self, framework: str, modules: list[str]) -> None:
-        try:
-            self.call(kind="warm", payload={"modules": modules}, framework=framework, step="warm-up")
-        except JobFailed:
-            pass
+                threads: int | None = None) -> None:
+        """Start a worker per lane importing ``modules`` in the background, while the
+        caller captures the model. Nothing waits for it unless a job needs that lane's
+        worker (a fully cached export never does)."""
+        for view in [self] if lanes <= 1 else [self.lane_view(k, threads) for k in range(lanes)]:
+            self.pool.warm_in_background(framework, modules, view.limits, view.lane, view.threads)
 
     def lane_view(self, lane: int, threads: int | None) -> LimitedPool:
         """The same pool and limits, on its own lane of workers."""
