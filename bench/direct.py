@@ -4,7 +4,8 @@ bundle, replayed directly in this one process (no workers, no bundle writing).
     python bench/direct.py BUNDLE  ->  prints JSON {"capture_s", "convert_s", "runtime_s", "total_s"}
     python bench/direct.py BUNDLE --runtimes  ->  {"runtimes_cold_s"}: a fresh process that
         imports each runtime and loads and runs the bundle's own artifacts on the golden
-        cases (the floor of a cold `portable-models verify`)
+        cases (the floor of a cold `portable-models verify`; bench/run.py times the whole
+        process, start to exit, as it times the CLI)
 """
 
 from __future__ import annotations

@@ -153,7 +153,10 @@ def main() -> int:
         r["export_jobs2_s"], r["export_seq_best_s"] = min(par), min(seq)
         r["direct"] = direct = _direct(bundle.path)
         r["verify_cold_s"] = cold_verify_s(bundle.path)
+        # both cold floors are timed the same way: a whole fresh process, start to exit
+        start = time.perf_counter()
         direct.update(_direct(bundle.path, "--runtimes"))
+        direct["runtimes_cold_process_s"] = time.perf_counter() - start
         del torch
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -165,7 +168,7 @@ def main() -> int:
         "cached re-export, in-process capture / first export": (r["export_cached_inprocess_s"]
                                                                 / r["export_seq_s"], 0.05),
         "verify / runtimes' load+run (warm)": (r["verify_s"] / max(direct["runtime_s"], 1e-9), 1.2),
-        "verify CLI / runtimes' import+load+run (cold)": (r["verify_cold_s"] / direct["runtimes_cold_s"], 1.2),
+        "verify CLI / runtimes' import+load+run (cold)": (r["verify_cold_s"] / direct["runtimes_cold_process_s"], 1.2),
     }
     r["ratios"] = {k: {"value": round(v, 3), "target": t, "met": v <= t} for k, (v, t) in ratios.items()}
     (RESULTS / "bench.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
@@ -180,7 +183,7 @@ def main() -> int:
               f"{r['verify_cold_s']:.1f} s), jobs=2 {r['export_jobs2_s']:.1f} s, cached {r['export_cached_s']:.2f} s "
               f"(in-process capture: {r['export_cached_inprocess_s']:.2f} s); "
               f"direct: capture {direct['capture_s']:.1f} s, convert {direct['convert_s']:.1f} s, runtimes "
-              f"{direct['runtime_s']:.2f} s (cold, with imports: {direct['runtimes_cold_s']:.1f} s)"]
+              f"{direct['runtime_s']:.2f} s (cold process, with imports: {direct['runtimes_cold_process_s']:.1f} s)"]
     (RESULTS / "bench.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return 0
