@@ -15,9 +15,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from portable_models.contract import load_contract
+from portable_models.contract import Contract, load_contract
 from portable_models.golden import load_cases
+from portable_models.iomap import IoMap
 from portable_models.pipeline import checking_runtime, runner_options
 from portable_models.runtimes import runtime_info
 from portable_models.runtimes.base import RunnerOptions
@@ -69,20 +71,24 @@ def replay(bundle: Path) -> dict[str, float]:
                 convert += time.perf_counter() - start
                 if info.target == "onnx":
                     prior["onnx"] = job.out_dir / result.file
-                runtime += _run(info.runtime, job.out_dir / result.file, result, contract, cases, art.precision)
+                fixed = result.meta.get("dynamic") is False
+                runtime += _run(info.runtime, job.out_dir / result.file, result.io, fixed, contract, cases,
+                                art.precision)
     return {"convert_s": convert, "runtime_s": runtime}
 
 
-def _run(runtime: str, path: Path, result: object, contract: object, cases: list, precision: str) -> float:
+def _run(runtime: str, path: Path, io: IoMap, fixed: bool, contract: Contract, cases: list[dict[str, Any]],
+         precision: str) -> float:
+    """Load and run one artifact on the golden cases (those of case 0's shape when ``fixed``)
+    with the runtime that checks it (Core ML off macOS: its runner, then the MIL reference)."""
     names = [checking_runtime(runtime)] if checking_runtime(runtime) == runtime else [runtime, checking_runtime(runtime)]
     total = 0.0
-    opts = RunnerOptions(extra=runner_options(contract.inputs, contract.outputs, contract.dims, precision))  # type: ignore[attr-defined]
-    fixed = getattr(result, "meta", {}).get("dynamic") is False
+    opts = RunnerOptions(extra=runner_options(contract.inputs, contract.outputs, contract.dims, precision))
     for name in names:
         cls = load_impl(runtime_info(name).impl)
         start = time.perf_counter()
         try:
-            with cls(path, result.io, opts) as runner:  # type: ignore[attr-defined]
+            with cls(path, io, opts) as runner:
                 for case in (cases[::2] if fixed else cases):
                     runner.run(case)
         except Exception:
@@ -99,8 +105,8 @@ def runtimes_only(bundle: Path) -> float:
     for art in contract.artifacts:
         if art.file is None or art.io is None or art.runtime is None:
             continue
-        result = type("R", (), {"io": art.io, "meta": {"dynamic": not art.meta.get("fixed_shape")}})()
-        _run(art.runtime, bundle / art.file, result, contract, cases, art.precision)
+        _run(art.runtime, bundle / art.file, art.io, bool(art.meta.get("fixed_shape")), contract, cases,
+             art.precision)
     return time.perf_counter() - start
 
 

@@ -188,7 +188,7 @@ class _RunJob:
                                        timeout_s=self.timeout_s)
         except JobFailed as failed:
             status = "unverified" if isinstance(failed.error, UnverifiedError) else "error"
-            record: dict[str, Any] = {"status": status, "runtime": runtime,
+            record: dict[str, Any] = {"status": status, "runtime": runtime, "checker": runtime,
                                       "stage": failed.error.stage or f"run:{runtime}",
                                       "error": _error_dict(failed.error)}
             if isinstance(failed.error, UnverifiedError):

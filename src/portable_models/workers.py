@@ -454,7 +454,7 @@ _SHARED: WorkerPool | None = None
 _SHARED_LOCK = threading.Lock()
 
 
-def _idle_seconds() -> float | None:
+def _idle_seconds() -> float:
     raw = os.environ.get(IDLE_ENV, "").strip()
     if not raw:
         return DEFAULT_IDLE_S
@@ -472,7 +472,6 @@ def shared_pool(limits: WorkerLimits | None = None) -> LimitedPool:
         if _SHARED is None or _SHARED.closed:
             scratch = Path(tempfile.mkdtemp(prefix="portable-models-workers-"))
             _SHARED = WorkerPool(scratch=scratch, idle_s=_idle_seconds(), owns_scratch=True)
-            atexit.register(shutdown_workers)
         return _SHARED.with_limits(limits or WorkerLimits())
 
 
@@ -483,3 +482,6 @@ def shutdown_workers() -> None:
         pool, _SHARED = _SHARED, None
     if pool is not None:
         pool.close()
+
+
+atexit.register(shutdown_workers)  # a no-op when no shared pool was started

@@ -217,15 +217,20 @@ def _channel(v: Any, ndim: int) -> np.ndarray:
     return np.asarray(v, np.float64).reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _scale_shift(y: np.ndarray, args: Args) -> np.ndarray:
+    """The optional per-channel ``gamma`` scale and ``beta`` shift of the norm ops."""
+    if args.get("gamma") is not None:
+        y = y * _channel(args["gamma"], y.ndim)
+    if args.get("beta") is not None:
+        y = y + _channel(args["beta"], y.ndim)
+    return y
+
+
 def batch_norm(op: Any, args: Args) -> np.ndarray:
     x = np.asarray(args["x"], np.float64)
     eps = float(args.get("epsilon", 1e-5))
-    y = (x - _channel(args["mean"], x.ndim)) / np.sqrt(_channel(args["variance"], x.ndim) + eps)
-    if args.get("gamma") is not None:
-        y = y * _channel(args["gamma"], x.ndim)
-    if args.get("beta") is not None:
-        y = y + _channel(args["beta"], x.ndim)
-    return y
+    return _scale_shift((x - _channel(args["mean"], x.ndim)) / np.sqrt(_channel(args["variance"], x.ndim) + eps),
+                        args)
 
 
 def instance_norm(op: Any, args: Args) -> np.ndarray:
@@ -233,12 +238,7 @@ def instance_norm(op: Any, args: Args) -> np.ndarray:
     axes = tuple(range(2, x.ndim))
     mean = x.mean(axis=axes, keepdims=True)
     var = np.square(x - mean).mean(axis=axes, keepdims=True)
-    y = (x - mean) / np.sqrt(var + float(args.get("epsilon", 1e-5)))
-    if args.get("gamma") is not None:
-        y = y * _channel(args["gamma"], x.ndim)
-    if args.get("beta") is not None:
-        y = y + _channel(args["beta"], x.ndim)
-    return y
+    return _scale_shift((x - mean) / np.sqrt(var + float(args.get("epsilon", 1e-5))), args)
 
 
 def local_response_norm(op: Any, args: Args) -> np.ndarray:
