@@ -73,27 +73,31 @@ def replay(bundle: Path) -> dict[str, float]:
                     prior["onnx"] = job.out_dir / result.file
                 fixed = result.meta.get("dynamic") is False
                 runtime += _run(info.runtime, job.out_dir / result.file, result.io, fixed, contract, cases,
-                                art.precision)
+                                art.precision, tries=3)
     return {"convert_s": convert, "runtime_s": runtime}
 
 
 def _run(runtime: str, path: Path, io: IoMap, fixed: bool, contract: Contract, cases: list[dict[str, Any]],
-         precision: str) -> float:
+         precision: str, tries: int = 1) -> float:
     """Load and run one artifact on the golden cases (those of case 0's shape when ``fixed``)
-    with the runtime that checks it (Core ML off macOS: its runner, then the MIL reference)."""
+    with the runtime that checks it (Core ML off macOS: its runner, then the MIL reference);
+    the best of ``tries`` passes."""
     names = [checking_runtime(runtime)] if checking_runtime(runtime) == runtime else [runtime, checking_runtime(runtime)]
     total = 0.0
     opts = RunnerOptions(extra=runner_options(contract.inputs, contract.outputs, contract.dims, precision))
     for name in names:
         cls = load_impl(runtime_info(name).impl)
-        start = time.perf_counter()
-        try:
-            with cls(path, io, opts) as runner:
-                for case in (cases[::2] if fixed else cases):
-                    runner.run(case)
-        except Exception:
-            pass
-        total += time.perf_counter() - start
+        best = float("inf")
+        for _ in range(tries):
+            start = time.perf_counter()
+            try:
+                with cls(path, io, opts) as runner:
+                    for case in (cases[::2] if fixed else cases):
+                        runner.run(case)
+            except Exception:
+                pass
+            best = min(best, time.perf_counter() - start)
+        total += best
     return total
 
 

@@ -27,7 +27,8 @@ from typing import Any
 from portable_models._version import __version__
 from portable_models.targets.base import package_version
 
-__all__ = ["CACHE_ENV", "cache_root", "content_digest", "attempt_key", "load", "store", "UNCACHED_CODES"]
+__all__ = ["CACHE_ENV", "cache_root", "content_digest", "attempt_key", "load", "store", "discard",
+           "UNCACHED_CODES"]
 
 CACHE_ENV = "PORTABLE_MODELS_CACHE"
 #: error codes that say nothing about the inputs: never cached.
@@ -91,6 +92,17 @@ def load(key: str, dest: Path) -> dict[str, Any] | None:
         return data
     except (OSError, ValueError):
         return None  # a damaged entry is a miss
+
+
+def discard(key: str) -> None:
+    """Remove a stored outcome (a damaged one), so that the next store can take its place."""
+    entry = cache_root() / key[:2] / key
+    trash = entry.with_name(f".{key}.discarded.{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(entry, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def store(key: str, record: dict[str, Any], artifact_dir: Path | None) -> None:

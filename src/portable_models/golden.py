@@ -8,6 +8,7 @@ cover at least two different sizes of each (when the bounds allow it).
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "case_sizes",
     "make_inputs",
     "save_cases",
+    "cases_digest",
     "load_cases",
     "check_outputs",
     "draw",
@@ -93,8 +95,9 @@ def make_inputs(
     return out
 
 
-def save_cases(path: Path, cases: Sequence[Mapping[str, np.ndarray]]) -> None:
-    """Write cases as ``<case>/<name>`` arrays into one compressed ``.npz`` (no pickle)."""
+def save_cases(path: Path, cases: Sequence[Mapping[str, np.ndarray]], *, compress: bool = True) -> None:
+    """Write cases as ``<case>/<name>`` arrays into one ``.npz`` (no pickle), compressed unless
+    ``compress=False`` (scratch files passed between processes, read once)."""
     arrays: dict[str, np.ndarray] = {}
     for i, case in enumerate(cases):
         for name, arr in case.items():
@@ -104,7 +107,18 @@ def save_cases(path: Path, cases: Sequence[Mapping[str, np.ndarray]]) -> None:
             arrays[f"{i}/{name}"] = a
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+        (np.savez_compressed if compress else np.savez)(fh, **arrays)  # type: ignore[arg-type]
+
+
+def cases_digest(cases: Sequence[Mapping[str, np.ndarray]]) -> str:
+    """sha256 of cases by content: names, dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for i, case in enumerate(cases):
+        for name, arr in case.items():
+            a = np.ascontiguousarray(arr)
+            h.update(f"{i}/{name}:{a.dtype.str}:{a.shape}\0".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _check_archive(path: Path) -> None:

@@ -93,7 +93,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             outputs.append(runner.run(case))
             run_ms.append((time.perf_counter() - start) * 1000)
         load_s = runner.load_s
-    save_cases(Path(payload["out"]), outputs)
+    save_cases(Path(payload["out"]), outputs, compress=False)
     return {"load_s": load_s, "run_ms": run_ms, "runtime": cls.runtime_name(),
             "label": cls.label or cls.runtime_name()}
 

@@ -110,7 +110,7 @@ def _subset(golden_inputs: Path, indices: Sequence[int], work_dir: Path) -> Path
 
     cases = load_cases(golden_inputs)
     path = work_dir / "golden-subset.npz"
-    save_cases(path, [cases[i] for i in indices])
+    save_cases(path, [cases[i] for i in indices], compress=False)
     return path
 
 

@@ -36,6 +36,8 @@ class CaptureOptions:
     seed: int = 0
     #: allow loading that can run code (Keras Lambda layers) — the caller's explicit opt-in.
     trust_model: bool = False
+    #: reuse an earlier capture of the unchanged model (see :mod:`.fingerprint`).
+    cache: bool = True
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -250,6 +252,12 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
     _check_deterministic(model, in_specs, cases[0], outputs[0], opts.output_names)
     golden.check_outputs(outputs, out_names)
     dynamic_shapes = _dynamic_shapes(names, args, axes, dims)
+    key, how = _capture_key(model, opts, in_specs, dims, out_names, cases, outputs)
+    meta = {"samples": "user" if opts.samples else "example+random", "capture_cache": how}
+    if key is not None and (out_specs := _cached_capture(key, source_dir)) is not None:
+        return Captured(framework="torch", version=package_version("torch") or torch.__version__,
+                        source_file=source_dir / "model.pt2", inputs=in_specs, outputs=out_specs, dims=dims,
+                        golden_inputs=cases, golden_outputs=outputs, meta={**meta, "capture_cache": "hit"})
     try:
         exportable = model
         if isinstance(model, torch.jit.ScriptModule):  # a TorchScript source: to a program first
@@ -264,9 +272,54 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
     source_dir.mkdir(parents=True, exist_ok=True)
     path = source_dir / "model.pt2"
     torch.export.save(ep, str(path))
+    out_specs = _output_specs(ep, out_names, outputs[0], in_specs, axes)
+    if key is not None:
+        from portable_models import cache
+        from portable_models.bundle import sha256_path
+
+        cache.store(key, {"outputs": [s.to_dict() for s in out_specs], "sha256": sha256_path(path)}, source_dir)
     return Captured(
         framework="torch", version=package_version("torch") or torch.__version__, source_file=path,
-        inputs=in_specs, outputs=_output_specs(ep, out_names, outputs[0], in_specs, axes), dims=dims,
-        golden_inputs=cases, golden_outputs=outputs,
-        meta={"samples": "user" if opts.samples else "example+random"},
+        inputs=in_specs, outputs=out_specs, dims=dims, golden_inputs=cases, golden_outputs=outputs, meta=meta,
     )
+
+
+def _capture_key(model: Any, opts: CaptureOptions, in_specs: list[TensorSpec], dims: dict[str, DimSpec],
+                 out_names: list[str], cases: golden.Cases, outputs: golden.Cases) -> tuple[str | None, str]:
+    """The capture cache's key (None when it is off or the model cannot be fingerprinted) and
+    what became of it: the key covers the model's fingerprint, the golden inputs and the
+    reference outputs just computed from them, the specs and the versions."""
+    if not opts.cache:
+        return None, "off"
+    from portable_models import cache
+    from portable_models.sources.fingerprint import Unfingerprintable, model_fingerprint
+
+    try:
+        fingerprint = model_fingerprint(model)
+    except Unfingerprintable as exc:
+        return None, f"not used: {exc}"
+    parts = {"capture": "torch.export(strict=False)", "model": fingerprint,
+             "inputs": [s.to_dict() for s in in_specs], "dims": {k: d.to_dict() for k, d in dims.items()},
+             "outputs": out_names, "golden_inputs": golden.cases_digest(cases),
+             "golden_outputs": golden.cases_digest(outputs)}
+    return cache.attempt_key(parts=parts, packages=("torch",)), "miss"
+
+
+def _cached_capture(key: str, source_dir: Path) -> list[TensorSpec] | None:
+    """The output specs of a stored capture, its ``model.pt2`` copied into ``source_dir``;
+    None on a miss (a damaged entry is one)."""
+    from portable_models import cache
+    from portable_models.bundle import sha256_path
+
+    record = cache.load(key, source_dir)
+    if record is None:
+        return None
+    path = source_dir / "model.pt2"
+    try:
+        if sha256_path(path) == record["sha256"]:
+            return [TensorSpec.from_dict(d) for d in record["outputs"]]
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    path.unlink(missing_ok=True)
+    cache.discard(key)
+    return None
