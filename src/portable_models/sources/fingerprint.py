@@ -83,11 +83,13 @@ def _library(modname: str) -> str | None:
     top = modname.partition(".")[0]
     if top in sys.builtin_module_names or top in sys.stdlib_module_names:
         return f"{top} (stdlib)"
-    package = sys.modules.get(top)
-    path = str(getattr(package, "__file__", "") or "")
+    package, module = sys.modules.get(top), sys.modules.get(modname)
+    # a namespace package (google.protobuf) has no file of its own: its module's, or its path
+    path = str(getattr(package, "__file__", None) or getattr(module, "__file__", None)
+               or next(iter(getattr(package, "__path__", None) or []), ""))
     if package is None or not any(part in path for part in ("site-packages", "dist-packages")):
         return None
-    file = getattr(sys.modules.get(modname), "__file__", None) or path
+    file = getattr(module, "__file__", None) or path
     try:
         st = os.stat(file)
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
@@ -110,6 +112,11 @@ class _Hasher:
         for p in parts:
             data = p if isinstance(p, bytes) else str(p).encode()
             self._h.update(len(data).to_bytes(8, "little") + data)
+
+    def buffer(self, arr: np.ndarray) -> None:
+        """A contiguous array's bytes, without a copy (weights can be gigabytes)."""
+        self._h.update(arr.nbytes.to_bytes(8, "little"))
+        self._h.update(arr.reshape(-1).view(np.uint8).data)
 
     def _once(self, obj: Any) -> bool:
         """True the first time ``obj`` is met; later meetings feed a back-reference."""
@@ -142,7 +149,8 @@ class _Hasher:
         elif isinstance(v, np.ndarray):
             if v.dtype.hasobject:
                 raise Unfingerprintable(f"{where}: a numpy array of Python objects")
-            self.feed("ndarray", v.dtype.str, v.shape, np.ascontiguousarray(v).tobytes())
+            self.feed("ndarray", v.dtype.str, v.shape)
+            self.buffer(np.ascontiguousarray(v))
         elif isinstance(v, np.generic):
             self.feed("np", v.dtype.str, repr(v))
         elif isinstance(v, (list, tuple)):
@@ -220,8 +228,8 @@ class _Hasher:
                 or t.is_quantized or t.device.type == "meta":
             raise Unfingerprintable(f"{where} is a {type(t).__name__} ({t.layout}, {t.device.type})")
         data = t.detach().cpu().contiguous().reshape(-1)
-        self.feed("tensor", t.dtype, tuple(t.shape), t.requires_grad,
-                  data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self.feed("tensor", t.dtype, tuple(t.shape), t.requires_grad)
+        self.buffer(data.view(torch.uint8).numpy() if data.numel() else np.zeros(0, np.uint8))
 
     def module(self, m: Any, where: str) -> None:
         if not self._once(m):
