@@ -173,3 +173,86 @@ def test_tied_weights_and_shared_modules_hash_once() -> None:
     model = Scaled().eval()
     model.again = model.lin  # the same module twice: a back-reference, not a second walk
     assert _fp(model) == _fp(model)
+
+
+def test_library_code_patched_with_the_users_is_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch layer's method replaced by the user's function (fx sees only the layer's call)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    base = _fp(model)
+    monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: torch.clamp(x, min=0))
+    assert _fp(model) != base
+
+
+@pytest.mark.usefixtures("code_only")
+def test_a_wrapper_posing_as_a_library_function_is_hashed() -> None:
+    """functools.wraps copies torch's __module__ onto the user's wrapper: judged by its file."""
+    import functools
+
+    def make(factor: float) -> type:
+        @functools.wraps(torch.nn.functional.gelu)
+        def act(x: Any) -> Any:
+            return torch.nn.functional.gelu(x) * factor
+        return _define("return act(self.lin(x))", {"act": act})
+
+    assert _fp(make(2.0)().eval()) != _fp(make(3.0)().eval())
+
+
+@pytest.mark.usefixtures("code_only")
+def test_a_module_imported_inside_forward_is_hashed_by_its_source(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pm_fp_helpers.py").write_text("def act(x):\n    return x.clamp(min=0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pm_fp_helpers  # noqa: F401 - in sys.modules, as after the first forward()
+
+    net = _define("from pm_fp_helpers import act\n        return act(self.lin(x))")
+    base = _fp(net().eval())
+    (tmp_path / "pm_fp_helpers.py").write_text("def act(x):\n    return x.clamp(min=-1)\n")
+    assert _fp(net().eval()) != base
+    monkeypatch.delitem(sys.modules, "pm_fp_helpers")
+
+
+def test_rebuilt_models_with_hooks_hash_alike() -> None:
+    """Hook dicts are keyed by a process-wide counter: only their functions count."""
+    def hook(mod: Any, inp: Any, out: Any) -> Any:
+        return out
+
+    a, b = Scaled().eval(), Scaled().eval()
+    a.lin.register_forward_hook(hook)
+    b.lin.register_forward_hook(hook)
+    assert _fp(a) == _fp(b)
+
+
+def test_odd_state_is_hashed_or_refused_never_crashes() -> None:
+    model = Scaled().eval()
+    model.register_buffer("z", torch.randn(3, dtype=torch.cfloat).conj())
+    base = _fp(model)
+    with torch.no_grad():
+        model.z.imag.neg_()
+    assert _fp(model) != base  # the conjugate view's bytes, resolved
+
+    @dataclasses.dataclass
+    class Partial:
+        n: int = dataclasses.field(init=False)
+
+    model.cfg = Partial()
+    _fp(model)  # an unset field is an unset attribute: hashed as absent
+    model.cfg.extra = 1  # set on the instance, not a declared field
+    first = _fp(model)
+    model.cfg.extra = 2
+    assert _fp(model) != first
+
+
+def test_the_fx_trace_leaves_the_model_as_it_was() -> None:
+    net = _define("self.last = x.sum()\n        return self.lin(x)")().eval()
+    _fp(net)
+    assert "last" not in vars(net)
+
+
+def test_torch_settings_are_part_of_it() -> None:
+    model = Scaled().eval()
+    base = _fp(model)
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert _fp(model) != base
+    finally:
+        torch.set_default_dtype(torch.float32)

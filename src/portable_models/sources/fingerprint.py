@@ -25,7 +25,6 @@ model is then captured every time, which is slower and never wrong.
 
 from __future__ import annotations
 
-import dataclasses
 import dis
 import enum
 import functools
@@ -34,6 +33,7 @@ import logging
 import os
 import re
 import sys
+import sysconfig
 import types
 import weakref
 from typing import Any
@@ -75,27 +75,51 @@ class Unfingerprintable(Exception):
     """The model holds something that cannot be hashed by content (the message says what)."""
 
 
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"])
+
+
+def _library_file(path: str) -> str | None:
+    """'stdlib' or 'site' for a file of the standard library or an installed package, else None."""
+    if path.startswith("<frozen"):
+        return "stdlib"
+    real = os.path.realpath(path)
+    if "site-packages" in real or "dist-packages" in real:
+        return "site"
+    return "stdlib" if real.startswith(_STDLIB + os.sep) else None
+
+
 @functools.cache
 def _library(modname: str) -> str | None:
-    """A tag naming an installed library's module (its package version, and the size and time
-    of the module's file, which a reinstall changes even where the version stays), else None:
-    the module is the user's code, hashed by content."""
+    """A tag naming a module of the standard library or of an installed library (its package
+    version, and the size and time of the module's file, which a reinstall changes even where
+    the version stays), else None: the module is the user's code, hashed by content. Judged by
+    where the module's file lies, so that a user's module named like a stdlib one is user code."""
     top = modname.partition(".")[0]
-    if top in sys.builtin_module_names or top in sys.stdlib_module_names:
-        return f"{top} (stdlib)"
-    package, module = sys.modules.get(top), sys.modules.get(modname)
+    module, package = sys.modules.get(modname), sys.modules.get(top)
     # a namespace package (google.protobuf) has no file of its own: its module's, or its path
-    path = str(getattr(package, "__file__", None) or getattr(module, "__file__", None)
-               or next(iter(getattr(package, "__path__", None) or []), ""))
-    if package is None or not any(part in path for part in ("site-packages", "dist-packages")):
+    file = getattr(module, "__file__", None) or getattr(package, "__file__", None) \
+        or next(iter(getattr(package, "__path__", None) or []), None)
+    if file is None:
+        builtin = modname in sys.builtin_module_names or top in sys.builtin_module_names \
+            or (module is not None and top in sys.stdlib_module_names)
+        return f"{modname} (built in)" if builtin else None
+    kind = _library_file(str(file))
+    if kind is None:
         return None
-    file = getattr(module, "__file__", None) or path
+    if kind == "stdlib":
+        return f"{modname} (stdlib)"
     try:
-        st = os.stat(file)
+        st = os.stat(str(file))
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         stamp = "?"
     return f"{top}=={getattr(package, '__version__', '?')} {modname} {stamp}"
+
+
+def _user_code(fn: types.FunctionType) -> bool:
+    """Whether a function is the user's (hashed by its code): judged by the file its code comes
+    from, not ``__module__`` (functools.wraps copies a library function's onto a user's wrapper)."""
+    return _library_file(fn.__code__.co_filename) is None
 
 
 class _Hasher:
@@ -153,23 +177,15 @@ class _Hasher:
             self.buffer(np.ascontiguousarray(v))
         elif isinstance(v, np.generic):
             self.feed("np", v.dtype.str, repr(v))
-        elif isinstance(v, (list, tuple)):
-            self.feed(type(v).__name__, len(v))
-            for i, item in enumerate(v):
-                self.value(item, f"{where}[{i}]")
-        elif isinstance(v, dict):
-            self.feed(type(v).__name__, len(v))
-            for k, item in v.items():
-                self.value(k, f"{where} key")
-                self.value(item, f"{where}[{k!r}]")
-        elif isinstance(v, (set, frozenset)):
-            self.feed(type(v).__name__, sorted(repr(x) for x in v))
+        elif isinstance(v, (list, tuple, dict, set, frozenset)):
+            if self._once(v):
+                self.container(v, where)
         elif isinstance(v, enum.Enum):
             self.feed("enum", type(v).__module__, type(v).__qualname__, v.name)
         elif isinstance(v, weakref.ref):
             self.feed("weakref")  # derived state (LSTM keeps weak references to its weights)
         elif isinstance(v, types.ModuleType):
-            self.feed("module", v.__name__, _library(v.__name__) or "")
+            self.module_object(v)
         elif isinstance(v, torch.nn.Module):
             self.module(v, where)
         elif isinstance(v, type):
@@ -202,11 +218,6 @@ class _Hasher:
             self.feed("logger", v.name)
         elif isinstance(v, re.Pattern):
             self.feed("pattern", v.pattern, v.flags)
-        elif dataclasses.is_dataclass(v):
-            if self._once(v):
-                self.klass(type(v), where)
-                for f in dataclasses.fields(v):
-                    self.value(getattr(v, f.name), f"{where}.{f.name}")
         elif hasattr(v, "__dict__") or _slots(type(v)):  # a plain Python object: its class and its state
             if self._once(v):
                 self.klass(type(v), where)
@@ -218,6 +229,37 @@ class _Hasher:
             raise Unfingerprintable(f"{where} is a {type(v).__module__}.{type(v).__qualname__}, "
                                     "which cannot be hashed by content")
 
+    def container(self, v: Any, where: str) -> None:
+        self.feed("container", type(v).__module__, type(v).__qualname__, len(v))
+        if isinstance(v, (set, frozenset)):  # no order of its own: elements by their own digests
+            digests = []
+            for item in v:
+                sub = _Hasher()
+                sub.value(item, f"{where} element")
+                digests.append(sub.digest())
+            self.feed(*sorted(digests))
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                self.value(k, f"{where} key")
+                self.value(item, f"{where}[{k!r}]")
+            self.value(getattr(v, "default_factory", None), f"{where} default_factory")
+        else:
+            for i, item in enumerate(v):
+                self.value(item, f"{where}[{i}]")
+        if type(v) not in (list, tuple, dict, set, frozenset):  # a subclass: its own state too
+            self.value(dict(getattr(v, "__dict__", {})), where)
+
+    def module_object(self, mod: types.ModuleType) -> None:
+        """A module: a library's by name and version; the user's by its source file's bytes."""
+        lib = _library(mod.__name__)
+        self.feed("module", mod.__name__, lib or "")
+        if lib is not None or not self._once(mod):
+            return
+        file = getattr(mod, "__file__", None)
+        if file and os.path.isfile(file):
+            with open(file, "rb") as fh:
+                self.feed(fh.read())
+
     def tensor(self, t: Any, where: str) -> None:
         import torch
 
@@ -227,7 +269,7 @@ class _Hasher:
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided \
                 or t.is_quantized or t.device.type == "meta":
             raise Unfingerprintable(f"{where} is a {type(t).__name__} ({t.layout}, {t.device.type})")
-        data = t.detach().cpu().contiguous().reshape(-1)
+        data = t.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
         self.feed("tensor", t.dtype, tuple(t.shape), t.requires_grad)
         self.buffer(data.view(torch.uint8).numpy() if data.numel() else np.zeros(0, np.uint8))
 
@@ -243,6 +285,8 @@ class _Hasher:
                 for name, sub in v.items():
                     self.feed(name)
                     self.value(sub, f"{where}.{name}" if where else name)
+            elif "hooks" in key and isinstance(v, dict):  # keyed by a process-wide counter: values only
+                self.value(list(v.values()), f"{where}.{key}" if where else key)
             else:
                 self.value(v, f"{where}.{key}" if where else key)
 
@@ -250,6 +294,12 @@ class _Hasher:
         lib = _library(cls.__module__)
         if lib is not None or cls.__module__ == "builtins":
             self.feed("class", cls.__module__, cls.__qualname__, lib or "")
+            for base in cls.__mro__:  # a library class patched with the user's code (nn.ReLU.forward = f)
+                for name, attr in list(vars(base).items()):
+                    fn = getattr(attr, "__func__", attr)
+                    if isinstance(fn, types.FunctionType) and _user_code(fn):
+                        self.feed("patched", base.__qualname__, name)
+                        self.value(fn, f"{base.__qualname__}.{name}")
             return
         if not self._once(cls):
             return
@@ -262,9 +312,8 @@ class _Hasher:
                 self.value(cls.__dict__[name], f"{cls.__qualname__}.{name}")
 
     def function(self, fn: types.FunctionType, where: str) -> None:
-        lib = _library(fn.__module__ or "")
-        if lib is not None:
-            self.feed("function", fn.__module__, fn.__qualname__, lib)
+        if not _user_code(fn):
+            self.feed("function", fn.__module__, fn.__qualname__, _library(fn.__module__ or "") or fn.__code__.co_filename)
             return
         if not self._once(fn):
             return
@@ -290,7 +339,12 @@ class _Hasher:
                 self.code(const, globs, label)
             else:
                 self.value(const, f"{label} constant")
-        used = sorted({i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_LOADS})
+        instructions = list(dis.get_instructions(code))
+        for name in sorted({str(i.argval) for i in instructions if i.opname == "IMPORT_NAME"}):
+            imported = sys.modules.get(name)  # `from helpers import act` inside a function
+            if imported is not None:
+                self.module_object(imported)
+        used = sorted({i.argval for i in instructions if i.opname in _GLOBAL_LOADS})
         for name in used:
             if name not in globs:
                 continue  # a builtin, or not defined yet
@@ -317,21 +371,62 @@ def model_fingerprint(model: Any) -> str:
         from torch.nn.modules import module as nn_module
 
         for hooks in ("_global_forward_hooks", "_global_forward_pre_hooks"):
-            h.value(dict(getattr(nn_module, hooks, {})), hooks)
+            h.value(list(getattr(nn_module, hooks, {}).values()), hooks)
+        h.feed("torch settings", *_torch_settings())
         h.feed("fx", _fx_code(model, h))
     except RecursionError:
         raise Unfingerprintable("the model's objects are nested too deeply") from None
+    except Unfingerprintable:
+        raise
+    except Exception as exc:  # an object that breaks the walk: capture every time, saying why
+        raise Unfingerprintable(f"{type(exc).__name__} while hashing the model: {exc}") from exc
     return h.digest()
+
+
+#: torch's configuration modules that change what torch.export makes of the same code.
+_CONFIGS = ("torch._dynamo.config", "torch.fx.experimental._config", "torch._export.config",
+            "torch._functorch.config")
+
+
+def _torch_settings() -> list[str]:
+    """Global torch settings an export depends on. Configuration modules count only once
+    imported: one that is not was never changed, so its defaults hold."""
+    import torch
+
+    settings = [f"grad={torch.is_grad_enabled()}", f"dtype={torch.get_default_dtype()}",
+                f"mha_fastpath={torch.backends.mha.get_fastpath_enabled()}"]
+    for name in _CONFIGS:
+        config = sys.modules.get(name)
+        copy = getattr(config, "get_config_copy", None)
+        settings.append(f"{name}: {sorted((k, _stable_repr(v)) for k, v in copy().items()) if copy else 'defaults'}")
+    return settings
+
+
+def _stable_repr(v: Any) -> str:
+    """repr with sets and dicts in a sorted order (string hashing varies between processes)."""
+    if isinstance(v, (set, frozenset)):
+        return "{" + ", ".join(sorted(_stable_repr(x) for x in v)) + "}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(sorted(f"{_stable_repr(k)}: {_stable_repr(x)}" for k, x in v.items())) + "}"
+    if isinstance(v, (list, tuple)):
+        return type(v).__name__ + "(" + ", ".join(_stable_repr(x) for x in v) + ")"
+    return repr(v)
 
 
 def _fx_code(model: Any, h: _Hasher) -> str:
     """The fx graph of forward() as code (constants baked in), or why it has none."""
     import torch
 
+    # forward() runs on fx proxies: what it stores on the modules is put back afterwards
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as exc:  # data-dependent control flow and the like: the other parts still hold
         return f"untraceable: {type(exc).__name__}"
+    finally:
+        for m, state in saved:
+            m.__dict__.clear()
+            m.__dict__.update(state)
     for name, v in vars(gm).items():
         if name.startswith("_tensor_constant"):
             h.tensor(v, f"fx constant {name}")
