@@ -6,11 +6,13 @@ bundle, replayed directly in this one process (no workers, no bundle writing).
         imports each runtime and loads and runs the bundle's own artifacts on the golden
         cases (the floor of a cold `portable-models verify`; bench/run.py times the whole
         process, start to exit, as it times the CLI)
-    python bench/direct.py BUNDLE --runtimes-warm  ->  {"runtimes_warm_s"}: the bundle's own
-        artifacts loaded and run, best of 3 passes each (the floor of a warm verify)
+    python bench/direct.py BUNDLE --verify-warm N  ->  {"verify_s", "runtimes_warm_s", ...}:
+        a warm `pm.verify` of the bundle and a direct pass loading and running each of its
+        artifacts once, alternated N times in this process: the best of each
 
 In the replay each artifact is loaded and run 3 times: ``runtime_s`` is the best pass (the
-floor of a warm verify), and ``total_s`` counts only the first (what the export itself did).
+verify's share of the export + verify floor), and ``total_s`` counts only the first (what the
+export itself did).
 """
 
 from __future__ import annotations
@@ -106,20 +108,45 @@ def _run(runtime: str, path: Path, io: IoMap, fixed: bool, contract: Contract, c
     return passes
 
 
-def runtimes_only(bundle: Path, tries: int = 1) -> float:
-    """Import, load and run every kept artifact of the bundle, as verify does, directly:
-    the whole time of one pass (imports included), or with ``tries > 1`` the sum over the
-    artifacts of their best pass (the runtimes warm)."""
-    start = time.perf_counter()
-    contract = load_contract(bundle)
-    cases = load_cases(bundle / contract.golden["inputs"])
-    best = 0.0
+def _pass(bundle: Path, contract: Contract, cases: list[dict[str, Any]]) -> float:
+    """Load and run every kept artifact once, in the contract's order: the seconds."""
+    total = 0.0
     for art in contract.artifacts:
         if art.file is None or art.io is None or art.runtime is None:
             continue
-        best += min(_run(art.runtime, bundle / art.file, art.io, bool(art.meta.get("fixed_shape")), contract,
-                         cases, art.precision, tries=tries))
-    return best if tries > 1 else time.perf_counter() - start
+        total += _run(art.runtime, bundle / art.file, art.io, bool(art.meta.get("fixed_shape")), contract,
+                      cases, art.precision)[0]
+    return total
+
+
+def runtimes_only(bundle: Path) -> float:
+    """Import, load and run every kept artifact of the bundle, as verify does, directly:
+    the whole time of the pass, imports included (the floor of a cold verify)."""
+    start = time.perf_counter()
+    contract = load_contract(bundle)
+    _pass(bundle, contract, load_cases(bundle / contract.golden["inputs"]))
+    return time.perf_counter() - start
+
+
+def verify_vs_runtimes(bundle: Path, pairs: int) -> dict[str, Any]:
+    """A warm ``pm.verify`` of the bundle and a direct pass over its artifacts, alternated
+    ``pairs`` times after two warm-up rounds, so that both sides run warm and under the same
+    machine noise: the best of each, and whether every verify passed."""
+    import portable_models as pm
+
+    contract = load_contract(bundle)
+    cases = load_cases(bundle / contract.golden["inputs"])
+    verify, direct, ok = [], [], True
+    for n in range(pairs + 2):
+        start = time.perf_counter()
+        ok = pm.verify(bundle).ok and ok
+        seconds = time.perf_counter() - start
+        floor = _pass(bundle, contract, cases)
+        if n >= 2:
+            verify.append(seconds)
+            direct.append(floor)
+    return {"verify_s": min(verify), "runtimes_warm_s": min(direct), "verify_ok": ok,
+            "verify_runs_s": verify, "runtimes_warm_runs_s": direct}
 
 
 def main() -> int:
@@ -127,8 +154,8 @@ def main() -> int:
     if "--runtimes" in sys.argv:
         print(json.dumps({"runtimes_cold_s": runtimes_only(bundle)}))
         return 0
-    if "--runtimes-warm" in sys.argv:
-        print(json.dumps({"runtimes_warm_s": runtimes_only(bundle, tries=3)}))
+    if "--verify-warm" in sys.argv:
+        print(json.dumps(verify_vs_runtimes(bundle, int(sys.argv[sys.argv.index("--verify-warm") + 1]))))
         return 0
     start = time.perf_counter()
     cap = capture_s()

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,16 @@ from typing import Any
 import numpy as np
 
 from portable_models import golden
-from portable_models.bundle import Staging, check_files, list_files, sha256_path, writing
+from portable_models.bundle import Staging, check_file, list_files, sha256_path, writing
 from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
 from portable_models.pipeline import (
+    Judge,
     Progress,
     TargetContext,
     build_target,
-    check_artifact,
+    run_artifact,
     runner_options,
 )
 from portable_models.reports import write_reports
@@ -312,49 +313,72 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
            allow_unverified: Sequence[str] = (), timeout_s: float = 600.0,
            memory_mb: int | None = 8192, compute_units: str = "CPU_ONLY") -> VerifyReport:
     """Re-run every artifact of a bundle from the bundle alone and compare with its golden
-    outputs. File hashes are checked first; a changed or missing file fails its artifact.
-    ``compute_units`` is what the real Core ML runtime runs on (macOS only); the MIL
+    outputs. An artifact's files are hashed before it runs; a changed or missing file fails
+    it. ``compute_units`` is what the real Core ML runtime runs on (macOS only); the MIL
     reference executor that checks Core ML elsewhere ignores it."""
     if compute_units not in COMPUTE_UNITS:
         raise UsageError(f"unknown compute units {compute_units!r}", fix=f"use one of {', '.join(COMPUTE_UNITS)}")
     root = Path(bundle)
     contract = load_contract(root)
-    problems = check_files(root, contract.files)
     policy = TolerancePolicy.from_dict(contract.tolerance)
     golden_in = root / contract.golden["inputs"]
     golden_out = golden.load_cases(root / contract.golden["outputs"])
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
+    # one thread hashes the files, the next artifact's first, while the worker runs one
+    # artifact after another; it then compares their outputs with the golden ones
+    helper = ThreadPoolExecutor(1, thread_name_prefix="portable-models-verify")
     try:
+        first = [e for a in chosen for e in contract.files if _owns(a, e["path"])]
+        checks: dict[str, Future[str | None]] = {}
+        for entry in [*first, *contract.files]:
+            if entry["path"] not in checks:
+                checks[entry["path"]] = helper.submit(check_file, root, entry)
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb))
+        pending = []
         for art in chosen:
-            _reverify(pool, root, art, problems, golden_in, golden_out, policy, scratch, timeout_s, contract,
-                      {"compute_units": compute_units})
+            touched = [p for path, check in checks.items() if _owns(art, path) and (p := check.result())]
+            judge = _rerun(pool, root, art, touched, golden_in, golden_out, policy, scratch, timeout_s,
+                           contract, {"compute_units": compute_units})
+            if judge is not None:
+                pending.append((art, helper.submit(judge)))
+        problems = [p for e in contract.files if (p := checks[e["path"]].result())]
+        for art, future in pending:
+            parity, timings = future.result()
+            art.status = parity["status"]
+            art.parity = parity
+            art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}
     finally:
+        helper.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(scratch, ignore_errors=True)
     contract.artifacts = chosen
     return VerifyReport(path=root, contract=contract, problems=problems,
                         allow_unverified=tuple(allow_unverified))
 
 
-def _reverify(pool: Pool, root: Path, art: Artifact, problems: list[str], golden_in: Path,
-              golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
-              contract: Contract, extra: dict[str, Any]) -> None:
+def _owns(art: Artifact, path: str) -> bool:
+    """Whether a bundle file is the artifact's (its file, a package's members, its side files
+    such as ONNX external data)."""
+    return art.file is not None and path.startswith(art.file)
+
+
+def _rerun(pool: Pool, root: Path, art: Artifact, touched: list[str], golden_in: Path,
+           golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
+           contract: Contract, extra: dict[str, Any]) -> Judge | None:
+    """Run one kept artifact again; None when its recorded verdict stands (nothing was kept)
+    or its files failed the integrity check (``touched``: recorded here)."""
     if art.file is None or art.io is None or art.runtime is None:
-        return  # nothing was kept: the recorded verdict (error/fail/skipped) stands
-    touched = [p for p in problems if art.file in p]
+        return None  # nothing was kept: the recorded verdict (error/fail/skipped) stands
     if touched:
         art.status = "error"
         art.parity = {"status": "error", "stage": "integrity", "error": {"code": "integrity",
                       "message": "; ".join(touched), "file": art.file}}
-        return
-    parity, timings = check_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
-                                     golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
-                                     precision=art.precision, log=scratch / f"{art.key}.log",
-                                     work_dir=scratch / art.key, timeout_s=timeout_s,
-                                     cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
-                                     options={**runner_options(contract.inputs, contract.outputs, contract.dims,
-                                                               art.precision), **extra})
-    art.status = parity["status"]
-    art.parity = parity
-    art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}
+        return None
+    return run_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
+                        golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
+                        precision=art.precision, log=scratch / f"{art.key}.log",
+                        work_dir=scratch / art.key, timeout_s=timeout_s,
+                        cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
+                        options={**runner_options(contract.inputs, contract.outputs, contract.dims,
+                                                  art.precision), **extra})
+

@@ -59,14 +59,17 @@ def list_files(root: Path, *, exclude: tuple[str, ...] = ("contract.json",)) -> 
 
 def check_files(root: Path, files: list[dict[str, Any]]) -> list[str]:
     """Compare a bundle folder with its contract's file list. Returns problems, each naming a file."""
-    problems = []
-    for entry in files:
-        path = root / entry["path"]
-        if not path.is_file():
-            problems.append(f"missing file: {entry['path']}")
-        elif path.stat().st_size != entry["bytes"] or sha256_path(path) != entry["sha256"]:
-            problems.append(f"changed file: {entry['path']} (sha256 differs from the contract)")
-    return problems
+    return [p for p in (check_file(root, entry) for entry in files) if p is not None]
+
+
+def check_file(root: Path, entry: dict[str, Any]) -> str | None:
+    """One entry of a contract's file list against the folder: the problem, or None."""
+    path = root / entry["path"]
+    if not path.is_file():
+        return f"missing file: {entry['path']}"
+    if path.stat().st_size != entry["bytes"] or sha256_path(path) != entry["sha256"]:
+        return f"changed file: {entry['path']} (sha256 differs from the contract)"
+    return None
 
 
 def raise_on_problems(root: Path, problems: list[str]) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
@@ -157,11 +158,17 @@ class Contract:
     def to_json(self) -> str:
         data = self.to_dict()
         validate_contract(data)
-        return json.dumps(data, indent=2, allow_nan=False) + "\n"
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        _remember_valid(text)
+        return text
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Contract:
         validate_contract(d)
+        return cls._build(d)
+
+    @classmethod
+    def _build(cls, d: dict[str, Any]) -> Contract:
         return cls(
             name=d["name"], source=d["source"],
             inputs=[TensorSpec.from_dict(s) for s in d["inputs"]],
@@ -180,6 +187,31 @@ def _schema() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
+#: digests of contract texts that passed the schema in this process, newest last: the
+#: schema walk is pure Python (milliseconds), and a bundle verified right after its export,
+#: or verified again, has the very same text.
+_VALID_TEXTS: dict[str, None] = {}
+_VALID_TEXTS_MAX = 64
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _remember_valid(text: str) -> None:
+    _VALID_TEXTS[_text_digest(text)] = None
+    while len(_VALID_TEXTS) > _VALID_TEXTS_MAX:
+        del _VALID_TEXTS[next(iter(_VALID_TEXTS))]
+
+
+@cache
+def _validator() -> Any:
+    """One validator per process: it keeps the schema's resolved references between calls."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(_schema())
+
+
 def validate_contract(data: dict[str, Any], *, file: str | None = None) -> None:
     """Raise :class:`ContractError` naming the first place where ``data`` breaks the schema."""
     import jsonschema
@@ -189,7 +221,9 @@ def validate_contract(data: dict[str, Any], *, file: str | None = None) -> None:
             f"contract schema is {data.get('schema')!r}, this library reads {SCHEMA!r}",
             file=file, stage="load", fix="re-export the bundle with this version of portable_models",
         )
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = _validator()
+    if validator.is_valid(data):
+        return
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
@@ -209,15 +243,20 @@ def load_contract(bundle: str | Path) -> Contract:
         raise ContractError(f"no contract at {path}", file=str(path), stage="load",
                             fix="point at a bundle folder written by portable_models export/convert")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ContractError(f"{path.name} is not valid JSON: {exc}", file=str(path), stage="load",
                             fix="re-export the bundle") from exc
     if not isinstance(data, dict):
         raise ContractError(f"{path.name} does not hold a JSON object", file=str(path), stage="load",
                             fix="re-export the bundle")
+    if _text_digest(text) in _VALID_TEXTS:
+        return Contract._build(data)
     try:
-        return Contract.from_dict(data)
+        contract = Contract.from_dict(data)
     except ContractError as exc:
         exc.file = str(path)
         raise
+    _remember_valid(text)
+    return contract

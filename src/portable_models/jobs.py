@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from portable_models.errors import PortableModelsError
-from portable_models.golden import load_cases, save_cases
+from portable_models.golden import load_cases, save_scratch
 from portable_models.iomap import IoMap
 from portable_models.spec import DimSpec, TensorSpec
 
@@ -74,7 +74,8 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
-    """Load the artifact once, run every golden case, write the outputs, time it all."""
+    """Load the artifact once, run every golden case (or the ``cases`` listed), write the
+    outputs, time it all."""
     from portable_models.runtimes import runtime_info
     from portable_models.runtimes.base import RunnerOptions
     from portable_models.targets.base import load_impl
@@ -82,6 +83,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     info = runtime_info(payload["runtime"])
     cls = load_impl(info.impl)
     cases = load_cases(Path(payload["inputs"]))
+    if payload.get("cases") is not None:
+        cases = [cases[int(i)] for i in payload["cases"]]
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
                  RunnerOptions(threads=payload.get("threads"),
                                extra=dict(payload.get("options") or {})))
@@ -93,7 +96,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             outputs.append(runner.run(case))
             run_ms.append((time.perf_counter() - start) * 1000)
         load_s = runner.load_s
-    save_cases(Path(payload["out"]), outputs, compress=False)
+    save_scratch(Path(payload["out"]), outputs)
     return {"load_s": load_s, "run_ms": run_ms, "runtime": cls.runtime_name(),
             "label": cls.label or cls.runtime_name()}
 

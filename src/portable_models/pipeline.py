@@ -18,7 +18,7 @@ from typing import Any
 from portable_models.bundle import path_bytes, sha256_path
 from portable_models.contract import Artifact, Attempt
 from portable_models.errors import PortableModelsError, UnverifiedError
-from portable_models.golden import Cases, load_cases
+from portable_models.golden import Cases, load_cases, load_scratch
 from portable_models.iomap import IoMap
 from portable_models.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
 from portable_models.runtimes import RUNTIMES, runtime_info
@@ -27,7 +27,7 @@ from portable_models.targets import routes_for
 from portable_models.targets.base import RouteInfo, check_requires
 from portable_models.workers import JobFailed, Pool
 
-__all__ = ["TargetContext", "build_target", "check_artifact", "checking_runtime", "Progress",
+__all__ = ["TargetContext", "build_target", "check_artifact", "run_artifact", "checking_runtime", "Progress",
            "runner_options", "error_histogram", "fixed_shape_cases"]
 
 #: progress callback: (target key, state, detail)
@@ -105,13 +105,8 @@ def fixed_shape_cases(golden_inputs: Path) -> list[int]:
     return [i for i, c in enumerate(cases) if {k: v.shape for k, v in c.items()} == first]
 
 
-def _subset(golden_inputs: Path, indices: Sequence[int], work_dir: Path) -> Path:
-    from portable_models.golden import save_cases
-
-    cases = load_cases(golden_inputs)
-    path = work_dir / "golden-subset.npz"
-    save_cases(path, [cases[i] for i in indices], compress=False)
-    return path
+#: compares a finished run with the golden outputs: (parity record, timings).
+Judge = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
 
 
 def check_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
@@ -124,37 +119,84 @@ def check_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golde
     accepts) in a worker and compare. Returns the parity record and the timings.
     Load/run failures become an ``error`` record, not an exception. Core ML off macOS is
     checked structurally by its own runner first, then numerically by the MIL reference."""
+    return run_artifact(pool, artifact=artifact, runtime=runtime, io=io, golden_inputs=golden_inputs,
+                        golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
+                        work_dir=work_dir, timeout_s=timeout_s, output_names=output_names, cases=cases,
+                        options=options)()
+
+
+def run_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
+                 golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
+                 work_dir: Path, timeout_s: float | None = None,
+                 output_names: Sequence[str] | None = None,
+                 cases: Sequence[int] | None = None,
+                 options: dict[str, Any] | None = None) -> Judge:
+    """The worker half of :func:`check_artifact`: run the artifact (and, for Core ML, the
+    runtime that checks it), and return the comparison still to be made in the caller, so
+    that ``verify`` compares one artifact while the worker runs the next."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
                   options=options or {})
     checker = checking_runtime(runtime)
-    structural: list[str] | None = None
     if runtime == "coreml" and sys.platform == "darwin" and "mil-reference" in RUNTIMES:
         return _coreml_on_macos(job, cases)
-    if checker != runtime:
-        first, _ = job.run(runtime, [0])
-        if first["status"] != "unverified":
-            return first, {}
-        structural = list(first.get("checked") or [])
-    record, timings = job.run(checker, cases)
-    if structural is not None:
+    if checker == runtime:
+        return job.run(runtime, cases).judge
+    first = job.run(runtime, [0])
+    if first.failure is None or first.failure["status"] != "unverified":
+        return lambda: (first.judge()[0], {})
+    structural = list(first.failure.get("checked") or [])
+    checked = job.run(checker, cases)
+
+    def judge() -> tuple[dict[str, Any], dict[str, Any]]:
+        record, timings = checked.judge()
         record["structural"] = structural
         if record["status"] == "unverified":
             record["checked"] = structural + list(record.get("checked") or [])
-    return record, timings
+        return record, timings
+
+    return judge
 
 
-def _coreml_on_macos(job: _RunJob, cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _coreml_on_macos(job: _RunJob, cases: Sequence[int] | None) -> Judge:
     """On macOS: the real Core ML runtime gives the verdict; the MIL reference executor runs
     too, and a disagreement between them (either failing) fails the artifact."""
-    record, timings = job.run("coreml", cases)
-    reference, _ = job.run("mil-reference", cases)
-    record["reference"] = {k: v for k, v in reference.items() if k != "outputs"}
-    if record["status"] == "pass" and reference["status"] == "fail":
-        record["status"] = "fail"
-        record["reason"] = f"MIL reference: {reference.get('reason')}"
-    return record, timings
+    real = job.run("coreml", cases)
+    ref = job.run("mil-reference", cases)
+
+    def judge() -> tuple[dict[str, Any], dict[str, Any]]:
+        record, timings = real.judge()
+        reference, _ = ref.judge()
+        record["reference"] = {k: v for k, v in reference.items() if k != "outputs"}
+        if record["status"] == "pass" and reference["status"] == "fail":
+            record["status"] = "fail"
+            record["reason"] = f"MIL reference: {reference.get('reason')}"
+        return record, timings
+
+    return judge
+
+
+@dataclass(kw_only=True)
+class _Ran:
+    """One worker run: its failure record, or what the comparison needs."""
+
+    job: _RunJob
+    runtime: str
+    cases: Sequence[int] | None
+    failure: dict[str, Any] | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+
+    def judge(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.failure is not None or self.out is None:
+            return dict(self.failure or {}), {}
+        golden_outputs = self.job.golden_outputs
+        if self.cases is not None:
+            golden_outputs = [golden_outputs[i] for i in self.cases]
+        record, timings = self.job.compare(self.result, load_scratch(self.out), golden_outputs, self.cases)
+        record["checker"] = self.runtime
+        return record, timings
 
 
 @dataclass(kw_only=True)
@@ -172,16 +214,13 @@ class _RunJob:
     output_names: Sequence[str] | None
     options: dict[str, Any]
 
-    def run(self, runtime: str, cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def run(self, runtime: str, cases: Sequence[int] | None) -> _Ran:
         info = runtime_info(runtime)
-        out = self.work_dir / f"outputs-{runtime}.npz"
+        out = self.work_dir / f"outputs-{runtime}.bin"
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        golden_inputs, golden_outputs = self.golden_inputs, self.golden_outputs
-        if cases is not None:
-            golden_inputs = _subset(golden_inputs, cases, self.work_dir)
-            golden_outputs = [golden_outputs[i] for i in cases]
         payload = {"runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
-                   "inputs": str(golden_inputs), "out": str(out), "options": self.options}
+                   "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
+                   "out": str(out), "options": self.options}
         try:
             result, _ = self.pool.call(kind="run", payload=payload, framework=info.framework,
                                        step=f"run:{runtime}", log=self.log, work_dir=self.work_dir,
@@ -193,13 +232,11 @@ class _RunJob:
                                       "error": _error_dict(failed.error)}
             if isinstance(failed.error, UnverifiedError):
                 record["checked"] = failed.error.checked
-            return record, {}
-        record, timings = self._compare(result, load_cases(out), golden_outputs, cases)
-        record["checker"] = runtime
-        return record, timings
+            return _Ran(job=self, runtime=runtime, cases=cases, failure=record)
+        return _Ran(job=self, runtime=runtime, cases=cases, result=result, out=out)
 
-    def _compare(self, result: dict[str, Any], actual: Cases, golden_outputs: Cases,
-                 cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def compare(self, result: dict[str, Any], actual: Cases, golden_outputs: Cases,
+                cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
         results = compare_outputs(golden_outputs, actual, precision=self.precision, policy=self.policy,
                                   output_names=self.output_names)
         record = {"status": verdict(results), "runtime": result["runtime"], "checked_by": result["label"],

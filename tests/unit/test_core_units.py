@@ -84,6 +84,58 @@ def test_cases_round_trip_without_pickle(tmp_path: Path) -> None:
     assert len(back) == 2 and back[1]["x"].shape == (3, 3) and back[0]["b"].dtype == bool
 
 
+def test_npz_members_of_every_layout_read_back_exactly(tmp_path: Path) -> None:
+    arrays = {"0/be": np.arange(12, dtype=">f4").reshape(3, 4),
+              "0/fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+              "0/scalar": np.array(3.5), "0/empty": np.zeros((0, 3), np.float32),
+              "1/be": np.array([True, False]), "1/fortran": np.zeros(3, dtype=[("x", "<i4"), ("y", "<f8")]),
+              "1/scalar": np.array(["ab", "c"]), "1/empty": np.arange(5, dtype=np.int64)}
+    for write in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{write.__name__}.npz"
+        write(path, **arrays)
+        back = golden.load_cases(path)
+        for key, want in arrays.items():
+            case, name = key.split("/")
+            got = back[int(case)][name]
+            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), key
+            assert got.flags.writeable
+
+
+def test_npz_truncated_or_foreign_members_are_refused(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.save(buf, np.arange(100, dtype=np.float64))
+    cut = tmp_path / "cut.npz"
+    with zipfile.ZipFile(cut, "w") as zf:
+        zf.writestr("0/x.npy", buf.getvalue()[:-8])
+    with pytest.raises(InputError, match="shorter than its header declares"):
+        golden.load_cases(cut)
+    foreign = tmp_path / "foreign.npz"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("0/x.npy", b"PK not an array")
+    with pytest.raises(InputError, match=r"not a \.npy array"):
+        golden.load_cases(foreign)
+    (tmp_path / "plain.npz").write_bytes(b"no zip here")
+    with pytest.raises(InputError, match=r"not an \.npz archive"):
+        golden.load_cases(tmp_path / "plain.npz")
+
+
+def test_scratch_files_round_trip_and_refuse_other_files(tmp_path: Path) -> None:
+    cases = [{"y": np.arange(6, dtype=np.float32).reshape(2, 3), "k": np.array([3], np.int64)},
+             {"y": np.ones((1, 3), np.float16), "k": np.array([4], np.int64)}]
+    golden.save_scratch(tmp_path / "out.bin", cases)
+    back = golden.load_scratch(tmp_path / "out.bin")
+    assert [list(c) for c in back] == [["y", "k"], ["y", "k"]]
+    for want, got in zip(cases, back, strict=True):
+        for name in want:
+            assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name])
+    golden.save_cases(tmp_path / "g.npz", cases)
+    with pytest.raises(InputError, match="not a scratch file"):
+        golden.load_scratch(tmp_path / "g.npz")
+
+
 def test_npz_with_object_array_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.npz"
     np.savez(path, **{"0/x": np.array([{"a": 1}], dtype=object)})
@@ -139,6 +191,17 @@ def test_invalid_contract_names_the_place(tmp_path: Path) -> None:
         load_contract(tmp_path)
     (tmp_path / "contract.json").write_text("{not json")
     with pytest.raises(ContractError, match="not valid JSON"):
+        load_contract(tmp_path)
+
+
+def test_a_contract_once_valid_is_still_checked_after_an_edit(tmp_path: Path) -> None:
+    """Texts that passed the schema are remembered by digest; an edit is a new text."""
+    text = _contract(tmp_path).to_json()
+    (tmp_path / "contract.json").write_text(text)
+    load_contract(tmp_path)
+    load_contract(tmp_path)  # remembered
+    (tmp_path / "contract.json").write_text(text.replace('"status": "pass"', '"status": "passed"', 1))
+    with pytest.raises(ContractError, match="status"):
         load_contract(tmp_path)
 
 

@@ -10,6 +10,7 @@ check state, time the calls and translate errors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -106,9 +107,7 @@ class Runner:
     # -- naming ------------------------------------------------------------------
     @classmethod
     def version(cls) -> str:
-        from portable_models.targets.base import package_version
-
-        return package_version(cls.distribution) if cls.distribution else ""
+        return _distribution_version(cls.distribution) if cls.distribution else ""
 
     @classmethod
     def runtime_name(cls) -> str:
@@ -126,3 +125,13 @@ class Runner:
 
     def _close_impl(self) -> None:
         """Release what ``_load_impl`` took."""
+
+
+@functools.cache
+def _distribution_version(dist: str) -> str:
+    """A runtime's version, read once per process: the worker that imported the runtime
+    keeps running that version whatever is installed later (reading package metadata
+    costs milliseconds on every run job otherwise)."""
+    from portable_models.targets.base import package_version
+
+    return package_version(dist)
