@@ -2,8 +2,9 @@
 one run on this machine. Results: bench/results/bench.json and bench.md.
 
 1. cold `import portable_models` (target < 100 ms, no heavy module imported);
-2. export + verify of the demo to all five targets, sequential, against the same converter
-   and runtime calls replayed directly in one process (bench/direct.py) (target <= 1.15x);
+2. export + verify of the demo to all five targets, sequential (best of 3 first exports: cold
+   cache, cold workers), against the same converter and runtime calls replayed directly in one
+   process (bench/direct.py, best of 2) (target <= 1.15x);
 3. --jobs 2 against sequential (target <= 0.75x);
 4. re-export of the unchanged model against the first export (cache; target <= 5%);
 5. verify against the runtimes' own load + run time (target <= 1.2x): warm (bench/direct.py
@@ -98,22 +99,15 @@ def best_verify_s(bundle: Path) -> tuple[float, bool]:
     return min(times), ok
 
 
-def timed_export(out: Path, *, jobs: int = 1, cache: bool = True) -> tuple[Any, float]:
+def timed_export(out: Path, *, jobs: int = 1, cache_dir: Path | None = None) -> tuple[Any, float]:
+    """Export the demo; ``cache_dir``: a fresh (cold) cache for this run, else the current one."""
     from portable_models.demo import run_demo
 
+    if cache_dir is not None:
+        os.environ["PORTABLE_MODELS_CACHE"] = str(cache_dir)
     start = time.perf_counter()
-    bundle = run_demo(out, jobs=jobs) if cache else _no_cache_demo(out, jobs)
+    bundle = run_demo(out, jobs=jobs)
     return bundle, time.perf_counter() - start
-
-
-def _no_cache_demo(out: Path, jobs: int) -> Any:
-    import portable_models as pm
-    from portable_models.demo import build_demo_model
-
-    model, example = build_demo_model()
-    return pm.export(model, (example,), out=out, overwrite=True, name="demo", input_names=["image"],
-                     output_names=["logits"], dynamic_dims={"image": {0: ("batch", 1, 32)}},
-                     input_ranges={"image": (0.0, 1.0)}, jobs=jobs, cache=False)
 
 
 def breakdown(contract: Any) -> list[dict[str, Any]]:
@@ -158,7 +152,8 @@ def main() -> int:
         shutdown_workers()  # a first export in a fresh process: no warm worker
         sampler = RssSampler()
         sampler.start()
-        bundle, r["export_seq_s"] = timed_export(work / "seq")  # cold cache: every attempt runs
+        # cold cache: every attempt runs
+        bundle, r["export_seq_s"] = timed_export(work / "seq", cache_dir=work / "cache")
         r["caller_rss_growth_mb"] = round(sampler.growth_mb(), 1)
         # the same script verifies (the workers are warm); best of 3, like the floor's runs
         r["verify_s"], r["verify_ok"] = best_verify_s(bundle.path)
@@ -171,18 +166,22 @@ def main() -> int:
         timed_export(work / "cached-inprocess-warm")
         _, r["export_cached_inprocess_s"] = timed_export(work / "cached-inprocess")
         del os.environ["PORTABLE_MODELS_CAPTURE"]
-        # jobs=2 against sequential, both uncached and from cold workers, alternated twice
-        # (best of each): single runs on this VM vary by 15-30 %
+        # jobs=2 against sequential, each a first export (cold cache, cold workers) like the
+        # first one, alternated twice (best of each): single runs on this VM vary by 15-45 %
+        # (the first one of a bench often most, its libraries' pages not yet in memory)
         seq, par = [r["export_seq_s"]], []
         for n in range(2):
             shutdown_workers()
-            par.append(timed_export(work / f"par{n}", jobs=2, cache=False)[1])
+            par.append(timed_export(work / f"par{n}", jobs=2, cache_dir=work / f"cache-par{n}")[1])
             shutdown_workers()
-            seq.append(timed_export(work / f"seq{n}", cache=False)[1])
+            seq.append(timed_export(work / f"seq{n}", cache_dir=work / f"cache-seq{n}")[1])
         shutdown_workers()
         r["export_seq_runs_s"], r["export_jobs2_runs_s"] = seq, par
         r["export_jobs2_s"], r["export_seq_best_s"] = min(par), min(seq)
-        r["direct"] = direct = _direct(bundle.path)
+        # the floor is replayed twice too: the best of each side is compared
+        replays = [_direct(bundle.path) for _ in range(2)]
+        r["direct_runs_total_s"] = [d["total_s"] for d in replays]
+        r["direct"] = direct = min(replays, key=lambda d: float(d["total_s"]))
         r["warm"] = _direct(bundle.path, "--verify-warm", str(WARM_PAIRS))
         r["verify_cold_s"] = cold_verify_s(bundle.path)
         # both cold floors are timed the same way: a whole fresh process, start to exit
@@ -199,12 +198,12 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = {
-        "export+verify / direct calls": ((r["export_seq_s"] + r["verify_s"])
+        "export+verify / direct calls": ((r["export_seq_best_s"] + r["verify_s"])
                                          / (direct["total_s"] + direct["runtime_s"]), 1.15),
         "jobs=2 / sequential": (r["export_jobs2_s"] / r["export_seq_best_s"], 0.75),
-        "cached re-export / first export": (r["export_cached_s"] / r["export_seq_s"], 0.05),
+        "cached re-export / first export": (r["export_cached_s"] / r["export_seq_best_s"], 0.05),
         "cached re-export, in-process capture / first export": (r["export_cached_inprocess_s"]
-                                                                / r["export_seq_s"], 0.05),
+                                                                / r["export_seq_best_s"], 0.05),
         "verify / runtimes' load+run (warm)": (r["warm"]["verify_s"] / r["warm"]["runtimes_warm_s"], 1.2),
         "verify / runtimes' load+run (warm), larger CNN (onnx, torchscript)": (
             r["larger_warm"]["verify_s"] / r["larger_warm"]["runtimes_warm_s"], 1.2),
@@ -219,7 +218,8 @@ def main() -> int:
              f"| caller RSS growth during export | {r['caller_rss_growth_mb']} MB | < 100 MB | "
              f"{r['caller_rss_growth_mb'] < 100} |"]
     table += [f"| {k} | {v['value']:.3f} | <= {v['target']} | {v['met']} |" for k, v in r["ratios"].items()]
-    table += ["", f"export {r['export_seq_s']:.1f} s, verify {r['verify_s']:.2f} s (CLI, cold: "
+    runs = ", ".join(f"{s:.1f}" for s in r["export_seq_runs_s"])
+    table += ["", f"export {r['export_seq_best_s']:.1f} s (runs: {runs}), verify {r['verify_s']:.2f} s (CLI, cold: "
               f"{r['verify_cold_s']:.1f} s), jobs=2 {r['export_jobs2_s']:.1f} s, cached {r['export_cached_s']:.2f} s "
               f"(in-process capture: {r['export_cached_inprocess_s']:.2f} s); "
               f"direct: capture {direct['capture_s']:.1f} s, convert {direct['convert_s']:.1f} s, runtimes "

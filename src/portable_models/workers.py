@@ -122,7 +122,7 @@ def offline_env(scratch: Path, framework: str = "none", threads: int | None = No
 
 
 #: variables only the caller reads: changing them does not make a worker stale.
-_CALLER_ONLY_ENV = frozenset({"PORTABLE_MODELS_CAPTURE", IDLE_ENV})
+_CALLER_ONLY_ENV = frozenset({"PORTABLE_MODELS_CAPTURE", "PORTABLE_MODELS_CACHE", IDLE_ENV})
 
 
 def _environment_key() -> int:
