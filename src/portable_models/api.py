@@ -329,15 +329,15 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     # artifact after another; it then compares their outputs with the golden ones
     helper = ThreadPoolExecutor(1, thread_name_prefix="portable-models-verify")
     try:
-        first = [e for a in chosen for e in contract.files if _owns(a, e["path"])]
+        owned = {a.key: [e for e in contract.files if _owns(a, e["path"])] for a in chosen}
         checks: dict[str, Future[str | None]] = {}
-        for entry in [*first, *contract.files]:
+        for entry in [*(e for a in chosen for e in owned[a.key]), *contract.files]:
             if entry["path"] not in checks:
                 checks[entry["path"]] = helper.submit(check_file, root, entry)
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb))
         pending = []
         for art in chosen:
-            touched = [p for path, check in checks.items() if _owns(art, path) and (p := check.result())]
+            touched = [p for e in owned[art.key] if (p := checks[e["path"]].result())]
             judge = _rerun(pool, root, art, touched, golden_in, golden_out, policy, scratch, timeout_s,
                            contract, {"compute_units": compute_units})
             if judge is not None:

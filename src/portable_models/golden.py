@@ -113,9 +113,7 @@ def save_cases(path: Path, cases: Sequence[Mapping[str, np.ndarray]], *, compres
     with open(path, "wb") as fh, zipfile.ZipFile(fh, "w", allowZip64=True) as zf:
         for i, case in enumerate(cases):
             for name, arr in case.items():
-                a = np.asarray(arr)
-                if a.dtype == object:
-                    raise UsageError(f"golden array {name!r} has dtype object", fix="pass numeric arrays")
+                a = _numeric(arr, f"golden array {name!r}", "pass numeric arrays")
                 buf = io.BytesIO()
                 np.lib.format.write_array(buf, a, allow_pickle=False)
                 raw = buf.getbuffer()
@@ -137,11 +135,17 @@ def save_scratch(path: Path, cases: Sequence[Mapping[str, np.ndarray]]) -> None:
     with open(path, "wb") as fh:
         fh.write(SCRATCH_MAGIC + json.dumps(names).encode() + b"\n")
         for case in cases:
-            for arr in case.values():
-                a = np.asarray(arr)
-                if a.dtype == object:
-                    raise UsageError("an output has dtype object", fix="models must return numeric arrays")
+            for name, arr in case.items():
+                a = _numeric(arr, f"output {name!r}", "models must return numeric arrays")
                 np.lib.format.write_array(fh, a, allow_pickle=False)
+
+
+def _numeric(arr: np.ndarray, what: str, fix: str) -> np.ndarray:
+    """``arr`` as an array that can be written without pickle (object arrays are refused)."""
+    a = np.asarray(arr)
+    if a.dtype == object:
+        raise UsageError(f"{what} has dtype object", fix=fix)
+    return a
 
 
 def load_scratch(path: Path) -> Cases:
