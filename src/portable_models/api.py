@@ -183,12 +183,15 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
     with Staging(dest, overwrite=opts.overwrite) as st:
         pool = shared_pool(WorkerLimits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb))
         warm = _WARM_MODULES.get(framework_of(model))
+        early = _early_lanes(opts.jobs)
         if warm:  # the workers import torch and its export machinery while the model is captured
-            pool.prewarm("torch", warm, lanes=opts.jobs, threads=_lane_threads(opts.jobs))
+            pool.prewarm("torch", warm, lanes=early, threads=_lane_threads(opts.jobs))
         with writing("the source and golden data", st.path):
             captured = _capture(model, example_inputs, opts, st.path / "source")
             golden.save_cases(st.path / "golden" / "inputs.npz", captured.golden_inputs)
             golden.save_cases(st.path / "golden" / "outputs.npz", captured.golden_outputs)
+        if warm and early < opts.jobs:  # the lanes that did not fit beside the capture
+            pool.prewarm("torch", warm, lanes=range(early, opts.jobs), threads=_lane_threads(opts.jobs))
         artifacts = _convert_all(pool, captured, st.path, opts, targets, precisions, policy)
         with writing("the bundle", st.path):
             shutil.rmtree(st.path / ".attempts", ignore_errors=True)
@@ -240,6 +243,14 @@ def lanes(targets: list[str], n: int) -> list[list[int]]:
 
 #: what a worker imports ahead of its first job, per source framework.
 _WARM_MODULES = {"torch": ["torch", "torch.export", "torch._dynamo"]}
+
+
+def _early_lanes(jobs: int) -> int:
+    """How many lanes warm their worker during the capture: those that leave the capture a
+    core of its own. Every lane waits for the capture, and lane 0 holds the costliest targets
+    (see :func:`lanes`): on two cores a second worker importing torch beside the capture and
+    lane 0's worker slows both, so it starts when the capture is done."""
+    return max(1, min(jobs, (os.cpu_count() or 1) - 1))
 
 
 def _lane_threads(jobs: int) -> int | None:

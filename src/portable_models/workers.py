@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,12 +434,13 @@ class LimitedPool:
         kwargs.setdefault("threads", self.threads)
         return self.pool.call(**kwargs)
 
-    def prewarm(self, framework: str, modules: list[str], lanes: int = 1,
+    def prewarm(self, framework: str, modules: list[str], lanes: int | Sequence[int] = 1,
                 threads: int | None = None) -> None:
-        """Start a worker per lane importing ``modules`` in the background, while the
-        caller captures the model. Nothing waits for it unless a job needs that lane's
-        worker (a fully cached export never does)."""
-        for view in [self] if lanes <= 1 else [self.lane_view(k, threads) for k in range(lanes)]:
+        """Start a worker per lane (``lanes``: how many, from lane 0, or which) importing
+        ``modules`` in the background, while the caller captures the model. Nothing waits for
+        it unless a job needs that lane's worker (a fully cached export never does)."""
+        for lane in range(lanes) if isinstance(lanes, int) else lanes:
+            view = self.lane_view(lane, threads)
             self.pool.warm_in_background(framework, modules, view.limits, view.lane, view.threads)
 
     def lane_view(self, lane: int, threads: int | None) -> LimitedPool:
