@@ -73,6 +73,30 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: golden inputs this worker read last, by file identity: a verify runs every artifact of a
+#: bundle on the same file, one job after another.
+_INPUTS: dict[tuple[str, int, int, int, int], list[dict[str, np.ndarray]]] = {}
+_INPUTS_KEPT = 4
+
+
+def golden_inputs(path: Path) -> list[dict[str, np.ndarray]]:
+    """``load_cases(path)``, remembered while the file is unchanged (same inode, size and
+    modification time); each call gets its own copies, so that a runtime writing into its
+    inputs cannot change what the next job reads."""
+    try:
+        st = path.stat()
+    except OSError:
+        return load_cases(path)  # its own clear error
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    cases = _INPUTS.get(key)
+    if cases is None:
+        cases = load_cases(path)
+        while len(_INPUTS) >= _INPUTS_KEPT:
+            _INPUTS.pop(next(iter(_INPUTS)))
+        _INPUTS[key] = cases
+    return [{k: v.copy() for k, v in case.items()} for case in cases]
+
+
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Load the artifact once, run every golden case (or the ``cases`` listed), write the
     outputs, time it all."""
@@ -82,7 +106,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     info = runtime_info(payload["runtime"])
     cls = load_impl(info.impl)
-    cases = load_cases(Path(payload["inputs"]))
+    cases = golden_inputs(Path(payload["inputs"]))
     if payload.get("cases") is not None:
         cases = [cases[int(i)] for i in payload["cases"]]
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
@@ -111,7 +135,7 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
     from portable_models.targets.base import load_impl
 
     cls = load_impl(runtime_info(payload["runtime"]).impl)
-    case = load_cases(Path(payload["inputs"]))[0]
+    case = golden_inputs(Path(payload["inputs"]))[0]
     threads = payload.get("threads")
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
                  RunnerOptions(threads=threads, extra=dict(payload.get("options") or {})))

@@ -216,8 +216,7 @@ class _RunJob:
 
     def run(self, runtime: str, cases: Sequence[int] | None) -> _Ran:
         info = runtime_info(runtime)
-        out = self.work_dir / f"outputs-{runtime}.bin"
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        out = self.work_dir / f"outputs-{runtime}.bin"  # the worker makes the folder
         payload = {"runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
                    "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
                    "out": str(out), "options": self.options}

@@ -136,6 +136,19 @@ def test_scratch_files_round_trip_and_refuse_other_files(tmp_path: Path) -> None
         golden.load_scratch(tmp_path / "g.npz")
 
 
+def test_worker_reads_golden_inputs_once_while_unchanged_and_hands_out_copies(tmp_path: Path) -> None:
+    from portable_models import jobs
+
+    path = tmp_path / "inputs.npz"
+    golden.save_cases(path, [{"x": np.arange(4, dtype=np.float32)}])
+    first = jobs.golden_inputs(path)
+    first[0]["x"][:] = -1  # a runtime writing into its feeds
+    again = jobs.golden_inputs(path)
+    assert again[0]["x"].tolist() == [0, 1, 2, 3]
+    golden.save_cases(path, [{"x": np.arange(5, dtype=np.float32)}])  # a new file: read again
+    assert jobs.golden_inputs(path)[0]["x"].tolist() == [0, 1, 2, 3, 4]
+
+
 def test_npz_with_object_array_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.npz"
     np.savez(path, **{"0/x": np.array([{"a": 1}], dtype=object)})
