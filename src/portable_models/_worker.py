@@ -2,7 +2,8 @@
 
 Started by :mod:`portable_models.workers` as ``python -m portable_models._worker FD``.
 It reads one JSON job per line on stdin and answers one JSON line per job on file
-descriptor ``FD``. Everything a converter prints (fd 1 and 2) goes to the job's log
+descriptor ``FD`` (a job of kind ``many`` first answers each of the jobs it holds, in
+order, as ``{"id", "partial": {"index", "ok", …}}`` lines). Everything a converter prints (fd 1 and 2) goes to the job's log
 file. The network is closed to everything but loopback; ``HOME``, ``TMPDIR`` and the
 working directory are private scratch folders set by the parent.
 
@@ -91,8 +92,17 @@ def _redirect_output(log_path: str) -> None:
     os.close(fd)
 
 
-def _run_job(job: dict[str, Any]) -> dict[str, Any]:
+def _run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     from portable_models import jobs
+
+    if job["kind"] == "many":  # each of its jobs answered as it ends, in order
+        subs = list(job["payload"]["jobs"])
+        if any(sub.get("kind") == "many" for sub in subs):
+            raise ValueError("a job of kind 'many' cannot hold another")
+        for n, sub in enumerate(subs):
+            answer = _answer({**sub, "id": f"{job['id']}/{n}"}, emit)
+            emit({"index": n, **{k: v for k, v in answer.items() if k != "id"}})
+        return {"jobs": len(subs)}
 
     handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "convert": jobs.convert_job,
@@ -108,7 +118,7 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     return handler(job["payload"])
 
 
-def _answer(job: dict[str, Any]) -> dict[str, Any]:
+def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     _CURRENT_STEP["name"] = str(job.get("step") or job["kind"])
     work = job.get("work_dir")
     if work:
@@ -120,7 +130,7 @@ def _answer(job: dict[str, Any]) -> dict[str, Any]:
         print(f"--- portable_models job {job['id']}: {_CURRENT_STEP['name']} ---", flush=True)
     start = time.perf_counter()
     try:
-        result = _run_job(job)
+        result = _run_job(job, emit)
         answer: dict[str, Any] = {"id": job["id"], "ok": True, "result": result}
     except PortableModelsError as exc:
         traceback.print_exc()
@@ -149,7 +159,12 @@ def main(argv: list[str]) -> int:
         for line in inp:
             if not line.strip():
                 continue
-            answer = _answer(json.loads(line))
+            job = json.loads(line)
+
+            def emit(partial: dict[str, Any], job_id: Any = job["id"]) -> None:
+                out.write(json.dumps({"id": job_id, "partial": partial}, allow_nan=False, default=str) + "\n")
+
+            answer = _answer(job, emit)
             out.write(json.dumps(answer, allow_nan=False, default=str) + "\n")
     return 0
 

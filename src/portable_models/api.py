@@ -24,11 +24,12 @@ from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
 from portable_models.pipeline import (
-    Judge,
+    PlannedRun,
     Progress,
     TargetContext,
     build_target,
-    run_artifact,
+    plan_artifact,
+    run_planned,
     runner_options,
 )
 from portable_models.reports import write_reports
@@ -336,8 +337,8 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     golden_out = golden.load_cases(root / contract.golden["outputs"])
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
-    # one thread hashes the files, the next artifact's first, while the worker runs one
-    # artifact after another; it then compares their outputs with the golden ones
+    # one thread hashes the files, the artifacts' first; the worker then runs every artifact
+    # in one job, and the thread compares each one's outputs while the worker runs the next
     helper = ThreadPoolExecutor(1, thread_name_prefix="portable-models-verify")
     try:
         owned = {a.key: [e for e in contract.files if _owns(a, e["path"])] for a in chosen}
@@ -346,16 +347,19 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
             if entry["path"] not in checks:
                 checks[entry["path"]] = helper.submit(check_file, root, entry)
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb))
-        pending = []
+        runs: list[tuple[Artifact, PlannedRun]] = []
         for art in chosen:
             touched = [p for e in owned[art.key] if (p := checks[e["path"]].result())]
-            judge = _rerun(pool, root, art, touched, golden_in, golden_out, policy, scratch, timeout_s,
-                           contract, {"compute_units": compute_units})
-            if judge is not None:
-                pending.append((art, helper.submit(judge)))
+            planned = _rerun(pool, root, art, touched, golden_in, golden_out, policy, scratch, timeout_s,
+                             contract, {"compute_units": compute_units})
+            if planned is not None:
+                runs.append((art, planned))
+        judged: dict[int, Future[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        run_planned(pool, [p for _, p in runs], lambda i, judge: judged.__setitem__(i, helper.submit(judge)),
+                    timeout_s)
         problems = [p for e in contract.files if (p := checks[e["path"]].result())]
-        for art, future in pending:
-            parity, timings = future.result()
+        for i, (art, _) in enumerate(runs):
+            parity, timings = judged[i].result()
             art.status = parity["status"]
             art.parity = parity
             art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}
@@ -375,9 +379,9 @@ def _owns(art: Artifact, path: str) -> bool:
 
 def _rerun(pool: Pool, root: Path, art: Artifact, touched: list[str], golden_in: Path,
            golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
-           contract: Contract, extra: dict[str, Any]) -> Judge | None:
-    """Run one kept artifact again; None when its recorded verdict stands (nothing was kept)
-    or its files failed the integrity check (``touched``: recorded here)."""
+           contract: Contract, extra: dict[str, Any]) -> PlannedRun | None:
+    """The check of one kept artifact, to run again; None when its recorded verdict stands
+    (nothing was kept) or its files failed the integrity check (``touched``: recorded here)."""
     if art.file is None or art.io is None or art.runtime is None:
         return None  # nothing was kept: the recorded verdict (error/fail/skipped) stands
     if touched:
@@ -385,11 +389,10 @@ def _rerun(pool: Pool, root: Path, art: Artifact, touched: list[str], golden_in:
         art.parity = {"status": "error", "stage": "integrity", "error": {"code": "integrity",
                       "message": "; ".join(touched), "file": art.file}}
         return None
-    return run_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
-                        golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
-                        precision=art.precision, log=scratch / f"{art.key}.log",
-                        work_dir=scratch / art.key, timeout_s=timeout_s,
-                        cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
-                        options={**runner_options(contract.inputs, contract.outputs, contract.dims,
-                                                  art.precision), **extra})
-
+    return plan_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
+                         golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
+                         precision=art.precision, log=scratch / f"{art.key}.log",
+                         work_dir=scratch / art.key, timeout_s=timeout_s,
+                         cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
+                         options={**runner_options(contract.inputs, contract.outputs, contract.dims,
+                                                   art.precision), **extra})

@@ -6,18 +6,19 @@ the first artifact that passes parity. Every attempt is recorded, so a user sees
 
 from __future__ import annotations
 
+import functools
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from portable_models.bundle import path_bytes, sha256_path
 from portable_models.contract import Artifact, Attempt
-from portable_models.errors import PortableModelsError, UnverifiedError
+from portable_models.errors import PortableModelsError, UnverifiedError, error_from_dict
 from portable_models.golden import Cases, load_cases, load_scratch
 from portable_models.iomap import IoMap
 from portable_models.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
@@ -25,9 +26,10 @@ from portable_models.runtimes import RUNTIMES, runtime_info
 from portable_models.spec import DimSpec, TensorSpec
 from portable_models.targets import routes_for
 from portable_models.targets.base import RouteInfo, check_requires
-from portable_models.workers import JobFailed, Pool
+from portable_models.workers import JobFailed, Pool, worker_kind
 
-__all__ = ["TargetContext", "build_target", "check_artifact", "run_artifact", "checking_runtime", "Progress",
+__all__ = ["TargetContext", "build_target", "check_artifact", "run_artifact", "plan_artifact", "run_planned",
+           "PlannedRun", "checking_runtime", "Progress",
            "runner_options", "error_histogram", "fixed_shape_cases"]
 
 #: progress callback: (target key, state, detail)
@@ -132,22 +134,63 @@ def run_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_
                  cases: Sequence[int] | None = None,
                  options: dict[str, Any] | None = None) -> Judge:
     """The worker half of :func:`check_artifact`: run the artifact (and, for Core ML, the
-    runtime that checks it), and return the comparison still to be made in the caller, so
-    that ``verify`` compares one artifact while the worker runs the next."""
+    runtime that checks it), and return the comparison still to be made in the caller."""
+    planned = plan_artifact(pool, artifact=artifact, runtime=runtime, io=io, golden_inputs=golden_inputs,
+                            golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
+                            work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
+                            cases=cases, options=options)
+    try:
+        request = next(planned.plan)
+        while True:
+            request = planned.plan.send(planned.job.run(*request))
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+
+
+#: one artifact's check as the runs it asks for, one at a time: it yields (runtime, cases),
+#: is sent what that run gave, and returns the comparison still to be made.
+Plan = Generator[tuple[str, Sequence[int] | None], "_Ran", Judge]
+
+
+@dataclass
+class PlannedRun:
+    """An artifact's check, ready to be driven alone (:func:`run_artifact`) or with others in
+    one worker job per round (:func:`run_planned`)."""
+
+    job: _RunJob
+    plan: Plan
+
+
+def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
+                  golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
+                  work_dir: Path, timeout_s: float | None = None,
+                  output_names: Sequence[str] | None = None,
+                  cases: Sequence[int] | None = None,
+                  options: dict[str, Any] | None = None) -> PlannedRun:
+    """:func:`run_artifact`, not yet started."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
                   options=options or {})
+    return PlannedRun(job=job, plan=_plan(runtime, cases))
+
+
+def _plan(runtime: str, cases: Sequence[int] | None) -> Plan:
+    """Which runs check an artifact of ``runtime``. Core ML off macOS: its own runner checks
+    the package structurally on one case, then the MIL reference executor numerically."""
     checker = checking_runtime(runtime)
     if runtime == "coreml" and sys.platform == "darwin" and "mil-reference" in RUNTIMES:
-        return _coreml_on_macos(job, cases)
+        real = yield "coreml", cases
+        ref = yield "mil-reference", cases
+        return _coreml_on_macos(real, ref)
     if checker == runtime:
-        return job.run(runtime, cases).judge
-    first = job.run(runtime, [0])
+        ran = yield runtime, cases
+        return ran.judge
+    first = yield runtime, [0]
     if first.failure is None or first.failure["status"] != "unverified":
         return lambda: (first.judge()[0], {})
     structural = list(first.failure.get("checked") or [])
-    checked = job.run(checker, cases)
+    checked = yield checker, cases
 
     def judge() -> tuple[dict[str, Any], dict[str, Any]]:
         record, timings = checked.judge()
@@ -159,11 +202,9 @@ def run_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_
     return judge
 
 
-def _coreml_on_macos(job: _RunJob, cases: Sequence[int] | None) -> Judge:
+def _coreml_on_macos(real: _Ran, ref: _Ran) -> Judge:
     """On macOS: the real Core ML runtime gives the verdict; the MIL reference executor runs
     too, and a disagreement between them (either failing) fails the artifact."""
-    real = job.run("coreml", cases)
-    ref = job.run("mil-reference", cases)
 
     def judge() -> tuple[dict[str, Any], dict[str, Any]]:
         record, timings = real.judge()
@@ -175,6 +216,79 @@ def _coreml_on_macos(job: _RunJob, cases: Sequence[int] | None) -> Judge:
         return record, timings
 
     return judge
+
+
+def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, Judge], None],
+                timeout_s: float | None = None) -> None:
+    """Drive many artifacts' checks with one worker job per round and worker kind (a verify
+    runs a whole bundle in one round trip instead of one per artifact). ``done(i, judge)`` is
+    called as soon as check ``i`` has made its last run, so that its comparison can start
+    while the worker runs the next. A run that kills its worker (crash, timeout, memory)
+    fails that run alone; the runs after it go to a new worker."""
+    asked: dict[int, tuple[str, Sequence[int] | None]] = {}
+
+    def advance(i: int, ran: _Ran | None) -> None:
+        try:
+            asked[i] = next(planned[i].plan) if ran is None else planned[i].plan.send(ran)
+        except StopIteration as stop:
+            done(i, stop.value)
+
+    for i in range(len(planned)):
+        advance(i, None)
+    while asked:
+        this_round, asked = sorted(asked.items()), {}
+        kinds = {worker_kind(runtime_info(rt).framework) for _, (rt, _) in this_round}
+        for kind in sorted(kinds):
+            runs = [(i, rt, c) for i, (rt, c) in this_round if worker_kind(runtime_info(rt).framework) == kind]
+            _run_many(pool, [(planned[i].job, rt, c) for i, rt, c in runs],
+                      functools.partial(_advance_nth, advance, [i for i, _, _ in runs]), timeout_s)
+
+
+def _run_many(pool: Pool, runs: list[tuple[_RunJob, str, Sequence[int] | None]],
+              got: Callable[[int, _Ran], None], timeout_s: float | None) -> None:
+    """One worker job running ``runs`` in order; ``got(n, ran)`` as each one finishes."""
+    first = 0
+    while first < len(runs):
+        first += _run_batch(pool, runs[first:], functools.partial(_shifted, got, first), timeout_s)
+
+
+def _shifted(got: Callable[[int, _Ran], None], offset: int, n: int, ran: _Ran) -> None:
+    got(offset + n, ran)
+
+
+def _advance_nth(advance: Callable[[int, _Ran], None], indices: list[int], n: int, ran: _Ran) -> None:
+    advance(indices[n], ran)
+
+
+def _run_batch(pool: Pool, batch: list[tuple[_RunJob, str, Sequence[int] | None]],
+               got: Callable[[int, _Ran], None], timeout_s: float | None) -> int:
+    """Run ``batch`` in one worker job; how many of its runs are settled (all of them, or
+    those up to the one that took its worker down, which fails alone)."""
+    answered = 0
+
+    def partial(item: dict[str, Any]) -> None:
+        nonlocal answered
+        n = int(item["index"])
+        job, runtime, cases = batch[n]
+        answered = n + 1
+        if item.get("ok"):
+            got(n, job.ran(runtime, cases, dict(item.get("result") or {})))
+        else:
+            got(n, job.failed(runtime, cases, error_from_dict(item.get("error") or {})))
+
+    try:
+        pool.call(kind="many", payload={"jobs": [job.sub_job(rt, c) for job, rt, c in batch]},
+                  framework=runtime_info(batch[0][1]).framework,
+                  step=f"run:{'+'.join(rt for _, rt, _ in batch)}", timeout_s=timeout_s, on_partial=partial)
+    except JobFailed as failed:  # the run in flight (crash, timeout, memory) fails alone
+        if answered == len(batch):
+            return answered
+        job, runtime, cases = batch[answered]
+        failed.error.stage = f"run:{runtime}"
+        got(answered, job.failed(runtime, cases, failed.error))
+        return answered + 1
+    assert answered == len(batch), "a finished 'many' job answers every run"
+    return answered
 
 
 @dataclass(kw_only=True)
@@ -214,25 +328,37 @@ class _RunJob:
     output_names: Sequence[str] | None
     options: dict[str, Any]
 
-    def run(self, runtime: str, cases: Sequence[int] | None) -> _Ran:
-        info = runtime_info(runtime)
-        out = self.work_dir / f"outputs-{runtime}.bin"  # the worker makes the folder
+    def sub_job(self, runtime: str, cases: Sequence[int] | None) -> dict[str, Any]:
+        """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all)."""
         payload = {"runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
                    "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
-                   "out": str(out), "options": self.options}
+                   "out": str(self._out(runtime)), "options": self.options}
+        return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": str(self.log),
+                "work_dir": str(self.work_dir)}
+
+    def _out(self, runtime: str) -> Path:
+        return self.work_dir / f"outputs-{runtime}.bin"  # the worker makes the folder
+
+    def run(self, runtime: str, cases: Sequence[int] | None) -> _Ran:
+        sub = self.sub_job(runtime, cases)
         try:
-            result, _ = self.pool.call(kind="run", payload=payload, framework=info.framework,
-                                       step=f"run:{runtime}", log=self.log, work_dir=self.work_dir,
+            result, _ = self.pool.call(kind="run", payload=sub["payload"], framework=runtime_info(runtime).framework,
+                                       step=sub["step"], log=self.log, work_dir=self.work_dir,
                                        timeout_s=self.timeout_s)
         except JobFailed as failed:
-            status = "unverified" if isinstance(failed.error, UnverifiedError) else "error"
-            record: dict[str, Any] = {"status": status, "runtime": runtime, "checker": runtime,
-                                      "stage": failed.error.stage or f"run:{runtime}",
-                                      "error": _error_dict(failed.error)}
-            if isinstance(failed.error, UnverifiedError):
-                record["checked"] = failed.error.checked
-            return _Ran(job=self, runtime=runtime, cases=cases, failure=record)
-        return _Ran(job=self, runtime=runtime, cases=cases, result=result, out=out)
+            return self.failed(runtime, cases, failed.error)
+        return self.ran(runtime, cases, result)
+
+    def ran(self, runtime: str, cases: Sequence[int] | None, result: dict[str, Any]) -> _Ran:
+        return _Ran(job=self, runtime=runtime, cases=cases, result=result, out=self._out(runtime))
+
+    def failed(self, runtime: str, cases: Sequence[int] | None, error: PortableModelsError) -> _Ran:
+        status = "unverified" if isinstance(error, UnverifiedError) else "error"
+        record: dict[str, Any] = {"status": status, "runtime": runtime, "checker": runtime,
+                                  "stage": error.stage or f"run:{runtime}", "error": _error_dict(error)}
+        if isinstance(error, UnverifiedError):
+            record["checked"] = error.checked
+        return _Ran(job=self, runtime=runtime, cases=cases, failure=record)
 
     def compare(self, result: dict[str, Any], actual: Cases, golden_outputs: Cases,
                 cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:

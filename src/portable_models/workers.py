@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,12 +344,14 @@ class WorkerPool:
              log: Path | None = None, work_dir: Path | None = None,
              timeout_s: float | None = None, limits: WorkerLimits | None = None,
              lane: int = 0, threads: int | None = None,
+             on_partial: Callable[[dict[str, Any]], None] | None = None,
              _warming: bool = False) -> tuple[dict[str, Any], float]:
         """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
         ``limits`` overrides the pool's for this job (memory cap, default timeout).
         ``lane``: jobs of one lane share their workers, so that conversions running side
         by side (``jobs=2``) keep their own warm workers; ``threads`` caps the worker's
-        numeric thread pools."""
+        numeric thread pools. A job of kind ``many`` answers each of its jobs as it ends,
+        to ``on_partial``; the timeout then applies to each of them."""
         limits = limits or self.limits
         start = time.monotonic()
         try:
@@ -363,6 +365,10 @@ class WorkerPool:
                          "log": str(log) if log else None,
                          "work_dir": str(work_dir) if work_dir else None})
             answer = worker.read_line(timeout_s or limits.timeout_s, limits, step)
+            while "partial" in answer:
+                if on_partial is not None:
+                    on_partial(dict(answer["partial"]))
+                answer = worker.read_line(timeout_s or limits.timeout_s, limits, step)
             healthy = True
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc

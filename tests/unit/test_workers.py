@@ -84,6 +84,60 @@ def test_job_output_goes_to_its_log(pool: WorkerPool, tmp_path: Path) -> None:
     assert "asked to fail" in text and "Traceback" in text
 
 
+def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_path: Path) -> None:
+    subs = [{"kind": "test", "payload": {}, "step": "one"},
+            {"kind": "test", "payload": {"action": "raise"}, "step": "two", "log": str(tmp_path / "two.log")},
+            {"kind": "test", "payload": {}, "step": "three"}]
+    seen: list[dict] = []
+    result, _ = pool.call(kind="many", payload={"jobs": subs}, framework="none", step="many",
+                          on_partial=seen.append)
+    assert result == {"jobs": 3}
+    assert [(p["index"], p["ok"]) for p in seen] == [(0, True), (1, False), (2, True)]
+    assert "asked to fail" in seen[1]["error"]["message"], "a failing job answers for itself"
+    assert "Traceback" in (tmp_path / "two.log").read_text(), "each job writes to its own log"
+    assert seen[0]["result"]["pid"] == seen[2]["result"]["pid"], "one worker ran them all"
+    # a crash ends the job: the jobs before it were answered, the caller sees which one died
+    seen.clear()
+    subs[1] = {"kind": "test", "payload": {"action": "segfault"}, "step": "two"}
+    with pytest.raises(JobFailed) as info:
+        pool.call(kind="many", payload={"jobs": subs}, framework="none", step="many", on_partial=seen.append)
+    assert isinstance(info.value.error, WorkerCrashed)
+    assert [p["index"] for p in seen] == [0]
+
+
+def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run(tmp_path: Path) -> None:
+    """verify runs a bundle's artifacts in one worker job; one that crashes its worker fails
+    alone (stage: its runtime), and the ones after it run in a new worker."""
+    from portable_models import pipeline
+    from portable_models.iomap import IoMap
+    from portable_models.parity import TolerancePolicy
+
+    class Scripted(pipeline._RunJob):
+        action = ""
+
+        def sub_job(self, runtime: str, cases: object) -> dict:
+            return {"kind": "test", "payload": {"action": self.action}, "step": f"run:{runtime}"}
+
+    def job(action: str) -> Scripted:
+        made = Scripted(pool=pool, artifact=tmp_path / "a", io=IoMap(inputs={}, outputs={}),
+                        golden_inputs=tmp_path / "g", golden_outputs=[], policy=TolerancePolicy(),
+                        precision="float32", log=tmp_path / "log", work_dir=tmp_path / "w",
+                        timeout_s=None, output_names=None, options={})
+        made.action = action
+        return made
+
+    got: dict[int, pipeline._Ran] = {}
+    with WorkerPool(scratch=tmp_path / "s", limits=WorkerLimits(timeout_s=60)) as pool:
+        runs = [(job(a), "onnxruntime", None) for a in ("pid", "segfault", "pid", "pid")]
+        pipeline._run_many(pool, runs, got.__setitem__, None)
+    assert sorted(got) == [0, 1, 2, 3]
+    assert [r.failure is None for r in (got[0], got[2], got[3])] == [True, True, True]
+    failure = got[1].failure
+    assert failure is not None and failure["status"] == "error" and failure["stage"] == "run:onnxruntime"
+    assert "crashed (SIGSEGV)" in failure["error"]["message"]
+    assert got[0].result["pid"] != got[2].result["pid"] == got[3].result["pid"], "the rest ran in a new worker"
+
+
 # -- one pool per process -------------------------------------------------------------
 def test_shared_pool_keeps_warm_workers_between_calls_until_shutdown() -> None:
     from portable_models.workers import shared_pool, shutdown_workers
