@@ -40,7 +40,9 @@ VERIFY_TRIES = 3
 WARM_PAIRS = 15
 #: rounds of (direct replay, jobs=2 export, sequential export) after the first export: with
 #: it and one more replay, 3 sequential exports, 3 replays and 2 jobs=2 exports are compared.
-ROUNDS = 2
+#: Each round costs three demo exports (~1.5-2.5 min here); PM_BENCH_ROUNDS=1 is quicker
+#: and noisier.
+ROUNDS = max(1, int(os.environ.get("PM_BENCH_ROUNDS", "2")))
 
 
 def cold_import_ms(runs: int = 7) -> tuple[float, list[str]]:
