@@ -6,9 +6,10 @@ bundle, replayed directly in this one process (no workers, no bundle writing).
         imports each runtime and loads and runs the bundle's own artifacts on the golden
         cases (the floor of a cold `portable-models verify`; bench/run.py times the whole
         process, start to exit, as it times the CLI)
-    python bench/direct.py BUNDLE --verify-warm N  ->  {"verify_s", "runtimes_warm_s", ...}:
+    python bench/direct.py BUNDLE --verify-warm N  ->  {"pair_ratios", "verify_s", ...}:
         a warm `pm.verify` of the bundle and a direct pass loading and running each of its
-        artifacts once, alternated N times in this process: the best of each
+        artifacts once, back to back N times in this process: each pair's ratio, and the
+        best of each side
 
 In the replay each artifact is loaded and run 3 times: ``runtime_s`` is the best pass (the
 verify's share of the export + verify floor), and ``total_s`` counts only the first (what the
@@ -129,23 +130,34 @@ def runtimes_only(bundle: Path) -> float:
 
 
 def verify_vs_runtimes(bundle: Path, pairs: int) -> dict[str, Any]:
-    """A warm ``pm.verify`` of the bundle and a direct pass over its artifacts, alternated
-    ``pairs`` times after two warm-up rounds, so that both sides run warm and under the same
-    machine noise: the best of each, and whether every verify passed."""
+    """A warm ``pm.verify`` of the bundle and a direct pass over its artifacts, run back to
+    back ``pairs`` times after two warm-up pairs, each pair in the other order than the one
+    before (so that neither side always runs warmer): each pair's ratio (the two ran under
+    the same machine speed), the best of each side, and whether every verify passed."""
     import portable_models as pm
 
     contract = load_contract(bundle)
     cases = load_cases(bundle / contract.golden["inputs"])
     verify, direct, ok = [], [], True
-    for n in range(pairs + 2):
+
+    def timed_verify() -> float:
+        nonlocal ok
         start = time.perf_counter()
         ok = pm.verify(bundle).ok and ok
-        seconds = time.perf_counter() - start
-        floor = _pass(bundle, contract, cases)
+        return time.perf_counter() - start
+
+    for n in range(pairs + 2):
+        if n % 2 == 0:
+            seconds = timed_verify()
+            floor = _pass(bundle, contract, cases)
+        else:
+            floor = _pass(bundle, contract, cases)
+            seconds = timed_verify()
         if n >= 2:
             verify.append(seconds)
             direct.append(floor)
     return {"verify_s": min(verify), "runtimes_warm_s": min(direct), "verify_ok": ok,
+            "pair_ratios": [v / d for v, d in zip(verify, direct, strict=True)],
             "verify_runs_s": verify, "runtimes_warm_runs_s": direct}
 
 

@@ -3,9 +3,10 @@
 Started by :mod:`portable_models.workers` as ``python -m portable_models._worker FD``.
 It reads one JSON job per line on stdin and answers one JSON line per job on file
 descriptor ``FD`` (a job of kind ``many`` first answers each of the jobs it holds, in
-order, as ``{"id", "partial": {"index", "ok", …}}`` lines). Everything a converter prints (fd 1 and 2) goes to the job's log
-file. The network is closed to everything but loopback; ``HOME``, ``TMPDIR`` and the
-working directory are private scratch folders set by the parent.
+order, as ``{"id", "partial": {"index", "ok", …}}`` lines). Everything a converter
+prints (fd 1 and 2) goes to the job's log file. The network is closed to everything
+but loopback; ``HOME``, ``TMPDIR`` and the working directory are private scratch
+folders set by the parent.
 
 The worker is reused for many jobs of one framework (importing torch or TensorFlow
 once), and killed and replaced by the parent after a crash, a timeout or a memory kill.
