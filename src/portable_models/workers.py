@@ -271,17 +271,21 @@ class WorkerPool:
         return self._closed.is_set()
 
     def warm_in_background(self, framework: str, modules: list[str], limits: WorkerLimits,
-                           lane: int = 0, threads: int | None = None) -> None:
+                           lane: int = 0, threads: int | None = None, after: int | None = None) -> None:
         """A worker of this kind and lane importing ``modules`` on a background thread;
-        jobs for that worker wait for it instead of starting another."""
+        jobs for that worker wait for it instead of starting another. ``after``: start
+        once lane ``after``'s warm-up (if one is under way) has ended."""
         key = (worker_kind(framework), lane, threads)
         with self._lock:
             if key in self._warming or self.closed:
                 return
             done = self._warming[key] = threading.Event()
+            before = None if after is None else self._warming.get((key[0], after, threads))
 
         def warm() -> None:
             try:
+                if before is not None:
+                    before.wait(120.0)
                 self.call(kind="warm", payload={"modules": modules}, framework=framework,
                           step="warm-up", limits=limits, lane=lane, threads=threads, _warming=True)
             except JobFailed:
@@ -441,13 +445,16 @@ class LimitedPool:
         return self.pool.call(**kwargs)
 
     def prewarm(self, framework: str, modules: list[str], lanes: int | Sequence[int] = 1,
-                threads: int | None = None) -> None:
+                threads: int | None = None, one_by_one: bool = False) -> None:
         """Start a worker per lane (``lanes``: how many, from lane 0, or which) importing
         ``modules`` in the background, while the caller captures the model. Nothing waits for
-        it unless a job needs that lane's worker (a fully cached export never does)."""
+        it unless a job needs that lane's worker (a fully cached export never does).
+        ``one_by_one``: each lane's worker starts importing when the previous lane's is done
+        (two processes importing torch at once each take about twice as long)."""
         for lane in range(lanes) if isinstance(lanes, int) else lanes:
             view = self.lane_view(lane, threads)
-            self.pool.warm_in_background(framework, modules, view.limits, view.lane, view.threads)
+            self.pool.warm_in_background(framework, modules, view.limits, view.lane, view.threads,
+                                         after=lane - 1 if one_by_one and lane > 0 else None)
 
     def lane_view(self, lane: int, threads: int | None) -> LimitedPool:
         """The same pool and limits, on its own lane of workers."""

@@ -84,6 +84,29 @@ def test_job_output_goes_to_its_log(pool: WorkerPool, tmp_path: Path) -> None:
     assert "asked to fail" in text and "Traceback" in text
 
 
+def test_lanes_warmed_one_by_one_import_one_after_the_other(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers importing torch at once each take about twice as long: a lane warmed
+    ``one_by_one`` starts importing when the previous lane's worker is ready."""
+    from portable_models.workers import LimitedPool
+
+    (tmp_path / "pm_slow_import.py").write_text(
+        "import os, time\n"
+        "start = time.time()\n"
+        "time.sleep(0.5)\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'import-%d.txt' % os.getpid()), 'w').write("
+        "'%r %r' % (start, time.time()))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        view = LimitedPool(pool, WorkerLimits())
+        view.prewarm("none", ["pm_slow_import"], lanes=[0, 1], threads=1, one_by_one=True)
+        for k in range(2):  # each lane's job waits for its lane's warm-up
+            view.lane_view(k, 1).call(kind="ping", payload={}, framework="none", step="p")
+        assert pool.started == 2
+    spans = sorted(tuple(map(float, f.read_text().split())) for f in tmp_path.glob("import-*.txt"))
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1], f"the imports overlapped: {spans}"
+
+
 def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_path: Path) -> None:
     subs = [{"kind": "test", "payload": {}, "step": "one"},
             {"kind": "test", "payload": {"action": "raise"}, "step": "two", "log": str(tmp_path / "two.log")},
