@@ -28,7 +28,7 @@ from portable_models.targets import routes_for
 from portable_models.targets.base import RouteInfo, check_requires
 from portable_models.workers import JobFailed, Pool, worker_kind
 
-__all__ = ["TargetContext", "build_target", "check_artifact", "run_artifact", "plan_artifact", "run_planned",
+__all__ = ["TargetContext", "build_target", "check_artifact", "plan_artifact", "run_planned",
            "PlannedRun", "checking_runtime", "Progress",
            "runner_options", "error_histogram", "fixed_shape_cases"]
 
@@ -121,30 +121,10 @@ def check_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golde
     accepts) in a worker and compare. Returns the parity record and the timings.
     Load/run failures become an ``error`` record, not an exception. Core ML off macOS is
     checked structurally by its own runner first, then numerically by the MIL reference."""
-    return run_artifact(pool, artifact=artifact, runtime=runtime, io=io, golden_inputs=golden_inputs,
-                        golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
-                        work_dir=work_dir, timeout_s=timeout_s, output_names=output_names, cases=cases,
-                        options=options)()
-
-
-def run_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
-                 golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
-                 work_dir: Path, timeout_s: float | None = None,
-                 output_names: Sequence[str] | None = None,
-                 cases: Sequence[int] | None = None,
-                 options: dict[str, Any] | None = None) -> Judge:
-    """The worker half of :func:`check_artifact`: run the artifact (and, for Core ML, the
-    runtime that checks it), and return the comparison still to be made in the caller."""
-    planned = plan_artifact(pool, artifact=artifact, runtime=runtime, io=io, golden_inputs=golden_inputs,
-                            golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
-                            work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
-                            cases=cases, options=options)
-    try:
-        request = next(planned.plan)
-        while True:
-            request = planned.plan.send(planned.job.run(*request))
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+    return plan_artifact(pool, artifact=artifact, runtime=runtime, io=io, golden_inputs=golden_inputs,
+                         golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
+                         work_dir=work_dir, timeout_s=timeout_s, output_names=output_names, cases=cases,
+                         options=options).alone()()
 
 
 #: one artifact's check as the runs it asks for, one at a time: it yields (runtime, cases),
@@ -154,11 +134,21 @@ Plan = Generator[tuple[str, Sequence[int] | None], "_Ran", Judge]
 
 @dataclass
 class PlannedRun:
-    """An artifact's check, ready to be driven alone (:func:`run_artifact`) or with others in
-    one worker job per round (:func:`run_planned`)."""
+    """An artifact's check, not yet started: driven alone (:meth:`alone`, one worker job per
+    run, as ``export`` checks each new artifact) or with others in one worker job per round
+    (:func:`run_planned`, as ``verify`` checks a bundle)."""
 
     job: _RunJob
     plan: Plan
+
+    def alone(self) -> Judge:
+        """Make the runs one by one; the comparison still to be made in the caller."""
+        try:
+            request = next(self.plan)
+            while True:
+                request = self.plan.send(self.job.run(*request))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
@@ -167,7 +157,7 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
                   output_names: Sequence[str] | None = None,
                   cases: Sequence[int] | None = None,
                   options: dict[str, Any] | None = None) -> PlannedRun:
-    """:func:`run_artifact`, not yet started."""
+    """The check of :func:`check_artifact`, to be driven alone or with others."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
