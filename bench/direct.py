@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from portable_models.checks import checking_runtime, runner_options
 from portable_models.contract import Contract, load_contract
 from portable_models.golden import load_cases
 from portable_models.iomap import IoMap
-from portable_models.pipeline import checking_runtime, runner_options
 from portable_models.runtimes import runtime_info
 from portable_models.runtimes.base import RunnerOptions
 from portable_models.targets import route_by_name

@@ -20,18 +20,11 @@ import numpy as np
 
 from portable_models import golden
 from portable_models.bundle import Staging, check_file, list_files, sha256_path, writing
+from portable_models.checks import PlannedRun, plan_artifact, run_planned, runner_options
 from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
-from portable_models.pipeline import (
-    PlannedRun,
-    Progress,
-    TargetContext,
-    build_target,
-    plan_artifact,
-    run_planned,
-    runner_options,
-)
+from portable_models.pipeline import Progress, TargetContext, build_target
 from portable_models.reports import write_reports
 from portable_models.reports.table import render_table
 from portable_models.runtimes.base import COMPUTE_UNITS

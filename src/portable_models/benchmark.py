@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.bundle import check_files, list_files, raise_on_problems, writing
+from portable_models.checks import checking_runtime, runner_options
 from portable_models.contract import Contract, load_contract
-from portable_models.pipeline import checking_runtime, runner_options
 from portable_models.reports import write_reports
 from portable_models.runtimes import runtime_info
 from portable_models.workers import JobFailed, Pool, WorkerLimits, shared_pool

@@ -131,11 +131,11 @@ def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_pa
 def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run(tmp_path: Path) -> None:
     """verify runs a bundle's artifacts in one worker job; one that crashes its worker fails
     alone (stage: its runtime), and the ones after it run in a new worker."""
-    from portable_models import pipeline
+    from portable_models import checks
     from portable_models.iomap import IoMap
     from portable_models.parity import TolerancePolicy
 
-    class Scripted(pipeline._RunJob):
+    class Scripted(checks._RunJob):
         action = ""
 
         def sub_job(self, runtime: str, cases: object) -> dict:
@@ -149,10 +149,10 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
         made.action = action
         return made
 
-    got: dict[int, pipeline._Ran] = {}
+    got: dict[int, checks._Ran] = {}
     with WorkerPool(scratch=tmp_path / "s", limits=WorkerLimits(timeout_s=60)) as pool:
-        runs = [(job(a), "onnxruntime", None) for a in ("pid", "segfault", "pid", "pid")]
-        pipeline._run_many(pool, runs, got.__setitem__, None)
+        runs = [(n, job(a), "onnxruntime", None) for n, a in enumerate(("pid", "segfault", "pid", "pid"))]
+        checks._run_many(pool, runs, got.__setitem__, None)
     assert sorted(got) == [0, 1, 2, 3]
     assert [r.failure is None for r in (got[0], got[2], got[3])] == [True, True, True]
     failure = got[1].failure
