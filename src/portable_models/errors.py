@@ -48,6 +48,7 @@ __all__ = [
     "WorkerCrashed",
     "WorkerTimeout",
     "WorkerOutOfMemory",
+    "WorkerUnfit",
     "UnverifiedError",
     "NetworkRequiredError",
     "MissingDependencyError",
@@ -157,6 +158,14 @@ class WorkerTimeout(WorkerError):
 
 class WorkerOutOfMemory(WorkerError):
     code = "out_of_memory"
+
+
+class WorkerUnfit(WorkerError):
+    """What an earlier job left in the worker's process keeps it from running this one
+    (coremltools imported without TensorFlow, asked to convert a Keras model): the pool
+    runs the job once more in a fresh worker."""
+
+    code = "worker_unfit"
 
 
 class UnverifiedError(PortableModelsError):

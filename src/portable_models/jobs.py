@@ -177,6 +177,14 @@ def test_job(payload: dict[str, Any]) -> dict[str, Any]:
         socket.create_connection(("203.0.113.1", 443), timeout=5)
     elif action == "raise":
         raise PortableModelsError("asked to fail", stage="test")
+    elif action == "coremltools":
+        import sys
+
+        from portable_models.coremltools_import import import_coremltools
+
+        ct = import_coremltools(tensorflow=bool(payload.get("tensorflow")))
+        return {"pid": os.getpid(), "tf_frontend": bool(ct._deps._HAS_TF_2),
+                "loaded": sorted(m for m in ("tensorflow", "sklearn", "transformers") if m in sys.modules)}
     elif action == "cwd":
         Path("written-by-worker.txt").write_text("x")
         Path(os.path.expanduser("~/written-by-worker.txt")).write_text("x")

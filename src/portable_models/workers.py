@@ -38,6 +38,7 @@ from portable_models.errors import (
     WorkerError,
     WorkerOutOfMemory,
     WorkerTimeout,
+    WorkerUnfit,
     error_from_dict,
 )
 
@@ -298,7 +299,8 @@ class WorkerPool:
         threading.Thread(target=warm, name="portable-models-warm", daemon=True).start()
 
     def _acquire(self, framework: str, limits: WorkerLimits, lane: int = 0,
-                 threads: int | None = None, warming: bool = False) -> _Worker:
+                 threads: int | None = None, warming: bool = False, fresh: bool = False) -> _Worker:
+        """An idle worker of this kind, or a new one (always a new one when ``fresh``)."""
         framework = worker_kind(framework)
         if not warming:
             with self._lock:
@@ -311,8 +313,8 @@ class WorkerPool:
                 raise WorkerError("the worker pool is shut down", stage="worker start")
             stale = [w for w in self._idle if w.env_key != env_key]
             self._idle = [w for w in self._idle if w.env_key == env_key]
-            found = next((w for w in self._idle if (w.framework, w.lane, w.threads) == (framework, lane, threads)),
-                         None)
+            found = None if fresh else next(
+                (w for w in self._idle if (w.framework, w.lane, w.threads) == (framework, lane, threads)), None)
             if found is not None:
                 self._idle.remove(found)
                 self._busy.append(found)
@@ -349,17 +351,19 @@ class WorkerPool:
              timeout_s: float | None = None, limits: WorkerLimits | None = None,
              lane: int = 0, threads: int | None = None,
              on_partial: Callable[[dict[str, Any]], None] | None = None,
-             _warming: bool = False) -> tuple[dict[str, Any], float]:
+             _warming: bool = False, _fresh: bool = False) -> tuple[dict[str, Any], float]:
         """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
         ``limits`` overrides the pool's for this job (memory cap, default timeout).
         ``lane``: jobs of one lane share their workers, so that conversions running side
         by side (``jobs=2``) keep their own warm workers; ``threads`` caps the worker's
         numeric thread pools. A job of kind ``many`` answers each of its jobs as it ends,
-        to ``on_partial``; the timeout then applies to each of them."""
+        to ``on_partial``; the timeout then applies to each of them. A job the worker says
+        it is unfit for (:class:`WorkerUnfit`) runs once more in a fresh worker, and the unfit
+        one is stopped."""
         limits = limits or self.limits
         start = time.monotonic()
         try:
-            worker = self._acquire(framework, limits, lane, threads, _warming)
+            worker = self._acquire(framework, limits, lane, threads, _warming, _fresh)
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
         healthy = False
@@ -373,13 +377,17 @@ class WorkerPool:
                 if on_partial is not None:
                     on_partial(dict(answer["partial"]))
                 answer = worker.read_line(timeout_s or limits.timeout_s, limits, step)
-            healthy = True
+            healthy = (answer.get("error") or {}).get("code") != WorkerUnfit.code
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
         finally:
             self._release(worker, healthy)
         seconds = float(answer.get("seconds", time.monotonic() - start))
         if not answer.get("ok"):
+            if not healthy and not _fresh:
+                return self.call(kind=kind, payload=payload, framework=framework, step=step, log=log,
+                                 work_dir=work_dir, timeout_s=timeout_s, limits=limits, lane=lane,
+                                 threads=threads, on_partial=on_partial, _fresh=True)
             raise JobFailed(error_from_dict(answer.get("error") or {}), seconds)
         return dict(answer.get("result") or {}), seconds
 

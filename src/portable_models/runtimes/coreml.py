@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from portable_models.coremltools_import import import_coremltools
 from portable_models.errors import RuntimeLoadError, RuntimeRunError, UnverifiedError
 from portable_models.iomap import IoMap
 from portable_models.runtimes.base import COMPUTE_UNITS, Runner
@@ -415,7 +416,7 @@ class CoreMLRunner(Runner):
         self._feed_dtypes: dict[str, str] = {}
 
     def _load_impl(self) -> None:
-        import coremltools as ct
+        ct = import_coremltools()
 
         record, self._feed_dtypes = _package_info(self.artifact)
         expected = _expectations(self.artifact, self.options.extra, record)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from portable_models.coremltools_import import import_coremltools
 from portable_models.runtimes.base import Runner
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class MilReferenceRunner(Runner):
     def _load_impl(self) -> None:
         from portable_models.runtimes.mil import load_executor
 
+        import_coremltools()
         self._executor = load_executor(self.artifact)
 
     def _run_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

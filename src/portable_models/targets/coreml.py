@@ -41,6 +41,7 @@ import shutil
 import time
 from typing import Any
 
+from portable_models.coremltools_import import import_coremltools
 from portable_models.errors import ConversionError
 from portable_models.iomap import Binding, IoMap
 from portable_models.spec import TensorSpec
@@ -75,6 +76,7 @@ _COMPAT_OPS = ("new_ones", "diff")
 # -- public routes ----------------------------------------------------------------
 def convert_from_export(job: ConvertJob) -> ConvertResult:
     """coremltools' torch.export frontend on the decomposed ExportedProgram."""
+    import_coremltools()
     _check_precision(job)
     ep, decomposed = _decomposed_program(job, always=True)
     steps = [Step(step="torch.export.run_decompositions", version=package_version("torch"),
@@ -92,6 +94,7 @@ def convert_from_trace(job: ConvertJob) -> ConvertResult:
     dropped); :func:`_probe_trace` then checks the traced module's output *shapes* at a
     second size of every dynamic dim against the output specs (shapes only: parity is
     the compare engine's job)."""
+    import_coremltools()
     import torch
 
     _check_precision(job)

@@ -395,7 +395,9 @@ def _rename_dims(job: ConvertJob, model: Any, io: IoMap) -> dict[str, str]:
 def convert_tf_coreml(job: ConvertJob) -> ConvertResult:
     """coremltools' TF2 frontend on the single concrete function -> ``model.mlpackage``
     (``model_fp16.mlpackage`` for a float16 program)."""
-    import coremltools as ct
+    from portable_models.coremltools_import import import_coremltools
+
+    ct = import_coremltools(tensorflow=True)
 
     from portable_models.targets import coreml as cm
 
