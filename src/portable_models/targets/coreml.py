@@ -76,7 +76,6 @@ _COMPAT_OPS = ("new_ones", "diff")
 # -- public routes ----------------------------------------------------------------
 def convert_from_export(job: ConvertJob) -> ConvertResult:
     """coremltools' torch.export frontend on the decomposed ExportedProgram."""
-    import_coremltools()
     _check_precision(job)
     ep, decomposed = _decomposed_program(job, always=True)
     steps = [Step(step="torch.export.run_decompositions", version=package_version("torch"),
@@ -94,7 +93,6 @@ def convert_from_trace(job: ConvertJob) -> ConvertResult:
     dropped); :func:`_probe_trace` then checks the traced module's output *shapes* at a
     second size of every dynamic dim against the output specs (shapes only: parity is
     the compare engine's job)."""
-    import_coremltools()
     import torch
 
     _check_precision(job)
@@ -280,7 +278,7 @@ def _drop_aliases(ep: Any) -> list[str]:
 
 
 def _convert(job: ConvertJob, model: Any, *, frontend: str, steps: list[Step]) -> ConvertResult:
-    import coremltools as ct
+    ct = import_coremltools()  # without TensorFlow & co.; nothing earlier in a route imports it
 
     names = _physical_names(job)
     start = time.perf_counter()
