@@ -19,7 +19,8 @@ from portable_models.iomap import IoMap
 from portable_models.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
 from portable_models.runtimes import RUNTIMES, runtime_info
 from portable_models.spec import DimSpec, TensorSpec
-from portable_models.workers import JobFailed, Pool, worker_kind
+from portable_models.worker_process import worker_kind
+from portable_models.workers import JobFailed, Pool
 
 __all__ = ["Judge", "PlannedRun", "check_artifact", "checking_runtime", "error_histogram", "error_dict",
            "fixed_shape_cases", "plan_artifact", "run_planned", "runner_options"]

@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import json
 import os
-import select
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,47 +27,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portable_models.errors import (
-    PortableModelsError,
-    WorkerCrashed,
-    WorkerError,
-    WorkerOutOfMemory,
-    WorkerTimeout,
-    WorkerUnfit,
-    error_from_dict,
+from portable_models.errors import PortableModelsError, WorkerError, WorkerUnfit, error_from_dict
+from portable_models.worker_process import (
+    IDLE_ENV,
+    Worker,
+    WorkerLimits,
+    environment_key,
+    offline_env,
+    worker_kind,
 )
 
 __all__ = ["WorkerLimits", "WorkerPool", "LimitedPool", "Pool", "JobFailed", "offline_env", "shared_pool",
            "shutdown_workers"]
 
-#: seconds an idle worker of the shared pool lives on (it holds torch, TensorFlow …).
-IDLE_ENV = "PORTABLE_MODELS_WORKER_IDLE_S"
+#: seconds an idle worker of the shared pool lives on (it holds torch, TensorFlow …), unless
+#: ``IDLE_ENV`` says otherwise.
 DEFAULT_IDLE_S = 120.0
 #: a worker is replaced after this many jobs, so that state converters leave behind
 #: (caches, registered ops, TensorFlow graphs) cannot grow without bound.
 MAX_JOBS_PER_WORKER = 200
-
-#: environment that keeps well-behaved libraries from reaching the network at all.
-_OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "KAGGLE_OFFLINE": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "PYTHONUNBUFFERED": "1",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "TQDM_DISABLE": "1",
-    "NO_COLOR": "1",
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkerLimits:
-    """Per-job limits. ``memory_mb`` caps the resident memory of a worker's whole
-    process group (None: no cap)."""
-
-    timeout_s: float = 600.0
-    memory_mb: int | None = 8192
 
 
 class JobFailed(Exception):
@@ -84,161 +57,23 @@ class JobFailed(Exception):
         self.seconds = seconds
 
 
-#: per-kind additions to the worker's environment. Keras's backend is fixed per process,
-#: so a Keras model reloaded as a torch.nn.Module needs a worker of its own; every other
-#: job shares the main worker, which imports torch, TensorFlow or coremltools once.
-FRAMEWORK_ENV = {
-    "keras-torch": {"KERAS_BACKEND": "torch"},
-    "main": {"KERAS_BACKEND": "tensorflow"},
-}
+@dataclass(frozen=True, kw_only=True)
+class _Where:
+    """Which worker a job runs on, and under which limits."""
+
+    framework: str
+    limits: WorkerLimits
+    lane: int = 0
+    threads: int | None = None
+    timeout_s: float | None = None
+    warming: bool = False
+    #: a new worker, not an idle one.
+    fresh: bool = False
 
 
-def worker_kind(framework: str) -> str:
-    """Which worker a job of ``framework`` runs in."""
-    return "keras-torch" if framework == "keras-torch" else "main"
-
-
-#: thread-pool sizes of the numeric libraries the converters use (torch, TensorFlow, BLAS).
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-               "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-
-
-def offline_env(scratch: Path, framework: str = "none", threads: int | None = None) -> dict[str, str]:
-    """The worker's environment: the caller's, offline, with HOME and TMPDIR in scratch.
-    ``threads``: cap the numeric libraries' thread pools (workers running side by side)."""
-    env = dict(os.environ)
-    env.update(_OFFLINE_ENV)
-    env.update(FRAMEWORK_ENV.get(framework, {}))
-    if threads:
-        env.update(dict.fromkeys(_THREAD_ENV, str(threads)))
-    home = scratch / "home"
-    tmp = scratch / "tmp"
-    home.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir(parents=True, exist_ok=True)
-    env.update({"HOME": str(home), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(home / ".cache"),
-                "KERAS_HOME": str(home / ".keras")})
-    src = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-#: variables only the caller reads: changing them does not make a worker stale.
-_CALLER_ONLY_ENV = frozenset({"PORTABLE_MODELS_CAPTURE", "PORTABLE_MODELS_CACHE", IDLE_ENV})
-
-
-def _environment_key() -> int:
-    """Workers see the caller's environment as it was when they started; one started
-    under another environment is not reused."""
-    return hash(frozenset((k, v) for k, v in os.environ.items() if k not in _CALLER_ONLY_ENV))
-
-
-def _group_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its descendants, in MiB (Linux /proc; 0 elsewhere)."""
-    proc = Path("/proc")
-    if not proc.exists():
-        return 0.0
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            ppid, pages = int(stat[1]), int(stat[21])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-        rss[int(entry.name)] = pages
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        total += rss.get(p, 0)
-        stack.extend(children.get(p, []))
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _Worker:
-    """One worker process and the pipe it answers on."""
-
-    def __init__(self, framework: str, scratch: Path, log: Path, lane: int = 0,
-                 threads: int | None = None) -> None:
-        self.framework = framework
-        self.lane = lane
-        self.threads = threads
-        #: the caller's environment the worker was started with (see :func:`_environment_key`).
-        self.env_key = _environment_key()
-        self.jobs_done = 0
-        self.idle_since = time.monotonic()
-        read_fd, write_fd = os.pipe()
-        scratch.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "portable_models._worker", str(write_fd)],
-                stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
-                pass_fds=(write_fd,), start_new_session=True, cwd=scratch,
-                env=offline_env(scratch, framework, threads),
-            )
-        os.close(write_fd)
-        self._fd = read_fd
-        self._buffer = b""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, job: Mapping[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(job) + "\n").encode())
-        self.proc.stdin.flush()
-
-    def read_line(self, timeout_s: float, limits: WorkerLimits, what: str) -> dict[str, Any]:
-        """Wait for one answer line, policing time and memory."""
-        deadline = time.monotonic() + timeout_s
-        while b"\n" not in self._buffer:
-            now = time.monotonic()
-            if now > deadline:
-                self.kill()
-                raise WorkerTimeout(f"timeout after {timeout_s:g} s", stage=what,
-                                    fix="raise the limit with --timeout / timeout= if the model is large")
-            ready, _, _ = select.select([self._fd], [], [], min(0.5, deadline - now))
-            if ready:
-                chunk = os.read(self._fd, 1 << 16)
-                if chunk:
-                    self._buffer += chunk
-                    continue
-            if not self.alive() or (ready and not chunk):
-                self._raise_dead(what)
-            if limits.memory_mb and _group_rss_mb(self.proc.pid) > limits.memory_mb:
-                self.kill()
-                raise WorkerOutOfMemory(f"killed: memory limit {limits.memory_mb} MiB", stage=what,
-                                        fix="raise the limit with --memory-limit / memory_mb=")
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return dict(json.loads(line))
-
-    def _raise_dead(self, what: str) -> None:
-        code = self.proc.wait()
-        self.kill()
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            raise WorkerCrashed(f"crashed ({name})", stage=what)
-        raise WorkerCrashed(f"worker exited with code {code}", stage=what)
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
-        self._fd = -1
+def _unfit(answer: Mapping[str, Any]) -> bool:
+    """The worker said what an earlier job left in it keeps it from running this one."""
+    return (answer.get("error") or {}).get("code") == WorkerUnfit.code
 
 
 @dataclass(kw_only=True)
@@ -252,8 +87,8 @@ class WorkerPool:
     idle_s: float | None = None
     #: remove ``scratch`` on close (the shared pool owns its folder).
     owns_scratch: bool = False
-    _idle: list[_Worker] = field(default_factory=list)
-    _busy: list[_Worker] = field(default_factory=list)
+    _idle: list[Worker] = field(default_factory=list)
+    _busy: list[Worker] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _count: int = 0
     _reaper: threading.Thread | None = None
@@ -299,7 +134,7 @@ class WorkerPool:
         threading.Thread(target=warm, name="portable-models-warm", daemon=True).start()
 
     def _acquire(self, framework: str, limits: WorkerLimits, lane: int = 0,
-                 threads: int | None = None, warming: bool = False, fresh: bool = False) -> _Worker:
+                 threads: int | None = None, warming: bool = False, fresh: bool = False) -> Worker:
         """An idle worker of this kind, or a new one (always a new one when ``fresh``)."""
         framework = worker_kind(framework)
         if not warming:
@@ -307,7 +142,7 @@ class WorkerPool:
                 pending = self._warming.get((framework, lane, threads))
             if pending is not None:  # its worker is importing: wait rather than start another
                 pending.wait(120.0)
-        env_key = _environment_key()
+        env_key = environment_key()
         with self._lock:
             if self.closed:
                 raise WorkerError("the worker pool is shut down", stage="worker start")
@@ -326,7 +161,7 @@ class WorkerPool:
         if found is not None:
             return found
         wdir = self.scratch / f"worker-{n}"
-        worker = _Worker(framework, wdir, self.scratch / f"worker-{n}.log", lane, threads)
+        worker = Worker(framework, wdir, self.scratch / f"worker-{n}.log", lane, threads)
         with self._lock:
             self._busy.append(worker)
             self.started += 1
@@ -334,7 +169,7 @@ class WorkerPool:
         self._start_reaper()
         return worker
 
-    def _release(self, worker: _Worker, healthy: bool) -> None:
+    def _release(self, worker: Worker, healthy: bool) -> None:
         with self._lock:
             if worker in self._busy:
                 self._busy.remove(worker)
@@ -351,7 +186,7 @@ class WorkerPool:
              timeout_s: float | None = None, limits: WorkerLimits | None = None,
              lane: int = 0, threads: int | None = None,
              on_partial: Callable[[dict[str, Any]], None] | None = None,
-             _warming: bool = False, _fresh: bool = False) -> tuple[dict[str, Any], float]:
+             _warming: bool = False) -> tuple[dict[str, Any], float]:
         """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
         ``limits`` overrides the pool's for this job (memory cap, default timeout).
         ``lane``: jobs of one lane share their workers, so that conversions running side
@@ -360,36 +195,41 @@ class WorkerPool:
         to ``on_partial``; the timeout then applies to each of them. A job the worker says
         it is unfit for (:class:`WorkerUnfit`) runs once more in a fresh worker, and the unfit
         one is stopped."""
-        limits = limits or self.limits
+        job = {"kind": kind, "payload": dict(payload), "step": step, "log": str(log) if log else None,
+               "work_dir": str(work_dir) if work_dir else None}
+        where = _Where(framework=framework, limits=limits or self.limits, lane=lane, threads=threads,
+                       timeout_s=timeout_s, warming=_warming)
+        answer, seconds = self._answer(job, where, on_partial)
+        if _unfit(answer):  # what an earlier job left in that worker: once more, in a new one
+            answer, seconds = self._answer(job, dataclasses.replace(where, fresh=True), on_partial)
+        if not answer.get("ok"):
+            raise JobFailed(error_from_dict(answer.get("error") or {}), seconds)
+        return dict(answer.get("result") or {}), seconds
+
+    def _answer(self, job: dict[str, Any], where: _Where,
+                on_partial: Callable[[dict[str, Any]], None] | None) -> tuple[dict[str, Any], float]:
+        """Run ``job`` on one worker: its final answer and seconds (JobFailed: the worker died,
+        timed out or hit the memory limit)."""
+        limits, step = where.limits, str(job["step"])
         start = time.monotonic()
         try:
-            worker = self._acquire(framework, limits, lane, threads, _warming, _fresh)
+            worker = self._acquire(where.framework, limits, where.lane, where.threads, where.warming, where.fresh)
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
         healthy = False
         try:
-            job_id = f"{os.getpid()}-{time.monotonic_ns()}"
-            worker.send({"id": job_id, "kind": kind, "payload": dict(payload), "step": step,
-                         "log": str(log) if log else None,
-                         "work_dir": str(work_dir) if work_dir else None})
-            answer = worker.read_line(timeout_s or limits.timeout_s, limits, step)
+            worker.send({"id": f"{os.getpid()}-{time.monotonic_ns()}", **job})
+            answer = worker.read_line(where.timeout_s or limits.timeout_s, limits, step)
             while "partial" in answer:
                 if on_partial is not None:
                     on_partial(dict(answer["partial"]))
-                answer = worker.read_line(timeout_s or limits.timeout_s, limits, step)
-            healthy = (answer.get("error") or {}).get("code") != WorkerUnfit.code
+                answer = worker.read_line(where.timeout_s or limits.timeout_s, limits, step)
+            healthy = not _unfit(answer)
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
         finally:
             self._release(worker, healthy)
-        seconds = float(answer.get("seconds", time.monotonic() - start))
-        if not answer.get("ok"):
-            if not healthy and not _fresh:
-                return self.call(kind=kind, payload=payload, framework=framework, step=step, log=log,
-                                 work_dir=work_dir, timeout_s=timeout_s, limits=limits, lane=lane,
-                                 threads=threads, on_partial=on_partial, _fresh=True)
-            raise JobFailed(error_from_dict(answer.get("error") or {}), seconds)
-        return dict(answer.get("result") or {}), seconds
+        return answer, float(answer.get("seconds", time.monotonic() - start))
 
     def with_limits(self, limits: WorkerLimits) -> LimitedPool:
         """This pool, with ``limits`` applied to every call made through the view."""

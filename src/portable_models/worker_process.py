@@ -1,0 +1,204 @@
+"""One worker process: the environment it starts with, its start, reading its answers while
+policing its time and memory, and killing it with its children. The pool that reuses these
+processes is :mod:`portable_models.workers`."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from portable_models.errors import WorkerCrashed, WorkerOutOfMemory, WorkerTimeout
+
+__all__ = ["WorkerLimits", "IDLE_ENV", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
+           "Worker"]
+
+#: the variable that sets how long an idle worker of the shared pool lives on (read by the caller).
+IDLE_ENV = "PORTABLE_MODELS_WORKER_IDLE_S"
+
+#: environment that keeps well-behaved libraries from reaching the network at all.
+_OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "KAGGLE_OFFLINE": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "TQDM_DISABLE": "1",
+    "NO_COLOR": "1",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerLimits:
+    """Per-job limits. ``memory_mb`` caps the resident memory of a worker's whole
+    process group (None: no cap)."""
+
+    timeout_s: float = 600.0
+    memory_mb: int | None = 8192
+
+
+#: per-kind additions to the worker's environment. Keras's backend is fixed per process,
+#: so a Keras model reloaded as a torch.nn.Module needs a worker of its own; every other
+#: job shares the main worker, which imports torch, TensorFlow or coremltools once.
+FRAMEWORK_ENV = {
+    "keras-torch": {"KERAS_BACKEND": "torch"},
+    "main": {"KERAS_BACKEND": "tensorflow"},
+}
+
+
+def worker_kind(framework: str) -> str:
+    """Which worker a job of ``framework`` runs in."""
+    return "keras-torch" if framework == "keras-torch" else "main"
+
+
+#: thread-pool sizes of the numeric libraries the converters use (torch, TensorFlow, BLAS).
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def offline_env(scratch: Path, framework: str = "none", threads: int | None = None) -> dict[str, str]:
+    """The worker's environment: the caller's, offline, with HOME and TMPDIR in scratch.
+    ``threads``: cap the numeric libraries' thread pools (workers running side by side)."""
+    env = dict(os.environ)
+    env.update(_OFFLINE_ENV)
+    env.update(FRAMEWORK_ENV.get(framework, {}))
+    if threads:
+        env.update(dict.fromkeys(_THREAD_ENV, str(threads)))
+    home = scratch / "home"
+    tmp = scratch / "tmp"
+    home.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    env.update({"HOME": str(home), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(home / ".cache"),
+                "KERAS_HOME": str(home / ".keras")})
+    src = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+#: variables only the caller reads: changing them does not make a worker stale.
+_CALLER_ONLY_ENV = frozenset({"PORTABLE_MODELS_CAPTURE", "PORTABLE_MODELS_CACHE", IDLE_ENV})
+
+
+def environment_key() -> int:
+    """Workers see the caller's environment as it was when they started; one started
+    under another environment is not reused."""
+    return hash(frozenset((k, v) for k, v in os.environ.items() if k not in _CALLER_ONLY_ENV))
+
+
+def _group_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, in MiB (Linux /proc; 0 elsewhere)."""
+    proc = Path("/proc")
+    if not proc.exists():
+        return 0.0
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            ppid, pages = int(stat[1]), int(stat[21])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+        rss[int(entry.name)] = pages
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Worker:
+    """One worker process and the pipe it answers on."""
+
+    def __init__(self, framework: str, scratch: Path, log: Path, lane: int = 0,
+                 threads: int | None = None) -> None:
+        self.framework = framework
+        self.lane = lane
+        self.threads = threads
+        #: the caller's environment the worker was started with (see :func:`environment_key`).
+        self.env_key = environment_key()
+        self.jobs_done = 0
+        self.idle_since = time.monotonic()
+        read_fd, write_fd = os.pipe()
+        scratch.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "portable_models._worker", str(write_fd)],
+                stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
+                pass_fds=(write_fd,), start_new_session=True, cwd=scratch,
+                env=offline_env(scratch, framework, threads),
+            )
+        os.close(write_fd)
+        self._fd = read_fd
+        self._buffer = b""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, job: Mapping[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(job) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def read_line(self, timeout_s: float, limits: WorkerLimits, what: str) -> dict[str, Any]:
+        """Wait for one answer line, policing time and memory."""
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buffer:
+            now = time.monotonic()
+            if now > deadline:
+                self.kill()
+                raise WorkerTimeout(f"timeout after {timeout_s:g} s", stage=what,
+                                    fix="raise the limit with --timeout / timeout= if the model is large")
+            ready, _, _ = select.select([self._fd], [], [], min(0.5, deadline - now))
+            if ready:
+                chunk = os.read(self._fd, 1 << 16)
+                if chunk:
+                    self._buffer += chunk
+                    continue
+            if not self.alive() or (ready and not chunk):
+                self._raise_dead(what)
+            if limits.memory_mb and _group_rss_mb(self.proc.pid) > limits.memory_mb:
+                self.kill()
+                raise WorkerOutOfMemory(f"killed: memory limit {limits.memory_mb} MiB", stage=what,
+                                        fix="raise the limit with --memory-limit / memory_mb=")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return dict(json.loads(line))
+
+    def _raise_dead(self, what: str) -> None:
+        code = self.proc.wait()
+        self.kill()
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            raise WorkerCrashed(f"crashed ({name})", stage=what)
+        raise WorkerCrashed(f"worker exited with code {code}", stage=what)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = -1
