@@ -10,6 +10,8 @@ folders set by the parent.
 
 The worker is reused for many jobs of one framework (importing torch or TensorFlow
 once), and killed and replaced by the parent after a crash, a timeout or a memory kill.
+A job of kind ``clone`` forks it, imports and all, into another worker that reads its jobs
+from, and answers on, two FIFOs the parent made (:meth:`~portable_models.worker_process.Worker.clone`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.errors import NetworkRequiredError, PortableModelsError
+from portable_models.worker_process import open_fifo
 
 _CURRENT_STEP = {"name": "worker"}
 
@@ -152,21 +156,67 @@ def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict
     return answer
 
 
+def _reap_clone(pid: int, status_file: str) -> None:
+    """Wait for a clone of this worker to end (on a thread of its own) and write down how."""
+    _, status = os.waitpid(pid, 0)
+    Path(status_file + ".tmp").write_text(str(os.waitstatus_to_exitcode(status)))
+    os.replace(status_file + ".tmp", status_file)
+
+
+def _clone(payload: dict[str, Any]) -> tuple[int, Any, Any]:
+    """Fork this worker, imports and all. In the parent: ``(pid, None, None)``. In the
+    clone: ``(0, jobs, answers)``, its own streams (FIFOs the caller made), after it has
+    become a worker of its own: a new session, its own scratch folder, environment and
+    log. The parent reaps it and writes its exit status to ``payload["status"]``; a
+    thread of the parent waits for it (a signal handler would not run while the parent
+    waits for its next job, and would interrupt converters' system calls)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        threading.Thread(target=_reap_clone, args=(pid, str(payload["status"])), name="clone-reaper",
+                         daemon=True).start()
+        return pid, None, None
+    try:
+        os.setsid()
+        os.environ.clear()
+        os.environ.update(payload["env"])
+        os.chdir(payload["scratch"])
+        tempfile.tempdir = None
+        _redirect_output(str(payload["log"]))
+        deadline = time.monotonic() + float(payload.get("timeout_s", 30.0))
+        jobs = open_fifo(payload["jobs"], os.O_RDONLY, deadline)
+        answers = open_fifo(payload["answers"], os.O_WRONLY, deadline)
+        return 0, os.fdopen(jobs, "r"), os.fdopen(answers, "w", buffering=1)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(70)
+
+
 def main(argv: list[str]) -> int:
-    out_fd = int(argv[1])
     install_network_guard()
-    with os.fdopen(out_fd, "w", buffering=1) as out, os.fdopen(0, "r") as inp:
-        out.write(json.dumps({"ready": os.getpid()}) + "\n")
-        for line in inp:
-            if not line.strip():
+    inp, out = os.fdopen(0, "r"), os.fdopen(int(argv[1]), "w", buffering=1)
+    out.write(json.dumps({"ready": os.getpid()}) + "\n")
+    while line := inp.readline():
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        if job["kind"] == "clone":
+            pid, jobs, answers = _clone(job["payload"])
+            if not pid:  # this is the clone: the parent's pipes are not its own
+                inp.close()
+                out.close()
+                inp, out = jobs, answers
+                out.write(json.dumps({"ready": os.getpid()}) + "\n")
                 continue
-            job = json.loads(line)
+            out.write(json.dumps({"id": job["id"], "ok": True, "result": {"pid": pid}, "seconds": 0.0}) + "\n")
+            continue
 
-            def emit(partial: dict[str, Any], job_id: Any = job["id"]) -> None:
-                out.write(json.dumps({"id": job_id, "partial": partial}, allow_nan=False, default=str) + "\n")
+        def emit(partial: dict[str, Any], job_id: Any = job["id"], out: Any = out) -> None:
+            out.write(json.dumps({"id": job_id, "partial": partial}, allow_nan=False, default=str) + "\n")
 
-            answer = _answer(job, emit)
-            out.write(json.dumps(answer, allow_nan=False, default=str) + "\n")
+        answer = _answer(job, emit)
+        out.write(json.dumps(answer, allow_nan=False, default=str) + "\n")
     return 0
 
 

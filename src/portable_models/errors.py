@@ -14,6 +14,7 @@ line that tells the user what to do about it::
      ├── ContractError                       contract.json is missing, invalid or lies
      │    └── IntegrityError                 a bundle file is missing or changed
      ├── ConversionError                     a converter failed (one target only)
+     │    └── DynamicDimsRefused             refused the dynamic dims (fixed shape deferred)
      ├── RuntimeLoadError / RuntimeRunError  an artifact failed to load or to run
      ├── WorkerError                         an isolated job died
      │    ├── WorkerCrashed                  killed by a signal (SIGSEGV, SIGABRT …)
@@ -42,6 +43,7 @@ __all__ = [
     "ContractError",
     "IntegrityError",
     "ConversionError",
+    "DynamicDimsRefused",
     "RuntimeLoadError",
     "RuntimeRunError",
     "WorkerError",
@@ -134,6 +136,13 @@ class IntegrityError(ContractError):
 
 class ConversionError(PortableModelsError):
     code = "convert_failed"
+
+
+class DynamicDimsRefused(ConversionError):
+    """The converter refused the dynamic dims and was asked not to fall back to fixed
+    shapes yet: a later route may keep them (the fixed-shape conversion comes after)."""
+
+    code = "dynamic_dims_refused"
 
 
 class RuntimeLoadError(PortableModelsError):

@@ -55,6 +55,7 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
         precision=payload.get("precision", "float32"),
         options=dict(payload.get("options") or {}),
         prior_artifacts={k: Path(v) for k, v in (payload.get("prior") or {}).items()},
+        fixed_shape_fallback=bool(payload.get("fixed_shape_fallback", True)),
     )
     job.out_dir.mkdir(parents=True, exist_ok=True)
     job.work_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +186,11 @@ def test_job(payload: dict[str, Any]) -> dict[str, Any]:
         ct = import_coremltools(tensorflow=bool(payload.get("tensorflow")))
         return {"pid": os.getpid(), "tf_frontend": bool(ct._deps._HAS_TF_2),
                 "loaded": sorted(m for m in ("tensorflow", "sklearn", "transformers") if m in sys.modules)}
+    elif action == "loaded":
+        import sys
+
+        return {"pid": os.getpid(), "session": os.getsid(0),
+                "loaded": [m for m in payload.get("modules") or [] if m in sys.modules]}
     elif action == "cwd":
         Path("written-by-worker.txt").write_text("x")
         Path(os.path.expanduser("~/written-by-worker.txt")).write_text("x")

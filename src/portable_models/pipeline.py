@@ -22,7 +22,7 @@ from portable_models.checks import (
     runner_options,
 )
 from portable_models.contract import Artifact, Attempt
-from portable_models.errors import PortableModelsError
+from portable_models.errors import DynamicDimsRefused, PortableModelsError
 from portable_models.golden import Cases
 from portable_models.iomap import IoMap
 from portable_models.parity import TolerancePolicy
@@ -66,7 +66,7 @@ class TargetContext:
     def runner_options(self, precision: str) -> dict[str, Any]:
         return runner_options(self.inputs, self.outputs, self.dims, precision)
 
-    def cache_key(self, route: RouteInfo, precision: str) -> str:
+    def cache_key(self, route: RouteInfo, precision: str, fixed_fallback: bool = True) -> str:
         """Everything an attempt's outcome depends on (see :mod:`portable_models.cache`)."""
         from portable_models import cache
 
@@ -78,13 +78,15 @@ class TargetContext:
         parts = {"inputs": self._inputs_digest, "route": route.name, "impl": route.impl,
                  "precision": precision, "options": self.options, "tolerance": self.policy.to_dict(),
                  "specs": self.runner_options(precision), "runtime": checking_runtime(route.runtime),
-                 "prior": {k: cache.content_digest(v) for k, v in sorted(self.prior.items())}}
+                 "prior": {k: cache.content_digest(v) for k, v in sorted(self.prior.items())},
+                 **({} if fixed_fallback else {"fixed_shape_fallback": False})}
         return cache.attempt_key(parts=parts, packages=route.requires + runtime.requires)
 
 
-def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
-             attempt_dir: Path) -> tuple[Attempt, Artifact | None]:
-    """Convert with one route and check the result. Never raises for a converter's failure."""
+def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: Path,
+             fixed_fallback: bool = True) -> tuple[Attempt, Artifact | None]:
+    """Convert with one route and check the result. Never raises for a converter's failure.
+    ``fixed_fallback``: False asks a route that would fall back to fixed shapes to refuse."""
     key = route.target if precision == "float32" else f"{route.target}-{precision}"
     log = ctx.root / "logs" / f"{key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
     except PortableModelsError as exc:
         return Attempt(route=route.name, status="skipped", stage="requires", error=error_dict(exc)), None
     out_dir = attempt_dir / "out"
-    cache_key = ctx.cache_key(route, precision) if ctx.cache else None
+    cache_key = ctx.cache_key(route, precision, fixed_fallback) if ctx.cache else None
     if cache_key is not None:
         hit = _from_cache(cache_key, out_dir)
         if hit is not None:
@@ -105,7 +107,8 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str,
                "outputs": [s.to_dict() for s in ctx.outputs],
                "dims": {k: v.to_dict() for k, v in ctx.dims.items()}, "samples": str(ctx.golden_inputs),
                "precision": precision, "options": ctx.options,
-               "prior": {k: str(v) for k, v in _private_copies(ctx.prior, attempt_dir / "prior").items()}}
+               "prior": {k: str(v) for k, v in _private_copies(ctx.prior, attempt_dir / "prior").items()},
+               "fixed_shape_fallback": fixed_fallback}
     try:
         conv, _ = ctx.pool.call(kind="convert", payload=payload, framework=route.framework,
                                 step=f"convert:{route.target} ({route.name})", log=log,
@@ -193,16 +196,25 @@ def _art_rank(art: Artifact) -> tuple[int, bool]:
 def build_target(ctx: TargetContext, target: str, precision: str = "float32",
                  force_route: str | None = None) -> Artifact:
     """Try the target's routes in order; keep the first that passes (or, failing that, the
-    best unverified one). Failed artifacts are not kept; their attempts are recorded."""
+    best unverified one). Failed artifacts are not kept; their attempts are recorded.
+    A route that would fall back to fixed shapes when its converter refuses the dynamic
+    dims does so only after the later routes: one of them may keep the dims (and the
+    fixed-shape conversion, seconds of work, is then not needed)."""
     key = target if precision == "float32" else f"{target}-{precision}"
     routes = routes_for(target, ctx.source_framework)
     if force_route:
         routes = [r for r in routes if r.name == force_route]
     attempts: list[Attempt] = []
     best: Artifact | None = None
+    deferred: list[tuple[int, RouteInfo]] = []
     for n, route in enumerate(routes):
-        attempt, art = _attempt(ctx, route, precision, ctx.root / ".attempts" / f"{key}-{n}-{route.name}")
+        defer = route.fixed_fallback and bool(ctx.dims) and n + 1 < len(routes)
+        attempt, art = _attempt(ctx, route, precision, ctx.root / ".attempts" / f"{key}-{n}-{route.name}",
+                                fixed_fallback=not defer)
         attempts.append(attempt)
+        if (attempt.error or {}).get("code") == DynamicDimsRefused.code:
+            deferred.append((n, route))
+            continue
         if art is not None and (best is None or _art_rank(art) < _art_rank(best)):
             best = art
         if attempt.status == "pass" and not (art and art.meta.get("fixed_shape")):
@@ -211,6 +223,15 @@ def build_target(ctx: TargetContext, target: str, precision: str = "float32",
         if attempt.status == "unverified" and all(checking_runtime(r.runtime) == r.runtime == route.runtime
                                                  for r in rest):
             break  # no runtime here can run this target: another route cannot do better
+    else:  # no route kept the dims: the fixed-shape conversions put off, in route order
+        for n, route in deferred:
+            attempt, art = _attempt(ctx, route, precision,
+                                    ctx.root / ".attempts" / f"{key}-{n}-{route.name}-fixed")
+            attempts.append(attempt)
+            if art is not None and (best is None or _art_rank(art) < _art_rank(best)):
+                best = art
+            if attempt.status == "pass":
+                break
     if best is None or best.status not in ("pass", "unverified"):
         status = min((a.status for a in attempts), key=_rank, default="skipped")
         parity = dict(best.parity) if best else {}

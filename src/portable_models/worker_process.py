@@ -4,22 +4,25 @@ processes is :mod:`portable_models.workers`."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portable_models.errors import WorkerCrashed, WorkerOutOfMemory, WorkerTimeout
+from portable_models.errors import WorkerCrashed, WorkerError, WorkerOutOfMemory, WorkerTimeout
 
 __all__ = ["WorkerLimits", "IDLE_ENV", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
-           "Worker"]
+           "Worker", "open_fifo"]
 
 #: the variable that sets how long an idle worker of the shared pool lives on (read by the caller).
 IDLE_ENV = "PORTABLE_MODELS_WORKER_IDLE_S"
@@ -95,8 +98,18 @@ def environment_key() -> int:
     return hash(frozenset((k, v) for k, v in os.environ.items() if k not in _CALLER_ONLY_ENV))
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first); None: gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _group_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its descendants, in MiB (Linux /proc; 0 elsewhere)."""
+    """Resident memory of a process and its descendants, in MiB (Linux /proc; 0 elsewhere).
+    A descendant that leads a session of its own (a clone of the worker, see
+    :meth:`Worker.clone`) is another worker, policed on its own, and is not counted."""
     proc = Path("/proc")
     if not proc.exists():
         return 0.0
@@ -105,10 +118,12 @@ def _group_rss_mb(pid: int) -> float:
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
+        stat = _stat(entry.name)
         try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            ppid, pages = int(stat[1]), int(stat[21])
-        except (OSError, IndexError, ValueError):
+            ppid, session, pages = int(stat[1]), int(stat[3]), int(stat[21])  # type: ignore[index]
+        except (TypeError, IndexError, ValueError):
+            continue
+        if session == int(entry.name) and int(entry.name) != pid:
             continue
         children.setdefault(ppid, []).append(int(entry.name))
         rss[int(entry.name)] = pages
@@ -118,6 +133,45 @@ def _group_rss_mb(pid: int) -> float:
         total += rss.get(p, 0)
         stack.extend(children.get(p, []))
     return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _Cloned:
+    """What :class:`Worker` needs of a ``Popen``, for a worker this process did not start:
+    a clone, forked by another worker, which reaps it and writes its exit status to
+    ``status_file``."""
+
+    def __init__(self, pid: int, stdin: Any, status_file: Path) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.status_file = status_file
+
+    def poll(self) -> int | None:
+        """None while it runs; then its exit status (-1 until its parent has written it)."""
+        status = self._status()
+        if status is not None:
+            return status
+        stat = _stat(self.pid)
+        return None if stat is not None and stat[0] not in "ZX" else -1
+
+    def _status(self) -> int | None:
+        try:
+            return int(self.status_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit status once it has ended, as its parent wrote it down (a thread of the
+        parent waits for it). None: it ended but no status came within a second (its
+        parent is gone). TimeoutExpired: still running after ``timeout`` seconds."""
+        start = time.monotonic()
+        while (status := self._status()) is None:
+            if self.poll() is not None:
+                if time.monotonic() > start + 1.0:
+                    return None
+            elif timeout is not None and time.monotonic() > start + timeout:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+            time.sleep(0.005)
+        return status
 
 
 class Worker:
@@ -145,8 +199,51 @@ class Worker:
         self._fd = read_fd
         self._buffer = b""
 
+    def clone(self, scratch: Path, log: Path, lane: int, limits: WorkerLimits) -> Worker:
+        """A new worker forked from this idle one, for ``lane``: it starts with everything
+        this one imported (no second torch import), in a session, scratch folder, log and
+        environment of its own, and talks to the caller over two FIFOs made for it. Linux
+        only; this worker is the clone's parent and reaps it. Raises :class:`WorkerError`
+        (this worker is killed if the failure was its own)."""
+        scratch.mkdir(parents=True, exist_ok=True)
+        fifos = Path(tempfile.mkdtemp(prefix="fifo-", dir=scratch))
+        jobs, answers, status = fifos / "jobs", fifos / "answers", scratch / "exit-status"
+        timeout_s, pid = 30.0, 0
+        try:
+            os.mkfifo(jobs, 0o600)
+            os.mkfifo(answers, 0o600)
+            self.send({"id": f"clone-{time.monotonic_ns()}", "kind": "clone", "step": "worker clone",
+                       "log": None, "work_dir": None, "payload": {
+                           "jobs": str(jobs), "answers": str(answers), "scratch": str(scratch),
+                           "log": str(log), "status": str(status), "timeout_s": timeout_s,
+                           "env": offline_env(scratch, self.framework, self.threads)}})
+            answer = self.read_line(timeout_s, limits, "worker clone")
+            if not answer.get("ok"):
+                raise WorkerError(f"the worker could not be cloned: {answer.get('error')}", stage="worker clone")
+            pid = int(answer["result"]["pid"])
+            # the clone opens its ends (reader first) once it has set itself up
+            write_fd = open_fifo(jobs, os.O_WRONLY, time.monotonic() + timeout_s)
+            twin = object.__new__(Worker)
+            twin.framework, twin.lane, twin.threads, twin.env_key = self.framework, lane, self.threads, self.env_key
+            twin.jobs_done, twin.idle_since = 0, time.monotonic()
+            twin.proc = _Cloned(pid, os.fdopen(write_fd, "wb"), status)  # type: ignore[assignment]
+            twin._fd, twin._buffer = open_fifo(answers, os.O_RDONLY, 0.0), b""
+            twin.read_line(timeout_s, limits, "worker start")  # both its ends are open: the FIFOs can go
+            return twin
+        except OSError as exc:
+            if pid:
+                _kill_group(pid)
+            raise WorkerError(f"the worker's clone did not start: {exc}", stage="worker clone") from exc
+        finally:
+            shutil.rmtree(fifos, ignore_errors=True)
+
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    @property
+    def cloned(self) -> bool:
+        """Forked from another worker (:meth:`clone`), which reaps it: stop it first."""
+        return isinstance(self.proc, _Cloned)
 
     def send(self, job: Mapping[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -180,6 +277,8 @@ class Worker:
     def _raise_dead(self, what: str) -> None:
         code = self.proc.wait()
         self.kill()
+        if code is None:  # a clone whose parent did not say how it ended
+            raise WorkerCrashed("worker ended (its exit status is not known)", stage=what)
         if code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -189,10 +288,7 @@ class Worker:
         raise WorkerCrashed(f"worker exited with code {code}", stage=what)
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _kill_group(self.proc.pid)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -202,3 +298,26 @@ class Worker:
         except OSError:
             pass
         self._fd = -1
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def open_fifo(path: str | Path, flags: int, deadline: float) -> int:
+    """A blocking descriptor for one end of a FIFO, opened without blocking for ever: a
+    writer waits (until ``deadline``, then OSError) for the reader to be there; a reader
+    never waits (the caller and a worker's clone each open a reader, then a writer)."""
+    while True:
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
+            continue
+        os.set_blocking(fd, True)
+        return fd

@@ -107,16 +107,21 @@ class WorkerPool:
         return self._closed.is_set()
 
     def warm_in_background(self, framework: str, modules: list[str], limits: WorkerLimits,
-                           lane: int = 0, threads: int | None = None, after: int | None = None) -> None:
+                           lane: int = 0, threads: int | None = None, after: int | None = None,
+                           clones: Sequence[int] = ()) -> None:
         """A worker of this kind and lane importing ``modules`` on a background thread;
         jobs for that worker wait for it instead of starting another. ``after``: start
-        once lane ``after``'s warm-up (if one is under way) has ended."""
-        key = (worker_kind(framework), lane, threads)
+        once lane ``after``'s warm-up (if one is under way) has ended. ``clones``: lanes
+        whose workers are then forked from this one (:meth:`Worker.clone`), imports and all,
+        instead of importing ``modules`` again; their jobs wait for that too."""
+        kind = worker_kind(framework)
         with self._lock:
-            if key in self._warming or self.closed:
+            if (kind, lane, threads) in self._warming or self.closed:
                 return
-            done = self._warming[key] = threading.Event()
-            before = None if after is None else self._warming.get((key[0], after, threads))
+            keys = [key for key in [(kind, k, threads) for k in (lane, *clones)] if key not in self._warming]
+            events = [threading.Event() for _ in keys]
+            self._warming.update(zip(keys, events, strict=True))
+            before = None if after is None else self._warming.get((kind, after, threads))
 
         def warm() -> None:
             try:
@@ -124,14 +129,45 @@ class WorkerPool:
                     before.wait(120.0)
                 self.call(kind="warm", payload={"modules": modules}, framework=framework,
                           step="warm-up", limits=limits, lane=lane, threads=threads, _warming=True)
+                for into in clones:  # before the lane's own jobs can take the warm worker
+                    self._clone(kind, lane, into, threads, limits)
             except JobFailed:
                 pass  # replaced when a job needs it
             finally:
                 with self._lock:
-                    self._warming.pop(key, None)
-                done.set()
+                    for key in keys:
+                        self._warming.pop(key, None)
+                for done in events:
+                    done.set()
 
         threading.Thread(target=warm, name="portable-models-warm", daemon=True).start()
+
+    def _clone(self, kind: str, lane: int, into: int, threads: int | None, limits: WorkerLimits) -> None:
+        """Fork lane ``lane``'s idle worker into an idle worker of lane ``into`` (nothing
+        when there is none to fork or it fails: that lane's first job starts its own)."""
+        with self._lock:
+            source = next((w for w in self._idle if (w.framework, w.lane, w.threads) == (kind, lane, threads)
+                           and w.env_key == environment_key()), None)
+            if source is None or self.closed:
+                return
+            self._idle.remove(source)
+            self._busy.append(source)
+            self._count += 1
+            n = self._count
+        try:
+            twin = source.clone(self.scratch / f"worker-{n}", self.scratch / f"worker-{n}.log", into, limits)
+        except WorkerError:
+            return
+        finally:
+            self._release(source, source.alive())
+        with self._lock:
+            closed = self.closed
+            if not closed:
+                self._idle.append(twin)
+                self.started += 1
+        if closed:
+            twin.kill()
+        self._start_reaper()
 
     def _acquire(self, framework: str, limits: WorkerLimits, lane: int = 0,
                  threads: int | None = None, warming: bool = False, fresh: bool = False) -> Worker:
@@ -156,8 +192,7 @@ class WorkerPool:
             else:
                 self._count += 1
                 n = self._count
-        for w in stale:  # started under another environment (PYTHONPATH, extra routes …)
-            w.kill()
+        _stop(stale)  # started under another environment (PYTHONPATH, extra routes …)
         if found is not None:
             return found
         wdir = self.scratch / f"worker-{n}"
@@ -247,8 +282,7 @@ class WorkerPool:
         with self._lock:
             old = [w for w in self._idle if now - w.idle_since >= self.idle_s]
             self._idle = [w for w in self._idle if w not in old]
-        for w in old:
-            w.kill()
+        _stop(old)
         return len(old)
 
     def _start_reaper(self) -> None:
@@ -270,10 +304,15 @@ class WorkerPool:
             self._closed.set()
             workers = self._idle + self._busy
             self._idle, self._busy = [], []
-        for w in workers:
-            w.kill()
+        _stop(workers)
         if self.owns_scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _stop(workers: list[Worker]) -> None:
+    """Kill ``workers``, clones before the workers they were forked from (which reap them)."""
+    for w in sorted(workers, key=lambda w: not w.cloned):
+        w.kill()
 
 
 @dataclass(frozen=True)
@@ -293,16 +332,18 @@ class LimitedPool:
         return self.pool.call(**kwargs)
 
     def prewarm(self, framework: str, modules: list[str], lanes: int | Sequence[int] = 1,
-                threads: int | None = None, one_by_one: bool = False) -> None:
+                threads: int | None = None, one_by_one: bool = False, clones: Sequence[int] = ()) -> None:
         """Start a worker per lane (``lanes``: how many, from lane 0, or which) importing
         ``modules`` in the background, while the caller captures the model. Nothing waits for
         it unless a job needs that lane's worker (a fully cached export never does).
         ``one_by_one``: each lane's worker starts importing when the previous lane's is done
-        (two processes importing torch at once each take about twice as long)."""
-        for lane in range(lanes) if isinstance(lanes, int) else lanes:
+        (two processes importing torch at once each take about twice as long). ``clones``:
+        lanes whose workers are forked from the first lane's once it is warm (Linux)."""
+        for n, lane in enumerate(range(lanes) if isinstance(lanes, int) else lanes):
             view = self.lane_view(lane, threads)
             self.pool.warm_in_background(framework, modules, view.limits, view.lane, view.threads,
-                                         after=lane - 1 if one_by_one and lane > 0 else None)
+                                         after=lane - 1 if one_by_one and lane > 0 else None,
+                                         clones=() if n else clones)
 
     def lane_view(self, lane: int, threads: int | None) -> LimitedPool:
         """The same pool and limits, on its own lane of workers."""

@@ -41,6 +41,30 @@ def test_failing_first_route_is_recorded_and_the_next_taken(tmp_path: Path,
     assert "injected failure" in first.error["message"]
     assert art.route_name != "test-fail-convert"
     assert "test-fail-convert error at convert: injected failure" in bundle.report()
+    # litert-torch refuses the dynamic batch dim; its fixed-shape conversion waits for the
+    # next route, which keeps the dim, so it never runs
+    refused, kept = art.attempts[1:]
+    assert refused.error["code"] == "dynamic_dims_refused", refused
+    assert kept.route == art.route_name == "onnx2tf" and kept.status == "pass"
+    assert not art.meta.get("fixed_shape")
+
+
+def test_fixed_shape_fallback_runs_when_no_later_route_keeps_the_dims(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from portable_models import pipeline
+    from portable_models.targets import route_by_name
+
+    _inject(monkeypatch, "FAIL_TFLITE")
+    order = [route_by_name("litert-torch"), route_by_name("test-fail-convert")]
+    monkeypatch.setattr(pipeline, "routes_for", lambda target, source: order if target == "tflite" else [])
+    bundle = _export(tmp_path, ["tflite"])
+    art = bundle.contract.artifact("tflite")
+    assert art is not None and art.status == "pass", bundle.report()
+    assert [(a.route, a.status) for a in art.attempts] == [
+        ("litert-torch", "error"), ("test-fail-convert", "error"), ("litert-torch", "pass")]
+    assert art.attempts[0].error["code"] == "dynamic_dims_refused"
+    assert art.route_name == "litert-torch" and art.meta["fixed_shape"] is True
+    assert pm.verify(bundle.path).ok
 
 
 def test_drifting_artifact_is_rejected_not_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

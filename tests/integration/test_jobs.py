@@ -3,6 +3,7 @@ the same as a sequential export's (same targets, order, verdicts)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,11 @@ def test_two_jobs_overlap_and_give_the_same_bundle(tmp_path: Path) -> None:
     for a, b in zip(par.contract.artifacts, seq.contract.artifacts, strict=True):
         assert a.route_name == b.route_name
     assert _max_concurrent(events) == 2, events
+    if sys.platform.startswith("linux"):  # lane 1's worker was forked from lane 0's warm one
+        from portable_models.workers import shared_pool
+
+        pool = shared_pool().pool
+        assert any(w.lane == 1 and w.cloned for w in pool._idle), [(w.lane, w.cloned) for w in pool._idle]
 
 
 def _max_concurrent(events: list[tuple[float, str, Any]]) -> int:

@@ -107,6 +107,48 @@ def test_lanes_warmed_one_by_one_import_one_after_the_other(tmp_path: Path,
     assert len(spans) == 2 and spans[1][0] >= spans[0][1], f"the imports overlapped: {spans}"
 
 
+def test_a_lane_cloned_from_a_warm_worker_imports_nothing_again_and_lives_on_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lane 1's worker is forked from lane 0's once that one is warm: one import for both;
+    then a worker of its own (process, session, scratch folder, memory account), whose crash
+    is reported like any worker's and leaves lane 0's working; closing the pool stops both."""
+    from portable_models.worker_process import _group_rss_mb
+    from portable_models.workers import LimitedPool
+
+    (tmp_path / "pm_counted_import.py").write_text(
+        "import os\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'import-%d.txt' % os.getpid()), 'w').write('x')\n"
+        "BALLAST = bytearray(200 * 2**20)\n")  # touched: resident in both processes
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        view = LimitedPool(pool, WorkerLimits())
+        view.prewarm("none", ["pm_counted_import"], lanes=[0], threads=1, clones=[1])
+        lane0, lane1 = view.lane_view(0, 1), view.lane_view(1, 1)
+        ask = {"action": "loaded", "modules": ["pm_counted_import"]}
+        first = lane0.call(kind="test", payload=ask, framework="none", step="t")[0]
+        clone = lane1.call(kind="test", payload=ask, framework="none", step="t")[0]
+        assert clone["pid"] != first["pid"] and pool.started == 2
+        assert clone["loaded"] == ["pm_counted_import"] == first["loaded"]
+        assert [f.name for f in tmp_path.glob("import-*.txt")] == [f"import-{first['pid']}.txt"], \
+            "the clone imported the module again"
+        assert clone["session"] == clone["pid"] != first["session"]
+        home = lane1.call(kind="test", payload={"action": "cwd"}, framework="none", step="t",
+                          work_dir=tmp_path / "w1")[0]["home"]
+        assert Path(home).parent.parent == tmp_path / "s" and "worker-1" not in home
+        # each is policed for its own memory: lane 0's account leaves the clone out
+        assert _group_rss_mb(first["pid"]) < 1.5 * _group_rss_mb(clone["pid"])
+
+        with pytest.raises(JobFailed) as info:
+            lane1.call(kind="test", payload={"action": "segfault"}, framework="none", step="t",
+                       timeout_s=60)
+        assert isinstance(info.value.error, WorkerCrashed) and "crashed (SIGSEGV)" in str(info.value.error)
+        assert not _alive(clone["pid"])
+        assert lane0.call(kind="ping", payload={}, framework="none", step="p")[0]["pid"] == first["pid"]
+        again = lane1.call(kind="ping", payload={}, framework="none", step="p")[0]["pid"]
+        assert again not in (first["pid"], clone["pid"])
+    assert not _alive(first["pid"]) and not _alive(again)
+
+
 def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_path: Path) -> None:
     subs = [{"kind": "test", "payload": {}, "step": "one"},
             {"kind": "test", "payload": {"action": "raise"}, "step": "two", "log": str(tmp_path / "two.log")},

@@ -48,6 +48,9 @@ class RouteInfo:
     framework: str = "torch"
     precision: str = "float32"
     description: str = ""
+    #: converts with fixed shapes when the converter refuses the dynamic dims; the pipeline
+    #: may defer that until the later routes had their chance to keep them.
+    fixed_fallback: bool = False
 
 
 @dataclass(kw_only=True)
@@ -65,6 +68,9 @@ class ConvertJob:
     precision: str = "float32"
     options: dict[str, Any] = field(default_factory=dict)
     prior_artifacts: dict[str, Path] = field(default_factory=dict)
+    #: a route with a fixed-shape fallback (:attr:`RouteInfo.fixed_fallback`) may use it;
+    #: False: it raises :class:`DynamicDimsRefused` instead.
+    fixed_shape_fallback: bool = True
 
     @property
     def input_names(self) -> list[str]:

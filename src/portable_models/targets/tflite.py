@@ -3,7 +3,8 @@
 ``litert-torch``: ``litert_torch.convert`` of the program's module, wrapped to take
 keyword inputs and return a dict, so the signature carries the logical names (a name
 that is not an identifier is sanitised; the io map says so). Dynamic dims are tried,
-else the artifact is fixed-shape (``meta["dynamic"]``). int64/float64 io become 32-bit
+else the artifact is fixed-shape (``meta["dynamic"]``) — or, when the job says so, the
+route refuses (:class:`DynamicDimsRefused`) and the pipeline tries the later routes first. int64/float64 io become 32-bit
 (``enable_x64=False``): ``meta["io_dtypes"]`` has the physical dtypes.
 
 The second route, ``onnx2tf``, is in :mod:`portable_models.targets.onnx2tf`.
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from portable_models.errors import ConversionError, PortableModelsError
+from portable_models.errors import ConversionError, DynamicDimsRefused, PortableModelsError
 from portable_models.iomap import Binding, IoMap
 from portable_models.targets.base import ConvertJob, ConvertResult, Step, package_version
 
@@ -124,6 +125,11 @@ def _litert_convert(job: ConvertJob, module: Any, kwargs: dict[str, Any],
                                          quant_config=quant)
             return model, True, note
         except Exception as exc:
+            if not job.fixed_shape_fallback:
+                raise DynamicDimsRefused(
+                    f"litert_torch.convert refused the dynamic dims ({type(exc).__name__}: {exc})"[:400],
+                    stage="convert", fix="the dims stay dynamic in another route; a fixed-shape "
+                    "conversion is tried if none keeps them") from exc
             note = f"dynamic dims refused, fixed shape used: {type(exc).__name__}: {exc}"[:400]
     try:
         model = litert_torch.convert(module, sample_kwargs=kwargs, quant_config=quant)
