@@ -67,7 +67,9 @@ def replay(bundle: Path) -> dict[str, float]:
                 job = ConvertJob(route=info.name, source_file=bundle / contract.source["file"],
                                  out_dir=work / "out", work_dir=work / "work", inputs=contract.inputs,
                                  outputs=contract.outputs, dims=contract.dims, sample_inputs=cases[0],
-                                 precision=art.precision, prior_artifacts=dict(prior))
+                                 precision=art.precision, prior_artifacts=dict(prior),
+                                 # a fixed-shape fallback the export put off is put off here too
+                                 fixed_shape_fallback=(attempt.error or {}).get("code") != "dynamic_dims_refused")
                 job.out_dir.mkdir(parents=True)
                 job.work_dir.mkdir(parents=True)
                 start = time.perf_counter()

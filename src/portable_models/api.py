@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -369,7 +370,9 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
             art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}
     finally:
         helper.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        # removed beside the caller's next step (not in a daemon thread: exit waits for it)
+        threading.Thread(target=shutil.rmtree, args=(scratch,), kwargs={"ignore_errors": True},
+                         name="portable-models-verify-cleanup").start()
     contract.artifacts = chosen
     return VerifyReport(path=root, contract=contract, problems=problems,
                         allow_unverified=tuple(allow_unverified))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.errors import PortableModelsError, UnverifiedError, error_from_dict
-from portable_models.golden import Cases, load_cases, load_scratch
+from portable_models.golden import Cases, load_cases, unpack_outputs
 from portable_models.iomap import IoMap
 from portable_models.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
 from portable_models.runtimes import RUNTIMES, runtime_info
@@ -22,7 +22,7 @@ from portable_models.spec import DimSpec, TensorSpec
 from portable_models.worker_process import worker_kind
 from portable_models.workers import JobFailed, Pool
 
-__all__ = ["Judge", "PlannedRun", "check_artifact", "checking_runtime", "error_histogram", "error_dict",
+__all__ = ["Ask", "Judge", "PlannedRun", "check_artifact", "checking_runtime", "error_histogram", "error_dict",
            "fixed_shape_cases", "plan_artifact", "run_planned", "runner_options"]
 
 
@@ -74,9 +74,23 @@ def check_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golde
                          options=options).alone()()
 
 
-#: one artifact's check as the runs it asks for, one at a time: it yields (runtime, cases),
+@dataclass(frozen=True)
+class Ask:
+    """A run an artifact's check asks for: ``runtime`` on ``cases`` (None: all of them).
+    ``then``: the run it will ask for next unless this one settles the verdict, which a
+    batched driver makes in the same worker job, ahead of the ask (:func:`run_planned`)."""
+
+    runtime: str
+    cases: Sequence[int] | None = None
+    then: Ask | None = None
+
+    def key(self) -> tuple[str, tuple[int, ...] | None]:
+        return self.runtime, None if self.cases is None else tuple(self.cases)
+
+
+#: one artifact's check as the runs it asks for, one at a time: it yields an :class:`Ask`,
 #: is sent what that run gave, and returns the comparison still to be made.
-Plan = Generator[tuple[str, Sequence[int] | None], "_Ran", Judge]
+Plan = Generator[Ask, "_Ran", Judge]
 
 
 @dataclass
@@ -91,9 +105,9 @@ class PlannedRun:
     def alone(self) -> Judge:
         """Make the runs one by one; the comparison still to be made in the caller."""
         try:
-            request = next(self.plan)
+            ask = next(self.plan)
             while True:
-                request = self.plan.send(self.job.run(*request))
+                ask = self.plan.send(self.job.run(ask.runtime, ask.cases))
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
@@ -117,17 +131,17 @@ def _plan(runtime: str, cases: Sequence[int] | None) -> Plan:
     the package structurally on one case, then the MIL reference executor numerically."""
     checker = checking_runtime(runtime)
     if runtime == "coreml" and sys.platform == "darwin" and "mil-reference" in RUNTIMES:
-        real = yield "coreml", cases
-        ref = yield "mil-reference", cases
+        real = yield Ask("coreml", cases)
+        ref = yield Ask("mil-reference", cases)
         return _coreml_on_macos(real, ref)
     if checker == runtime:
-        ran = yield runtime, cases
+        ran = yield Ask(runtime, cases)
         return ran.judge
-    first = yield runtime, [0]
+    first = yield Ask(runtime, [0], then=Ask(checker, cases))  # the checker's run: almost always next
     if first.failure is None or first.failure["status"] != "unverified":
         return lambda: (first.judge()[0], {})
     structural = list(first.failure.get("checked") or [])
-    checked = yield checker, cases
+    checked = yield Ask(checker, cases)
 
     def judge() -> tuple[dict[str, Any], dict[str, Any]]:
         record, timings = checked.judge()
@@ -158,42 +172,71 @@ def _coreml_on_macos(real: _Ran, ref: _Ran) -> Judge:
 def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, Judge], None],
                 timeout_s: float | None = None) -> None:
     """Drive many artifacts' checks with one worker job per round and worker kind (a verify
-    runs a whole bundle in one round trip instead of one per artifact). ``done(i, judge)`` is
-    called as soon as check ``i`` has made its last run, so that its comparison can start
-    while the worker runs the next. A run that kills its worker (crash, timeout, memory)
-    fails that run alone; the runs after it go to a new worker."""
-    asked: dict[int, tuple[str, Sequence[int] | None]] = {}
+    runs a whole bundle in one round trip instead of one per artifact; an ask's ``then`` run
+    goes in the same job, so Core ML's MIL-reference check needs no second round).
+    ``done(i, judge)`` is called as soon as check ``i`` has made its last run, so that its
+    comparison can start while the worker runs the next. A run that kills its worker (crash,
+    timeout, memory) fails that run alone; the runs after it go to a new worker."""
+    asked: dict[int, Ask] = {}
+    #: runs made ahead of their ask, by (check, ask key): None while in flight
+    ahead: dict[tuple[int, Any], _Ran | None] = {}
+    waiting: set[tuple[int, Any]] = set()  # asked for while in flight
 
     def advance(i: int, ran: _Ran | None) -> None:
         try:
-            asked[i] = next(planned[i].plan) if ran is None else planned[i].plan.send(ran)
+            ask = next(planned[i].plan) if ran is None else planned[i].plan.send(ran)
+            while (i, ask.key()) in ahead:
+                made = ahead[(i, ask.key())]
+                if made is None:
+                    waiting.add((i, ask.key()))
+                    return
+                del ahead[(i, ask.key())]
+                ask = planned[i].plan.send(made)
+            asked[i] = ask
         except StopIteration as stop:
             done(i, stop.value)
+
+    def got(key: tuple[int, Any], ran: _Ran) -> None:
+        i, early = key
+        if early is None:
+            advance(i, ran)
+        elif (i, early) in waiting:
+            waiting.discard((i, early))
+            del ahead[(i, early)]
+            advance(i, ran)
+        else:
+            ahead[(i, early)] = ran
 
     for i in range(len(planned)):
         advance(i, None)
     while asked:
-        by_kind: dict[str, list[tuple[int, _RunJob, str, Sequence[int] | None]]] = {}
-        for i, (runtime, cases) in sorted(asked.items()):
-            kind = worker_kind(runtime_info(runtime).framework)
-            by_kind.setdefault(kind, []).append((i, planned[i].job, runtime, cases))
+        by_kind: dict[str, _Runs] = {}
+        for i, ask in sorted(asked.items()):
+            for run, key in ((ask, None), (ask.then, None if ask.then is None else ask.then.key())):
+                if run is None:
+                    continue
+                if key is not None:
+                    ahead[(i, key)] = None
+                kind = worker_kind(runtime_info(run.runtime).framework)
+                by_kind.setdefault(kind, []).append(((i, key), planned[i].job, run.runtime, run.cases))
         asked = {}
         for kind in sorted(by_kind):
-            _run_many(pool, by_kind[kind], advance, timeout_s)
+            _run_many(pool, by_kind[kind], got, timeout_s)
+        ahead.clear()  # made ahead but not asked for: the check settled without them
 
 
 #: runs for :func:`_run_many`: (key, job, runtime, cases).
-_Runs = list[tuple[int, "_RunJob", str, Sequence[int] | None]]
+_Runs = list[tuple[Any, "_RunJob", str, Sequence[int] | None]]
 
 
-def _run_many(pool: Pool, runs: _Runs, got: Callable[[int, _Ran], None], timeout_s: float | None) -> None:
+def _run_many(pool: Pool, runs: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None) -> None:
     """``runs`` in one worker job (and a new one after a run that took its worker down);
     ``got(key, ran)`` as each one ends."""
     while runs:
         runs = runs[_run_batch(pool, runs, got, timeout_s):]
 
 
-def _run_batch(pool: Pool, batch: _Runs, got: Callable[[int, _Ran], None], timeout_s: float | None) -> int:
+def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None) -> int:
     """Run ``batch`` in one worker job; how many of its runs are settled (all of them, or
     those up to the one that took its worker down, which fails alone)."""
     answered = 0
@@ -240,7 +283,7 @@ class _Ran:
         golden_outputs = self.job.golden_outputs
         if self.cases is not None:
             golden_outputs = [golden_outputs[i] for i in self.cases]
-        record, timings = self.job.compare(self.result, load_scratch(self.out), golden_outputs, self.cases)
+        record, timings = self.job.compare(self.result, unpack_outputs(self.result, self.out), golden_outputs, self.cases)
         record["checker"] = self.runtime
         return record, timings
 

@@ -9,6 +9,7 @@ cover at least two different sizes of each (when the bounds allow it).
 from __future__ import annotations
 
 import ast
+import base64
 import functools
 import hashlib
 import io
@@ -18,7 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -34,6 +35,8 @@ __all__ = [
     "load_cases",
     "save_scratch",
     "load_scratch",
+    "pack_outputs",
+    "unpack_outputs",
     "check_outputs",
     "draw",
     "load_samples",
@@ -138,6 +141,42 @@ def save_scratch(path: Path, cases: Sequence[Mapping[str, np.ndarray]]) -> None:
             for name, arr in case.items():
                 a = _numeric(arr, f"output {name!r}", "models must return numeric arrays")
                 np.lib.format.write_array(fh, a, allow_pickle=False)
+
+
+#: run outputs up to this many bytes travel in the worker's answer line (base64), larger
+#: ones through a scratch file (:func:`pack_outputs`).
+INLINE_OUTPUTS_MAX = 1 << 20
+
+
+def pack_outputs(cases: Sequence[Mapping[str, np.ndarray]], path: Path) -> dict[str, Any]:
+    """A run's outputs for the caller: small ones in the answer itself (``{"outputs": …}``:
+    per case, per name, ``[dtype, shape, base64 bytes]``; no file to write, read and delete
+    for each run of a verify), larger ones saved at ``path`` (``{}``). :func:`unpack_outputs`
+    reads either."""
+    arrays = [{name: _numeric(arr, f"output {name!r}", "models must return numeric arrays")
+               for name, arr in case.items()} for case in cases]
+    if sum(a.nbytes for case in arrays for a in case.values()) > INLINE_OUTPUTS_MAX:
+        save_scratch(path, arrays)
+        return {}
+    return {"outputs": [{name: [a.dtype.str, list(a.shape), base64.b64encode(a.tobytes()).decode("ascii")]
+                         for name, a in case.items()} for case in arrays]}
+
+
+def unpack_outputs(result: Mapping[str, Any], path: Path) -> Cases:
+    """The outputs :func:`pack_outputs` handed over: from the answer, else from ``path``."""
+    if "outputs" not in result:
+        return load_scratch(path)
+    cases = []
+    for case in result["outputs"]:
+        arrays = {}
+        for name, (dtype, shape, data) in case.items():
+            dt = np.dtype(dtype)
+            if dt.hasobject:
+                raise InputError(f"output {name!r} came back as dtype object", stage="load",
+                                 fix="a worker of another portable_models version answered: run again")
+            arrays[name] = np.frombuffer(base64.b64decode(data), dtype=dt).reshape(shape).copy()
+        cases.append(arrays)
+    return cases
 
 
 def _numeric(arr: np.ndarray, what: str, fix: str) -> np.ndarray:

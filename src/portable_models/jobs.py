@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from portable_models.errors import PortableModelsError
-from portable_models.golden import load_cases, save_scratch
+from portable_models.golden import load_cases, pack_outputs
 from portable_models.iomap import IoMap
 from portable_models.spec import DimSpec, TensorSpec
 
@@ -121,9 +121,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             outputs.append(runner.run(case))
             run_ms.append((time.perf_counter() - start) * 1000)
         load_s = runner.load_s
-    save_scratch(Path(payload["out"]), outputs)
     return {"load_s": load_s, "run_ms": run_ms, "runtime": cls.runtime_name(),
-            "label": cls.label or cls.runtime_name()}
+            "label": cls.label or cls.runtime_name(), **pack_outputs(outputs, Path(payload["out"]))}
 
 
 def bench_job(payload: dict[str, Any]) -> dict[str, Any]:

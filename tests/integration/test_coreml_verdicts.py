@@ -71,11 +71,26 @@ def test_report_names_the_checker_and_its_limits(fp16_bundle: Any) -> None:
     assert "MIL reference, numpy" in html and "not Apple&#x27;s kernels" in html
 
 
-def test_verify_rechecks_both_from_the_bundle(fp16_bundle: Any) -> None:
+def test_verify_rechecks_both_from_the_bundle(fp16_bundle: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from portable_models.workers import WorkerPool
+
+    kinds: list[str] = []
+    real = WorkerPool.call
+
+    def counted(self: WorkerPool, **kwargs: Any) -> Any:
+        kinds.append(kwargs["kind"])
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(WorkerPool, "call", counted)
     report = pm.verify(fp16_bundle.path)
     assert report.ok, report.table()
     assert {a.key: a.parity["checked_by"] for a in report.contract.artifacts} == {
         "coreml": CORE_ML_CHECKER, "coreml-float16": CORE_ML_CHECKER}
+    # off macOS both structural checks and both MIL-reference runs go in one worker job
+    assert kinds == ["many"] if OFF_MACOS else kinds, kinds
+    if OFF_MACOS:
+        for art in report.contract.artifacts:
+            assert art.parity["structural"], art.parity
 
 
 class RandomNoise(torch.nn.Module):  # type: ignore[misc]

@@ -136,6 +136,24 @@ def test_scratch_files_round_trip_and_refuse_other_files(tmp_path: Path) -> None
         golden.load_scratch(tmp_path / "g.npz")
 
 
+def test_small_run_outputs_travel_in_the_answer_and_large_ones_through_a_file(tmp_path: Path) -> None:
+    small = [{"y": np.arange(6, dtype=np.float32).reshape(2, 3), "k": np.array([3], np.int64)},
+             {"y": np.zeros((0, 3), np.float16), "k": np.array([True])}]
+    packed = golden.pack_outputs(small, tmp_path / "small.bin")
+    assert set(packed) == {"outputs"} and not (tmp_path / "small.bin").exists()
+    back = golden.unpack_outputs(json.loads(json.dumps(packed)), tmp_path / "small.bin")
+    for want, got in zip(small, back, strict=True):
+        for name in want:
+            assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+            assert np.array_equal(got[name], want[name])
+    back[0]["y"][0, 0] = 7.0  # writable, like any array the comparison gets
+    large = [{"y": np.ones(golden.INLINE_OUTPUTS_MAX // 4 + 1, np.float32)}]
+    assert golden.pack_outputs(large, tmp_path / "large.bin") == {}
+    assert np.array_equal(golden.unpack_outputs({}, tmp_path / "large.bin")[0]["y"], large[0]["y"])
+    with pytest.raises(InputError, match="dtype object"):
+        golden.unpack_outputs({"outputs": [{"y": ["|O", [1], ""]}]}, tmp_path / "none.bin")
+
+
 def test_worker_reads_golden_inputs_once_while_unchanged_and_hands_out_copies(tmp_path: Path) -> None:
     from portable_models import jobs
 

@@ -113,11 +113,12 @@ def _reference(model_file: Path, specs: list[TensorSpec], outs: list[TensorSpec]
     try:
         golden.save_cases(scratch / "in.npz", cases, compress=False)
         io = IoMap.identity([s.name for s in specs], [o.name for o in outs])
-        shared_pool().call(kind="run", framework="none", step="capture:onnxruntime", work_dir=scratch / "run",
-                           log=scratch / "ref.log",
-                           payload={"runtime": "onnxruntime", "artifact": str(model_file), "io": io.to_dict(),
-                                    "inputs": str(scratch / "in.npz"), "out": str(scratch / "out.bin")})
-        return golden.load_scratch(scratch / "out.bin")
+        result, _ = shared_pool().call(
+            kind="run", framework="none", step="capture:onnxruntime", work_dir=scratch / "run",
+            log=scratch / "ref.log",
+            payload={"runtime": "onnxruntime", "artifact": str(model_file), "io": io.to_dict(),
+                     "inputs": str(scratch / "in.npz"), "out": str(scratch / "out.bin")})
+        return golden.unpack_outputs(result, scratch / "out.bin")
     except JobFailed as failed:
         raise CaptureError(f"onnxruntime could not run the source model: {failed.error.message}",
                            file=str(model_file), stage=_STAGE, fix="check the model with onnxruntime") from failed

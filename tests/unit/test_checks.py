@@ -1,0 +1,63 @@
+"""The verify driver (:func:`run_planned`): one worker job per round; a run that an ask
+names as ``then`` is made in that same job, ahead of its ask, handed over when the check
+asks for it and dropped when the check settles without it. Real onnxruntime runs of the
+tiny bundle in real workers."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portable_models import golden
+from portable_models.checks import Ask, Judge, PlannedRun, plan_artifact, run_planned
+from portable_models.contract import load_contract
+from portable_models.parity import TolerancePolicy
+from portable_models.workers import WorkerPool
+
+pytest.importorskip("onnxruntime")
+
+TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"
+
+
+def _planned(pool: WorkerPool, tmp_path: Path, plan: Generator[Ask, Any, Judge]) -> PlannedRun:
+    contract = load_contract(TINY)
+    art = contract.artifacts[0]
+    assert art.file and art.io
+    base = plan_artifact(pool, artifact=TINY / art.file, runtime="onnxruntime", io=art.io,
+                         golden_inputs=TINY / contract.golden["inputs"],
+                         golden_outputs=golden.load_cases(TINY / contract.golden["outputs"]),
+                         policy=TolerancePolicy.from_dict(contract.tolerance), precision=art.precision,
+                         log=tmp_path / "run.log", work_dir=tmp_path / "run")
+    return PlannedRun(job=base.job, plan=plan)
+
+
+@pytest.mark.parametrize("asks_again", [True, False])
+def test_a_run_named_then_is_made_in_the_same_worker_job(tmp_path: Path, asks_again: bool) -> None:
+    ran: list[Any] = []
+
+    def plan() -> Generator[Ask, Any, Judge]:
+        ran.append((yield Ask("onnxruntime", None, then=Ask("onnxruntime", [0]))))
+        if asks_again:
+            ran.append((yield Ask("onnxruntime", [0])))
+        return lambda: ({"status": "pass"}, {})
+
+    calls: list[str] = []
+    done: dict[int, Judge] = {}
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        real = pool.call
+
+        def counted(**kwargs: Any) -> Any:
+            calls.append(kwargs["kind"])
+            return real(**kwargs)
+
+        pool.call = counted  # type: ignore[method-assign]
+        run_planned(pool, [_planned(pool, tmp_path, plan())], done.__setitem__)
+    assert calls == ["many"], "the run asked for next was not made in the first job"
+    assert list(done) == [0] and done[0]() == ({"status": "pass"}, {})
+    cases = len(golden.load_cases(TINY / load_contract(TINY).golden["inputs"]))
+    assert [r.cases for r in ran] == ([None, [0]] if asks_again else [None])
+    assert [len(golden.unpack_outputs(r.result, r.out)) for r in ran] == [cases, 1][:len(ran)]
+    assert all(r.failure is None for r in ran)
