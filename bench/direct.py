@@ -131,11 +131,19 @@ def runtimes_only(bundle: Path) -> float:
     return time.perf_counter() - start
 
 
+#: pause between the two sides of a pair, and between pairs: the runtimes' thread pools
+#: spin on for a while after a run (in the worker after a verify, in this process after a
+#: direct pass) and would slow whatever ran right after them. Without it, the side that ran
+#: second lost 20-40 % here (pairs' medians 1.38 vs 1.01 by order for the same code).
+SETTLE_S = 0.1
+
+
 def verify_vs_runtimes(bundle: Path, pairs: int) -> dict[str, Any]:
     """A warm ``pm.verify`` of the bundle and a direct pass over its artifacts, run back to
     back ``pairs`` times after two warm-up pairs, each pair in the other order than the one
-    before (so that neither side always runs warmer): each pair's ratio (the two ran under
-    the same machine speed), the best of each side, and whether every verify passed."""
+    before (so that neither side always runs warmer), each run after a pause of
+    ``SETTLE_S``: each pair's ratio (the two ran under the same machine speed), the best of
+    each side, and whether every verify passed."""
     import portable_models as pm
 
     contract = load_contract(bundle)
@@ -151,10 +159,13 @@ def verify_vs_runtimes(bundle: Path, pairs: int) -> dict[str, Any]:
     for n in range(pairs + 2):
         if n % 2 == 0:
             seconds = timed_verify()
+            time.sleep(SETTLE_S)
             floor = _pass(bundle, contract, cases)
         else:
             floor = _pass(bundle, contract, cases)
+            time.sleep(SETTLE_S)
             seconds = timed_verify()
+        time.sleep(SETTLE_S)
         if n >= 2:
             verify.append(seconds)
             direct.append(floor)

@@ -33,6 +33,7 @@ __all__ = [
     "save_cases",
     "cases_digest",
     "load_cases",
+    "read_only_cases",
     "save_scratch",
     "load_scratch",
     "pack_outputs",
@@ -305,6 +306,33 @@ def load_cases(path: Path) -> Cases:
         raise InputError(f"{path} is missing or not a file", file=str(path), stage="load",
                          fix="point at the bundle's golden/*.npz")
     return _group(path, _read_archive(path))
+
+
+#: archives read last, by file identity (see :func:`read_only_cases`).
+_READ: dict[tuple[str, int, int, int, int], Cases] = {}
+_READ_KEPT = 4
+
+
+def read_only_cases(path: Path) -> Cases:
+    """``load_cases(path)``, remembered while the file is unchanged (same inode, size and
+    modification time): a verify reads the same golden files every time, and a worker runs
+    every artifact of a bundle on the same inputs. The arrays are read-only (shared between
+    callers): copy one to write into it."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return load_cases(path)  # its own clear error
+    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    cases = _READ.get(key)
+    if cases is None:
+        cases = load_cases(path)
+        for case in cases:
+            for arr in case.values():
+                arr.setflags(write=False)
+        while len(_READ) >= _READ_KEPT:
+            _READ.pop(next(iter(_READ)))
+        _READ[key] = cases
+    return [dict(case) for case in cases]
 
 
 def _group(path: Path, members: list[tuple[str, np.ndarray]]) -> Cases:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from portable_models.errors import PortableModelsError
-from portable_models.golden import load_cases, pack_outputs
+from portable_models.golden import load_cases, pack_outputs, read_only_cases
 from portable_models.iomap import IoMap
 from portable_models.spec import DimSpec, TensorSpec
 
@@ -74,28 +74,10 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-#: golden inputs this worker read last, by file identity: a verify runs every artifact of a
-#: bundle on the same file, one job after another.
-_INPUTS: dict[tuple[str, int, int, int, int], list[dict[str, np.ndarray]]] = {}
-_INPUTS_KEPT = 4
-
-
 def golden_inputs(path: Path) -> list[dict[str, np.ndarray]]:
-    """``load_cases(path)``, remembered while the file is unchanged (same inode, size and
-    modification time); each call gets its own copies, so that a runtime writing into its
-    inputs cannot change what the next job reads."""
-    try:
-        st = path.stat()
-    except OSError:
-        return load_cases(path)  # its own clear error
-    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    cases = _INPUTS.get(key)
-    if cases is None:
-        cases = load_cases(path)
-        while len(_INPUTS) >= _INPUTS_KEPT:
-            _INPUTS.pop(next(iter(_INPUTS)))
-        _INPUTS[key] = cases
-    return [{k: v.copy() for k, v in case.items()} for case in cases]
+    """The golden inputs at ``path`` (read once while the file is unchanged), each array a
+    copy, so that a runtime writing into its feeds cannot change what the next job reads."""
+    return [{k: v.copy() for k, v in case.items()} for case in read_only_cases(path)]
 
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:

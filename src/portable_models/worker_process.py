@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,12 +221,14 @@ class Worker:
             if not answer.get("ok"):
                 raise WorkerError(f"the worker could not be cloned: {answer.get('error')}", stage="worker clone")
             pid = int(answer["result"]["pid"])
+            proc = _Cloned(pid, None, status)
             # the clone opens its ends (reader first) once it has set itself up
-            write_fd = open_fifo(jobs, os.O_WRONLY, time.monotonic() + timeout_s)
+            proc.stdin = os.fdopen(open_fifo(jobs, os.O_WRONLY, time.monotonic() + timeout_s,
+                                             lambda: proc.poll() is None), "wb")
             twin = object.__new__(Worker)
             twin.framework, twin.lane, twin.threads, twin.env_key = self.framework, lane, self.threads, self.env_key
             twin.jobs_done, twin.idle_since = 0, time.monotonic()
-            twin.proc = _Cloned(pid, os.fdopen(write_fd, "wb"), status)  # type: ignore[assignment]
+            twin.proc = proc  # type: ignore[assignment]
             twin._fd, twin._buffer = open_fifo(answers, os.O_RDONLY, 0.0), b""
             twin.read_line(timeout_s, limits, "worker start")  # both its ends are open: the FIFOs can go
             return twin
@@ -307,15 +309,16 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def open_fifo(path: str | Path, flags: int, deadline: float) -> int:
+def open_fifo(path: str | Path, flags: int, deadline: float, other_side: Callable[[], bool] = lambda: True) -> int:
     """A blocking descriptor for one end of a FIFO, opened without blocking for ever: a
-    writer waits (until ``deadline``, then OSError) for the reader to be there; a reader
-    never waits (the caller and a worker's clone each open a reader, then a writer)."""
+    writer waits for the reader to be there (OSError after ``deadline`` or once
+    ``other_side()`` says the process that should open it is gone); a reader never waits.
+    The caller and a worker's clone each open a reader, then a writer."""
     while True:
         try:
             fd = os.open(path, flags | os.O_NONBLOCK)
         except OSError as exc:
-            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline or not other_side():
                 raise
             time.sleep(0.002)
             continue

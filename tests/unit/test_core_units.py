@@ -163,8 +163,12 @@ def test_worker_reads_golden_inputs_once_while_unchanged_and_hands_out_copies(tm
     first[0]["x"][:] = -1  # a runtime writing into its feeds
     again = jobs.golden_inputs(path)
     assert again[0]["x"].tolist() == [0, 1, 2, 3]
+    shared = golden.read_only_cases(path)  # what the caller's verify compares against
+    with pytest.raises(ValueError, match="read-only"):
+        shared[0]["x"][0] = 7
     golden.save_cases(path, [{"x": np.arange(5, dtype=np.float32)}])  # a new file: read again
     assert jobs.golden_inputs(path)[0]["x"].tolist() == [0, 1, 2, 3, 4]
+    assert golden.read_only_cases(path)[0]["x"].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_npz_with_object_array_is_refused(tmp_path: Path) -> None:

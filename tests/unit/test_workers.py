@@ -149,6 +149,23 @@ def test_a_lane_cloned_from_a_warm_worker_imports_nothing_again_and_lives_on_its
     assert not _alive(first["pid"]) and not _alive(again)
 
 
+def test_a_clone_that_cannot_set_itself_up_fails_fast_and_its_source_works_on(tmp_path: Path) -> None:
+    import time
+
+    from portable_models.errors import WorkerError
+    from portable_models.worker_process import Worker
+
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        pid = pool.call(kind="ping", payload={}, framework="none", step="p")[0]["pid"]
+        source = pool._idle[0]
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="clone did not start"):  # its log's folder is missing
+            source.clone(tmp_path / "twin", tmp_path / "no" / "such" / "folder.log", 1, WorkerLimits())
+        assert time.monotonic() - start < 10, "the caller waited out the clone's whole deadline"
+        assert pool.call(kind="ping", payload={}, framework="none", step="p")[0]["pid"] == pid
+        assert isinstance(source, Worker) and not list((tmp_path / "twin").glob("fifo-*"))
+
+
 def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_path: Path) -> None:
     subs = [{"kind": "test", "payload": {}, "step": "one"},
             {"kind": "test", "payload": {"action": "raise"}, "step": "two", "log": str(tmp_path / "two.log")},
