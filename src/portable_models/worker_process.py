@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,10 +106,10 @@ def _stat(pid: int | str) -> list[str] | None:
         return None
 
 
-def _group_rss_mb(pid: int) -> float:
+def _group_rss_mb(pid: int, clones: Sequence[int] = ()) -> float:
     """Resident memory of a process and its descendants, in MiB (Linux /proc; 0 elsewhere).
-    A descendant that leads a session of its own (a clone of the worker, see
-    :meth:`Worker.clone`) is another worker, policed on its own, and is not counted."""
+    ``clones``: its children that are workers of their own (:meth:`Worker.clone`), policed
+    on their own, and not counted here (nor their descendants)."""
     proc = Path("/proc")
     if not proc.exists():
         return 0.0
@@ -120,10 +120,10 @@ def _group_rss_mb(pid: int) -> float:
             continue
         stat = _stat(entry.name)
         try:
-            ppid, session, pages = int(stat[1]), int(stat[3]), int(stat[21])  # type: ignore[index]
+            ppid, pages = int(stat[1]), int(stat[21])  # type: ignore[index]
         except (TypeError, IndexError, ValueError):
             continue
-        if session == int(entry.name) and int(entry.name) != pid:
+        if int(entry.name) in clones:
             continue
         children.setdefault(ppid, []).append(int(entry.name))
         rss[int(entry.name)] = pages
@@ -198,6 +198,8 @@ class Worker:
         os.close(write_fd)
         self._fd = read_fd
         self._buffer = b""
+        #: pids of the workers forked from this one (its children, not part of its memory)
+        self.clones: list[int] = []
 
     def clone(self, scratch: Path, log: Path, lane: int, limits: WorkerLimits) -> Worker:
         """A new worker forked from this idle one, for ``lane``: it starts with everything
@@ -221,13 +223,14 @@ class Worker:
             if not answer.get("ok"):
                 raise WorkerError(f"the worker could not be cloned: {answer.get('error')}", stage="worker clone")
             pid = int(answer["result"]["pid"])
+            self.clones.append(pid)
             proc = _Cloned(pid, None, status)
             # the clone opens its ends (reader first) once it has set itself up
             proc.stdin = os.fdopen(open_fifo(jobs, os.O_WRONLY, time.monotonic() + timeout_s,
                                              lambda: proc.poll() is None), "wb")
             twin = object.__new__(Worker)
             twin.framework, twin.lane, twin.threads, twin.env_key = self.framework, lane, self.threads, self.env_key
-            twin.jobs_done, twin.idle_since = 0, time.monotonic()
+            twin.jobs_done, twin.idle_since, twin.clones = 0, time.monotonic(), []
             twin.proc = proc  # type: ignore[assignment]
             twin._fd, twin._buffer = open_fifo(answers, os.O_RDONLY, 0.0), b""
             twin.read_line(timeout_s, limits, "worker start")  # both its ends are open: the FIFOs can go
@@ -269,7 +272,7 @@ class Worker:
                     continue
             if not self.alive() or (ready and not chunk):
                 self._raise_dead(what)
-            if limits.memory_mb and _group_rss_mb(self.proc.pid) > limits.memory_mb:
+            if limits.memory_mb and _group_rss_mb(self.proc.pid, self.clones) > limits.memory_mb:
                 self.kill()
                 raise WorkerOutOfMemory(f"killed: memory limit {limits.memory_mb} MiB", stage=what,
                                         fix="raise the limit with --memory-limit / memory_mb=")

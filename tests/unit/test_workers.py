@@ -135,8 +135,11 @@ def test_a_lane_cloned_from_a_warm_worker_imports_nothing_again_and_lives_on_its
         home = lane1.call(kind="test", payload={"action": "cwd"}, framework="none", step="t",
                           work_dir=tmp_path / "w1")[0]["home"]
         assert Path(home).parent.parent == tmp_path / "s" and "worker-1" not in home
-        # each is policed for its own memory: lane 0's account leaves the clone out
-        assert _group_rss_mb(first["pid"]) < 1.5 * _group_rss_mb(clone["pid"])
+        # each is policed for its own memory: lane 0's account leaves its clone (its child) out
+        source = next(w for w in pool._idle if w.proc.pid == first["pid"])
+        assert source.clones == [clone["pid"]]
+        assert _group_rss_mb(first["pid"], source.clones) < 1.5 * _group_rss_mb(clone["pid"])
+        assert _group_rss_mb(first["pid"]) > 1.5 * _group_rss_mb(clone["pid"]), "the clone is not its child"
 
         with pytest.raises(JobFailed) as info:
             lane1.call(kind="test", payload={"action": "segfault"}, framework="none", step="t",
