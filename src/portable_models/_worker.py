@@ -123,15 +123,26 @@ def _run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dic
     return handler(job["payload"])
 
 
+def _same_file(path: str, other: str | int) -> bool:
+    """Whether ``path`` is the file or folder ``other`` is (a path or an open descriptor)."""
+    try:
+        mine = os.stat(path)
+        theirs = os.fstat(other) if isinstance(other, int) else os.stat(other)
+    except OSError:
+        return False
+    return os.path.samestat(mine, theirs)
+
+
 def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     _CURRENT_STEP["name"] = str(job.get("step") or job["kind"])
     work = job.get("work_dir")
-    if work:
+    if work and not _same_file(work, "."):  # a verify's runs share one folder and log
         Path(work).mkdir(parents=True, exist_ok=True)
         os.chdir(work)
         tempfile.tempdir = work
     if job.get("log"):
-        _redirect_output(job["log"])
+        if not _same_file(job["log"], 1):
+            _redirect_output(job["log"])
         print(f"--- portable_models job {job['id']}: {_CURRENT_STEP['name']} ---", flush=True)
     start = time.perf_counter()
     try:

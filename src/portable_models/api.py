@@ -342,41 +342,47 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     golden_out = golden.read_only_cases(root / contract.golden["outputs"])
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
-    # the helper thread hashes the files, the artifacts' first; the worker then runs every
-    # artifact in one job, and the thread compares each one's outputs while the worker runs
-    # the next
+    # the worker runs every artifact in one job, each right after hashing its files; this
+    # thread hashes the bundle's other files meanwhile, and the helper thread compares each
+    # artifact's outputs while the worker runs the next
     helper = _helper()
-    submitted: list[Future[Any]] = []
+    judged: dict[int, Future[tuple[dict[str, Any], dict[str, Any]]]] = {}
     try:
-        owned = {a.key: [e for e in contract.files if _owns(a, e["path"])] for a in chosen}
-        checks: dict[str, Future[str | None]] = {}
-        for entry in [*(e for a in chosen for e in owned[a.key]), *contract.files]:
-            if entry["path"] not in checks:
-                checks[entry["path"]] = helper.submit(check_file, root, entry)
-                submitted.append(checks[entry["path"]])
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb))
-        runs: list[tuple[Artifact, PlannedRun]] = []
+        runs: list[tuple[Artifact, PlannedRun, list[dict[str, Any]]]] = []
         for art in chosen:
-            touched = [p for e in owned[art.key] if (p := checks[e["path"]].result())]
-            planned = _rerun(pool, root, art, touched, golden_in, golden_out, policy, scratch, timeout_s,
+            owned = [e for e in contract.files if _owns(art, e["path"])]
+            planned = _rerun(pool, root, art, owned, golden_in, golden_out, policy, scratch, timeout_s,
                              contract, {"compute_units": compute_units})
             if planned is not None:
-                runs.append((art, planned))
-        judged: dict[int, Future[tuple[dict[str, Any], dict[str, Any]]]] = {}
+                runs.append((art, planned, owned))
+        in_worker = {e["path"] for _, _, owned in runs for e in owned}
+        found: dict[str, str | None] = {}
+
+        def check_others() -> None:
+            found.update((e["path"], check_file(root, e)) for e in contract.files if e["path"] not in in_worker)
 
         def judge_later(i: int, judge: Judge) -> None:
-            judged[i] = helper.submit(judge)
-            submitted.append(judged[i])
+            if len(judged) == len(runs) - 1:  # the last: nothing left to overlap it with
+                judged[i] = Future()
+                try:
+                    judged[i].set_result(judge())
+                except Exception as exc:  # raised where the helper's would be: below
+                    judged[i].set_exception(exc)
+            else:
+                judged[i] = helper.submit(judge)
 
-        run_planned(pool, [p for _, p in runs], judge_later, timeout_s)
-        problems = [p for e in contract.files if (p := checks[e["path"]].result())]
-        for i, (art, _) in enumerate(runs):
+        run_planned(pool, [p for _, p, _ in runs], judge_later, timeout_s, meanwhile=check_others)
+        for i, (art, _, owned) in enumerate(runs):
             parity, timings = judged[i].result()
             art.status = parity["status"]
             art.parity = parity
             art.timings = {**art.timings, **{f"verify_{k}": v for k, v in timings.items()}}
+            if parity["status"] == "error":  # its files may not have been hashed by the worker
+                found.update((e["path"], check_file(root, e)) for e in owned)
+        problems = [p for e in contract.files if (p := found.get(e["path"]))]
     finally:
-        for future in submitted:  # after an error: what has not started need not
+        for future in judged.values():  # after an error: what has not started need not
             future.cancel()
         helper.submit(shutil.rmtree, scratch, ignore_errors=True)  # beside the caller's next step
     contract.artifacts = chosen
@@ -405,22 +411,19 @@ def _owns(art: Artifact, path: str) -> bool:
     return art.file is not None and path.startswith(art.file)
 
 
-def _rerun(pool: Pool, root: Path, art: Artifact, touched: list[str], golden_in: Path,
+def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], golden_in: Path,
            golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
            contract: Contract, extra: dict[str, Any]) -> PlannedRun | None:
-    """The check of one kept artifact, to run again; None when its recorded verdict stands
-    (nothing was kept) or its files failed the integrity check (``touched``: recorded here)."""
+    """The check of one kept artifact, to run again (the worker hashes its files, ``owned``,
+    first: a changed or missing one fails it at stage ``integrity``); None when its recorded
+    verdict stands (nothing was kept). The checks share one scratch folder and log."""
     if art.file is None or art.io is None or art.runtime is None:
         return None  # nothing was kept: the recorded verdict (error/fail/skipped) stands
-    if touched:
-        art.status = "error"
-        art.parity = {"status": "error", "stage": "integrity", "error": {"code": "integrity",
-                      "message": "; ".join(touched), "file": art.file}}
-        return None
     return plan_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
                          golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
-                         precision=art.precision, log=scratch / f"{art.key}.log",
-                         work_dir=scratch / art.key, timeout_s=timeout_s,
+                         precision=art.precision, log=scratch / "verify.log", work_dir=scratch,
+                         timeout_s=timeout_s,
                          cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
                          options={**runner_options(contract.inputs, contract.outputs, contract.dims,
-                                                   art.precision), **extra})
+                                                   art.precision), **extra},
+                         files=(root, owned), name=art.key)

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,8 +24,6 @@ from portable_models.errors import BundleWriteError, IntegrityError, UsageError
 
 __all__ = ["Staging", "writing", "check_files", "list_files", "path_bytes", "raise_on_problems", "sha256_path"]
 
-_CHUNK = 1 << 20
-
 
 def sha256_path(path: Path) -> str:
     """sha256 of a file; of a folder (``.mlpackage``), over its sorted relative paths and contents."""
@@ -34,10 +33,7 @@ def sha256_path(path: Path) -> str:
             h.update(f.relative_to(path).as_posix().encode() + b"\0")
             h.update(sha256_path(f).encode())
         return h.hexdigest()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return _file_sha256(path)
 
 
 def path_bytes(path: Path) -> int:
@@ -64,12 +60,25 @@ def check_files(root: Path, files: list[dict[str, Any]]) -> list[str]:
 
 def check_file(root: Path, entry: dict[str, Any]) -> str | None:
     """One entry of a contract's file list against the folder: the problem, or None."""
-    path = root / entry["path"]
-    if not path.is_file():
+    path = os.path.join(root, entry["path"])
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         return f"missing file: {entry['path']}"
-    if path.stat().st_size != entry["bytes"] or sha256_path(path) != entry["sha256"]:
+    try:
+        same = st.st_size == entry["bytes"] and _file_sha256(path) == entry["sha256"]
+    except OSError as exc:
+        return f"unreadable file: {entry['path']} ({exc.strerror or exc})"
+    if not same:
         return f"changed file: {entry['path']} (sha256 differs from the contract)"
     return None
+
+
+def _file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def raise_on_problems(root: Path, problems: list[str]) -> None:

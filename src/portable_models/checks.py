@@ -117,12 +117,17 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
                   work_dir: Path, timeout_s: float | None = None,
                   output_names: Sequence[str] | None = None,
                   cases: Sequence[int] | None = None,
-                  options: dict[str, Any] | None = None) -> PlannedRun:
-    """The check of :func:`check_artifact`, to be driven alone or with others."""
+                  options: dict[str, Any] | None = None,
+                  files: tuple[Path, Sequence[dict[str, Any]]] | None = None,
+                  name: str = "") -> PlannedRun:
+    """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
+    the bundle folder and the contract's entries for the artifact's files, which the worker
+    hashes right before each run (a changed or missing one fails the run, unloaded).
+    ``name`` tells the check's files in ``work_dir`` from other checks' there."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
-                  options=options or {})
+                  options=options or {}, files=files, name=name)
     return PlannedRun(job=job, plan=_plan(runtime, cases))
 
 
@@ -170,14 +175,21 @@ def _coreml_on_macos(real: _Ran, ref: _Ran) -> Judge:
 
 
 def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, Judge], None],
-                timeout_s: float | None = None) -> None:
+                timeout_s: float | None = None, meanwhile: Callable[[], None] | None = None) -> None:
     """Drive many artifacts' checks with one worker job per round and worker kind (a verify
     runs a whole bundle in one round trip instead of one per artifact; an ask's ``then`` run
     goes in the same job, so Core ML's MIL-reference check needs no second round).
     ``done(i, judge)`` is called as soon as check ``i`` has made its last run, so that its
     comparison can start while the worker runs the next. A run that kills its worker (crash,
-    timeout, memory) fails that run alone; the runs after it go to a new worker."""
+    timeout, memory) fails that run alone; the runs after it go to a new worker.
+    ``meanwhile``: the caller's own work, done in this thread once, as soon as the worker
+    has the first job (or now, when no run is needed)."""
     asked: dict[int, Ask] = {}
+    pending = [meanwhile] if meanwhile is not None else []
+
+    def on_sent() -> None:
+        while pending:
+            pending.pop()()
     #: runs made ahead of their ask, by (check, ask key): None while in flight
     ahead: dict[tuple[int, Any], _Ran | None] = {}
     waiting: set[tuple[int, Any]] = set()  # asked for while in flight
@@ -221,22 +233,25 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
                 by_kind.setdefault(kind, []).append(((i, key), planned[i].job, run.runtime, run.cases))
         asked = {}
         for kind in sorted(by_kind):
-            _run_many(pool, by_kind[kind], got, timeout_s)
+            _run_many(pool, by_kind[kind], got, timeout_s, on_sent)
         ahead.clear()  # made ahead but not asked for: the check settled without them
+    on_sent()
 
 
 #: runs for :func:`_run_many`: (key, job, runtime, cases).
 _Runs = list[tuple[Any, "_RunJob", str, Sequence[int] | None]]
 
 
-def _run_many(pool: Pool, runs: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None) -> None:
+def _run_many(pool: Pool, runs: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
+              on_sent: Callable[[], None] | None = None) -> None:
     """``runs`` in one worker job (and a new one after a run that took its worker down);
     ``got(key, ran)`` as each one ends."""
     while runs:
-        runs = runs[_run_batch(pool, runs, got, timeout_s):]
+        runs = runs[_run_batch(pool, runs, got, timeout_s, on_sent):]
 
 
-def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None) -> int:
+def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
+               on_sent: Callable[[], None] | None = None) -> int:
     """Run ``batch`` in one worker job; how many of its runs are settled (all of them, or
     those up to the one that took its worker down, which fails alone)."""
     answered = 0
@@ -254,7 +269,8 @@ def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeo
     try:
         pool.call(kind="many", payload={"jobs": [job.sub_job(rt, c) for _, job, rt, c in batch]},
                   framework=runtime_info(batch[0][2]).framework,
-                  step=f"run:{'+'.join(rt for _, _, rt, _ in batch)}", timeout_s=timeout_s, on_partial=partial)
+                  step=f"run:{'+'.join(rt for _, _, rt, _ in batch)}", timeout_s=timeout_s, on_partial=partial,
+                  on_sent=on_sent)
     except JobFailed as failed:  # the run in flight (crash, timeout, memory) fails alone
         if answered == len(batch):
             return answered
@@ -302,17 +318,22 @@ class _RunJob:
     timeout_s: float | None
     output_names: Sequence[str] | None
     options: dict[str, Any]
+    files: tuple[Path, Sequence[dict[str, Any]]] | None = None
+    name: str = ""
 
     def sub_job(self, runtime: str, cases: Sequence[int] | None) -> dict[str, Any]:
         """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all)."""
         payload = {"runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
                    "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
                    "out": str(self._out(runtime)), "options": self.options}
+        if self.files is not None:
+            payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
         return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": str(self.log),
                 "work_dir": str(self.work_dir)}
 
     def _out(self, runtime: str) -> Path:
-        return self.work_dir / f"outputs-{runtime}.bin"  # the worker makes the folder
+        prefix = f"{self.name}-" if self.name else ""
+        return self.work_dir / f"{prefix}outputs-{runtime}.bin"  # the worker makes the folder
 
     def run(self, runtime: str, cases: Sequence[int] | None) -> _Ran:
         sub = self.sub_job(runtime, cases)

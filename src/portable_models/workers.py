@@ -221,6 +221,7 @@ class WorkerPool:
              timeout_s: float | None = None, limits: WorkerLimits | None = None,
              lane: int = 0, threads: int | None = None,
              on_partial: Callable[[dict[str, Any]], None] | None = None,
+             on_sent: Callable[[], None] | None = None,
              _warming: bool = False) -> tuple[dict[str, Any], float]:
         """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
         ``limits`` overrides the pool's for this job (memory cap, default timeout).
@@ -229,12 +230,13 @@ class WorkerPool:
         numeric thread pools. A job of kind ``many`` answers each of its jobs as it ends,
         to ``on_partial``; the timeout then applies to each of them. A job the worker says
         it is unfit for (:class:`WorkerUnfit`) runs once more in a fresh worker, and the unfit
-        one is stopped."""
+        one is stopped. ``on_sent``: called in this thread once the worker has the job, before
+        waiting for its answer (the caller's own work, overlapped with the worker's)."""
         job = {"kind": kind, "payload": dict(payload), "step": step, "log": str(log) if log else None,
                "work_dir": str(work_dir) if work_dir else None}
         where = _Where(framework=framework, limits=limits or self.limits, lane=lane, threads=threads,
                        timeout_s=timeout_s, warming=_warming)
-        answer, seconds = self._answer(job, where, on_partial)
+        answer, seconds = self._answer(job, where, on_partial, on_sent)
         if _unfit(answer):  # what an earlier job left in that worker: once more, in a new one
             answer, seconds = self._answer(job, dataclasses.replace(where, fresh=True), on_partial)
         if not answer.get("ok"):
@@ -242,7 +244,8 @@ class WorkerPool:
         return dict(answer.get("result") or {}), seconds
 
     def _answer(self, job: dict[str, Any], where: _Where,
-                on_partial: Callable[[dict[str, Any]], None] | None) -> tuple[dict[str, Any], float]:
+                on_partial: Callable[[dict[str, Any]], None] | None,
+                on_sent: Callable[[], None] | None = None) -> tuple[dict[str, Any], float]:
         """Run ``job`` on one worker: its final answer and seconds (JobFailed: the worker died,
         timed out or hit the memory limit)."""
         limits, step = where.limits, str(job["step"])
@@ -254,6 +257,8 @@ class WorkerPool:
         healthy = False
         try:
             worker.send({"id": f"{os.getpid()}-{time.monotonic_ns()}", **job})
+            if on_sent is not None:
+                on_sent()
             answer = worker.read_line(where.timeout_s or limits.timeout_s, limits, step)
             while "partial" in answer:
                 if on_partial is not None:

@@ -61,3 +61,51 @@ def test_a_run_named_then_is_made_in_the_same_worker_job(tmp_path: Path, asks_ag
     assert [r.cases for r in ran] == ([None, [0]] if asks_again else [None])
     assert [len(golden.unpack_outputs(r.result, r.out)) for r in ran] == [cases, 1][:len(ran)]
     assert all(r.failure is None for r in ran)
+
+
+def test_meanwhile_runs_once_in_the_callers_thread_after_the_job_is_sent(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    def plan() -> Generator[Ask, Any, Judge]:
+        yield Ask("onnxruntime", None)
+        return lambda: ({"status": "pass"}, {})
+
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        real = pool.call
+
+        def traced(**kwargs: Any) -> Any:
+            events.append("call")
+            return real(**kwargs)
+
+        pool.call = traced  # type: ignore[method-assign]
+        run_planned(pool, [_planned(pool, tmp_path, plan())], lambda i, judge: events.append("done"),
+                    meanwhile=lambda: events.append("meanwhile"))
+        assert events == ["call", "meanwhile", "done"]
+        events.clear()
+        run_planned(pool, [], lambda i, judge: events.append("done"), meanwhile=lambda: events.append("meanwhile"))
+        assert events == ["meanwhile"], "nothing to run: the caller's work is still done"
+
+
+def test_verify_hashes_each_artifact_in_its_worker_and_the_other_files_in_the_caller(tmp_path: Path) -> None:
+    import shutil
+
+    import portable_models as pm
+
+    bundle = tmp_path / "b"
+    shutil.copytree(TINY, bundle)
+    (bundle / "logs" / "onnx.log").write_text("edited\n")
+    report = pm.verify(bundle)
+    assert report.problems == ["changed file: logs/onnx.log (sha256 differs from the contract)"]
+    assert report.contract.artifacts[0].status == "pass"
+    model = bundle / "artifacts" / "model.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    report = pm.verify(bundle)
+    assert report.problems == ["changed file: artifacts/model.onnx (sha256 differs from the contract)",
+                               "changed file: logs/onnx.log (sha256 differs from the contract)"]
+    art = report.contract.artifacts[0]
+    assert art.status == "error" and art.parity["stage"] == "integrity", "a changed artifact is not loaded"
+    assert art.parity["error"]["code"] == "integrity" and "artifacts/model.onnx" in art.parity["error"]["message"]
+    model.unlink()
+    report = pm.verify(bundle)
+    assert "missing file: artifacts/model.onnx" in report.problems
+    assert report.contract.artifacts[0].parity["stage"] == "integrity"

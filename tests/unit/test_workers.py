@@ -4,6 +4,7 @@ fails alone, with a status that says so; the pool carries on; no process survive
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,21 @@ def test_job_output_goes_to_its_log(pool: WorkerPool, tmp_path: Path) -> None:
     _fail(pool, "raise", tmp_path)
     text = (tmp_path / "job.log").read_text()
     assert "asked to fail" in text and "Traceback" in text
+
+
+def test_jobs_sharing_a_folder_and_log_keep_them_and_a_removed_one_is_made_again(pool: WorkerPool,
+                                                                                 tmp_path: Path) -> None:
+    work, log = tmp_path / "work", tmp_path / "jobs.log"
+    for n in range(3):
+        result, _ = pool.call(kind="test", payload={"action": "cwd"}, framework="none", step=f"job{n}",
+                              work_dir=work, log=log)
+        assert Path(result["cwd"]) == work
+        if n == 1:  # the folder and the log go away between two jobs
+            shutil.rmtree(work)
+            log.unlink()
+    text = log.read_text()
+    assert "job2" in text and "job0" not in text and "job1" not in text
+    assert work.is_dir()
 
 
 def test_lanes_warmed_one_by_one_import_one_after_the_other(tmp_path: Path,
