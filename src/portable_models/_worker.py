@@ -88,6 +88,26 @@ def install_network_guard() -> None:
     socket.getaddrinfo = getaddrinfo
 
 
+#: descriptors of the worker's own log (what fds 1 and 2 were when it started): what a job
+#: prints goes to the job's log, and anything printed between jobs (a runtime's thread, an
+#: import) to the worker's, never to the log of a job that has ended (which may be a file
+#: of a bundle by then).
+_OWN_OUTPUT: list[int] = []
+
+
+def _keep_own_output() -> None:
+    for fd in _OWN_OUTPUT:
+        os.close(fd)
+    _OWN_OUTPUT[:] = [os.dup(1), os.dup(2)]
+
+
+def _back_to_own_output() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, own in zip((1, 2), _OWN_OUTPUT, strict=False):
+        os.dup2(own, fd)
+
+
 def _redirect_output(log_path: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -195,6 +215,7 @@ def _clone(payload: dict[str, Any]) -> tuple[int, Any, Any]:
         os.chdir(payload["scratch"])
         tempfile.tempdir = None
         _redirect_output(str(payload["log"]))
+        _keep_own_output()
         deadline = time.monotonic() + float(payload.get("timeout_s", 30.0))
         jobs = open_fifo(payload["jobs"], os.O_RDONLY, deadline)
         answers = open_fifo(payload["answers"], os.O_WRONLY, deadline)
@@ -206,6 +227,7 @@ def _clone(payload: dict[str, Any]) -> tuple[int, Any, Any]:
 
 def main(argv: list[str]) -> int:
     install_network_guard()
+    _keep_own_output()
     inp, out = os.fdopen(0, "r"), os.fdopen(int(argv[1]), "w", buffering=1)
     out.write(json.dumps({"ready": os.getpid()}) + "\n")
     while line := inp.readline():
@@ -227,6 +249,7 @@ def main(argv: list[str]) -> int:
             out.write(json.dumps({"id": job_id, "partial": partial}, allow_nan=False, default=str) + "\n")
 
         answer = _answer(job, emit)
+        _back_to_own_output()  # before the caller hears that the job is done
         out.write(json.dumps(answer, allow_nan=False, default=str) + "\n")
     return 0
 

@@ -416,12 +416,13 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
            contract: Contract, extra: dict[str, Any]) -> PlannedRun | None:
     """The check of one kept artifact, to run again (the worker hashes its files, ``owned``,
     first: a changed or missing one fails it at stage ``integrity``); None when its recorded
-    verdict stands (nothing was kept). The checks share one scratch folder and log."""
+    verdict stands (nothing was kept). The checks share one scratch folder; what the runs print
+    goes to the worker's own log, which outlives the verify's scratch folder."""
     if art.file is None or art.io is None or art.runtime is None:
         return None  # nothing was kept: the recorded verdict (error/fail/skipped) stands
     return plan_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
                          golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
-                         precision=art.precision, log=scratch / "verify.log", work_dir=scratch,
+                         precision=art.precision, log=None, work_dir=scratch,
                          timeout_s=timeout_s,
                          cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
                          options={**runner_options(contract.inputs, contract.outputs, contract.dims,

@@ -113,7 +113,7 @@ class PlannedRun:
 
 
 def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
-                  golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
+                  golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path | None,
                   work_dir: Path, timeout_s: float | None = None,
                   output_names: Sequence[str] | None = None,
                   cases: Sequence[int] | None = None,
@@ -123,7 +123,8 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
     """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
     the bundle folder and the contract's entries for the artifact's files, which the worker
     hashes right before each run (a changed or missing one fails the run, unloaded).
-    ``name`` tells the check's files in ``work_dir`` from other checks' there."""
+    ``name`` tells the check's files in ``work_dir`` from other checks' there. ``log``: where
+    the runs' output goes (None: the worker's own log)."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
@@ -313,7 +314,7 @@ class _RunJob:
     golden_outputs: Cases
     policy: TolerancePolicy
     precision: str
-    log: Path
+    log: Path | None
     work_dir: Path
     timeout_s: float | None
     output_names: Sequence[str] | None
@@ -328,7 +329,7 @@ class _RunJob:
                    "out": str(self._out(runtime)), "options": self.options}
         if self.files is not None:
             payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
-        return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": str(self.log),
+        return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": None if self.log is None else str(self.log),
                 "work_dir": str(self.work_dir)}
 
     def _out(self, runtime: str) -> Path:

@@ -184,6 +184,8 @@ def test_job(payload: dict[str, Any]) -> dict[str, Any]:
 
         return {"pid": os.getpid(), "session": os.getsid(0),
                 "loaded": [m for m in payload.get("modules") or [] if m in sys.modules]}
+    elif action == "print":  # as a converter or a runtime's thread would
+        print(payload.get("text"), flush=True)
     elif action == "cwd":
         Path("written-by-worker.txt").write_text("x")
         Path(os.path.expanduser("~/written-by-worker.txt")).write_text("x")

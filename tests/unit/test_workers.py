@@ -100,6 +100,17 @@ def test_jobs_sharing_a_folder_and_log_keep_them_and_a_removed_one_is_made_again
     assert work.is_dir()
 
 
+def test_what_is_printed_after_a_job_never_goes_to_that_jobs_log(pool: WorkerPool, tmp_path: Path) -> None:
+    """An export's logs are files of its bundle: a worker's later output (a job without a
+    log, an import's warning, a runtime's thread) must not change them."""
+    log = tmp_path / "bundle-file.log"
+    pool.call(kind="test", payload={"action": "print", "text": "during the job"}, framework="none",
+              step="one", log=log)
+    before = log.read_text()
+    pool.call(kind="test", payload={"action": "print", "text": "after it"}, framework="none", step="two")
+    assert "during the job" in before and log.read_text() == before
+
+
 def test_lanes_warmed_one_by_one_import_one_after_the_other(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers importing torch at once each take about twice as long: a lane warmed
