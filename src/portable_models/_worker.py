@@ -156,12 +156,12 @@ def _same_file(path: str, other: str | int) -> bool:
 def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     _CURRENT_STEP["name"] = str(job.get("step") or job["kind"])
     work = job.get("work_dir")
-    if work and not _same_file(work, "."):  # a verify's runs share one folder and log
+    if work and not _same_file(work, "."):  # a verify's runs share one folder
         Path(work).mkdir(parents=True, exist_ok=True)
         os.chdir(work)
         tempfile.tempdir = work
     if job.get("log"):
-        if not _same_file(job["log"], 1):
+        if not _same_file(job["log"], 1):  # the jobs of a 'many' job may share one
             _redirect_output(job["log"])
         print(f"--- portable_models job {job['id']}: {_CURRENT_STEP['name']} ---", flush=True)
     start = time.perf_counter()

@@ -76,9 +76,21 @@ def check_file(root: Path, entry: dict[str, Any]) -> str | None:
     return None
 
 
+#: files up to this size are hashed from one read; larger ones in chunks of it.
+_WHOLE = 8 << 20
+
+
 def _file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    """sha256 of one file. A small file in one read of its size: a fixed large buffer
+    (``hashlib.file_digest`` takes 256 KiB) is mapped and faulted in afresh on every call,
+    which made hashing a 30 KB artifact ~4x slower in a worker (0.3 ms a file)."""
+    with open(path, "rb", buffering=0) as fh:
+        if os.fstat(fh.fileno()).st_size <= _WHOLE:
+            return hashlib.sha256(fh.readall()).hexdigest()
+        h = hashlib.sha256()
+        while chunk := fh.read(_WHOLE):
+            h.update(chunk)
+        return h.hexdigest()
 
 
 def raise_on_problems(root: Path, problems: list[str]) -> None:

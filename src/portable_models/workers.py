@@ -231,7 +231,8 @@ class WorkerPool:
         to ``on_partial``; the timeout then applies to each of them. A job the worker says
         it is unfit for (:class:`WorkerUnfit`) runs once more in a fresh worker, and the unfit
         one is stopped. ``on_sent``: called in this thread once the worker has the job, before
-        waiting for its answer (the caller's own work, overlapped with the worker's)."""
+        waiting for its answer (the caller's own work, overlapped with the worker's; what it
+        raises abandons the job, and the worker is stopped)."""
         job = {"kind": kind, "payload": dict(payload), "step": step, "log": str(log) if log else None,
                "work_dir": str(work_dir) if work_dir else None}
         where = _Where(framework=framework, limits=limits or self.limits, lane=lane, threads=threads,

@@ -302,6 +302,19 @@ def test_file_list_detects_changes(tmp_path: Path) -> None:
     assert check_files(tmp_path, files) == ["missing file: a/x.bin"]
 
 
+def test_a_file_larger_than_one_read_hashes_the_same_in_chunks(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from portable_models import bundle
+
+    data = os.urandom(10_000)
+    (tmp_path / "x.bin").write_bytes(data)
+    whole = bundle.sha256_path(tmp_path / "x.bin")
+    monkeypatch.setattr(bundle, "_WHOLE", 4096)  # three chunks, the last a short one
+    assert bundle.sha256_path(tmp_path / "x.bin") == whole == hashlib.sha256(data).hexdigest()
+
+
 def test_reports_render(tmp_path: Path) -> None:
     c = _contract(tmp_path)
     table = render(c, "table")
