@@ -143,14 +143,12 @@ def _run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dic
     return handler(job["payload"])
 
 
-def _same_file(path: str, other: str | int) -> bool:
-    """Whether ``path`` is the file or folder ``other`` is (a path or an open descriptor)."""
+def _same_file(path: str, other: str) -> bool:
+    """Whether ``path`` is the file or folder ``other`` is."""
     try:
-        mine = os.stat(path)
-        theirs = os.fstat(other) if isinstance(other, int) else os.stat(other)
+        return os.path.samefile(path, other)
     except OSError:
         return False
-    return os.path.samestat(mine, theirs)
 
 
 def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -161,8 +159,7 @@ def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict
         os.chdir(work)
         tempfile.tempdir = work
     if job.get("log"):
-        if not _same_file(job["log"], 1):  # the jobs of a 'many' job may share one
-            _redirect_output(job["log"])
+        _redirect_output(job["log"])
         print(f"--- portable_models job {job['id']}: {_CURRENT_STEP['name']} ---", flush=True)
     start = time.perf_counter()
     try:

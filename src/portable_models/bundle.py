@@ -93,11 +93,12 @@ def _file_sha256(path: str | Path) -> str:
         return h.hexdigest()
 
 
-def raise_on_problems(root: Path, problems: list[str]) -> None:
+def raise_on_problems(root: Path, problems: list[str], stage: str = "verify") -> None:
+    """An :class:`IntegrityError` naming ``problems`` (from :func:`check_files`), if any."""
     if problems:
         raise IntegrityError(
             f"bundle {root} does not match its contract: " + "; ".join(problems),
-            file=str(root / problems[0].split(": ", 1)[1].split(" ")[0]), stage="verify",
+            file=str(root / problems[0].split(": ", 1)[1].split(" ")[0]), stage=stage,
             fix="re-export the bundle, or restore the files named above",
         )
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.errors import IntegrityError, PortableModelsError
+from portable_models.errors import PortableModelsError
 from portable_models.golden import load_cases, pack_outputs, read_only_cases
 from portable_models.iomap import IoMap
 from portable_models.spec import DimSpec, TensorSpec
@@ -74,16 +74,6 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_files(root: Path, entries: list[dict[str, Any]]) -> None:
-    """The artifact's files are those of the contract, or nothing of it is loaded."""
-    from portable_models.bundle import check_file
-
-    bad = [(entry, problem) for entry in entries if (problem := check_file(root, entry))]
-    if bad:
-        raise IntegrityError("; ".join(problem for _, problem in bad), file=str(root / bad[0][0]["path"]),
-                             stage="integrity", fix="re-export the bundle, or restore the files named above")
-
-
 def golden_inputs(path: Path) -> list[dict[str, np.ndarray]]:
     """The golden inputs at ``path`` (read once while the file is unchanged), each array a
     copy, so that a runtime writing into its feeds cannot change what the next job reads."""
@@ -99,8 +89,11 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     info = runtime_info(payload["runtime"])
     cls = load_impl(info.impl)
-    if payload.get("files"):
-        _check_files(Path(payload["files"]["root"]), payload["files"]["entries"])
+    if payload.get("files"):  # the artifact's files are the contract's, or nothing of it is loaded
+        from portable_models.bundle import check_files, raise_on_problems
+
+        root = Path(payload["files"]["root"])
+        raise_on_problems(root, check_files(root, payload["files"]["entries"]), stage="integrity")
     cases = golden_inputs(Path(payload["inputs"]))
     if payload.get("cases") is not None:
         cases = [cases[int(i)] for i in payload["cases"]]

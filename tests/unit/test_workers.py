@@ -85,8 +85,8 @@ def test_job_output_goes_to_its_log(pool: WorkerPool, tmp_path: Path) -> None:
     assert "asked to fail" in text and "Traceback" in text
 
 
-def test_jobs_sharing_a_folder_and_log_keep_them_and_a_removed_one_is_made_again(pool: WorkerPool,
-                                                                                 tmp_path: Path) -> None:
+def test_jobs_sharing_a_folder_keep_it_and_a_removed_folder_or_log_is_made_again(pool: WorkerPool,
+                                                                                  tmp_path: Path) -> None:
     work, log = tmp_path / "work", tmp_path / "jobs.log"
     for n in range(3):
         result, _ = pool.call(kind="test", payload={"action": "cwd"}, framework="none", step=f"job{n}",
