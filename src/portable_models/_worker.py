@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portable_models.errors import NetworkRequiredError, PortableModelsError
+from portable_models.errors import NetworkRequiredError, PortableModelsError, UnverifiedError
 from portable_models.worker_process import open_fifo
 
 _CURRENT_STEP = {"name": "worker"}
@@ -117,21 +117,24 @@ def _redirect_output(log_path: str) -> None:
     os.close(fd)
 
 
-def _run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def _run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None],
+             checked: list[Any] | None = None) -> dict[str, Any]:
+    """``checked``: what the runs of one job of kind ``many`` have hashed (see ``jobs.run_job``)."""
     from portable_models import jobs
 
     if job["kind"] == "many":  # each of its jobs answered as it ends, in order
         subs = list(job["payload"]["jobs"])
         if any(sub.get("kind") == "many" for sub in subs):
             raise ValueError("a job of kind 'many' cannot hold another")
+        hashed: list[Any] = []
         for n, sub in enumerate(subs):
-            answer = _answer({**sub, "id": f"{job['id']}/{n}"}, emit)
+            answer = _answer({**sub, "id": f"{job['id']}/{n}"}, emit, hashed)
             emit({"index": n, **{k: v for k, v in answer.items() if k != "id"}})
         return {"jobs": len(subs)}
 
     handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "convert": jobs.convert_job,
-        "run": jobs.run_job,
+        "run": lambda payload: jobs.run_job(payload, checked),
         "bench": jobs.bench_job,
         "ping": lambda payload: {"pid": os.getpid()},
         "test": jobs.test_job,
@@ -151,7 +154,8 @@ def _same_file(path: str, other: str) -> bool:
         return False
 
 
-def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None],
+            checked: list[Any] | None = None) -> dict[str, Any]:
     _CURRENT_STEP["name"] = str(job.get("step") or job["kind"])
     work = job.get("work_dir")
     if work and not _same_file(work, "."):  # a verify's runs share one folder
@@ -163,10 +167,13 @@ def _answer(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict
         print(f"--- portable_models job {job['id']}: {_CURRENT_STEP['name']} ---", flush=True)
     start = time.perf_counter()
     try:
-        result = _run_job(job, emit)
+        result = _run_job(job, emit, checked)
         answer: dict[str, Any] = {"id": job["id"], "ok": True, "result": result}
     except PortableModelsError as exc:
-        traceback.print_exc()
+        if isinstance(exc, UnverifiedError):  # an outcome (Core ML off macOS), not a fault
+            print(f"unverified: {exc.message}", flush=True)
+        else:
+            traceback.print_exc()
         answer = {"id": job["id"], "ok": False, "error": exc.to_dict()}
     except BaseException as exc:  # a converter's own failure: report it, stay alive
         traceback.print_exc()

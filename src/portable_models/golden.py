@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -309,20 +310,20 @@ def load_cases(path: Path) -> Cases:
 
 
 #: archives read last, by file identity (see :func:`read_only_cases`).
-_READ: dict[tuple[str, int, int, int, int], Cases] = {}
+_READ: dict[tuple[int, int, int, int, int], Cases] = {}
 _READ_KEPT = 4
 
 
 def read_only_cases(path: Path) -> Cases:
-    """``load_cases(path)``, remembered while the file is unchanged (same inode, size and
-    modification time): a verify reads the same golden files every time, and a worker runs
-    every artifact of a bundle on the same inputs. The arrays are read-only (shared between
-    callers): copy one to write into it."""
+    """``load_cases(path)``, remembered while the file is unchanged (same device, inode, size,
+    modification and status-change times; the last cannot be set back): a verify reads the
+    same golden files every time, and a worker runs every artifact of a bundle on the same
+    inputs. The arrays are read-only (shared between callers): copy one to write into it."""
     try:
-        st = Path(path).stat()
+        st = os.stat(path)
     except OSError:
         return load_cases(path)  # its own clear error
-    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # the file, by any path
     cases = _READ.get(key)
     if cases is None:
         cases = load_cases(path)

@@ -80,20 +80,25 @@ def golden_inputs(path: Path) -> list[dict[str, np.ndarray]]:
     return [{k: v.copy() for k, v in case.items()} for case in read_only_cases(path)]
 
 
-def run_job(payload: dict[str, Any]) -> dict[str, Any]:
+def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[str, Any]:
     """Load the artifact once, run every golden case (or the ``cases`` listed), write the
-    outputs, time it all."""
+    outputs, time it all. ``checked``: the file lists an earlier run of the same job (kind
+    ``many``) has hashed and found as the contract says: not hashed again (Core ML's MIL
+    reference run right after its structural check), and this run's is added."""
     from portable_models.runtimes import runtime_info
     from portable_models.runtimes.base import RunnerOptions
     from portable_models.targets.base import load_impl
 
     info = runtime_info(payload["runtime"])
     cls = load_impl(info.impl)
-    if payload.get("files"):  # the artifact's files are the contract's, or nothing of it is loaded
+    files = payload.get("files")
+    if files and (checked is None or files not in checked):  # the contract's, or nothing is loaded
         from portable_models.bundle import check_files, raise_on_problems
 
-        root = Path(payload["files"]["root"])
-        raise_on_problems(root, check_files(root, payload["files"]["entries"]), stage="integrity")
+        root = Path(files["root"])
+        raise_on_problems(root, check_files(root, files["entries"]), stage="integrity")
+        if checked is not None:
+            checked.append(files)
     cases = golden_inputs(Path(payload["inputs"]))
     if payload.get("cases") is not None:
         cases = [cases[int(i)] for i in payload["cases"]]

@@ -109,3 +109,42 @@ def test_verify_hashes_each_artifact_in_its_worker_and_the_other_files_in_the_ca
     report = pm.verify(bundle)
     assert "missing file: artifacts/model.onnx" in report.problems
     assert report.contract.artifacts[0].parity["stage"] == "integrity"
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_many_job_hashes_an_artifacts_files_once_unless_they_failed(tmp_path: Path, changed: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # the worker's loop, in this process: Core ML's MIL-reference run right after its
+    # structural check loads files the first run hashed; a failed hash is made again
+    import shutil
+
+    from portable_models import _worker, bundle
+
+    root = tmp_path / "b"
+    shutil.copytree(TINY, root)
+    contract = load_contract(root)
+    art = contract.artifacts[0]
+    assert art.file and art.io
+    if changed:
+        (root / art.file).write_bytes((root / art.file).read_bytes() + b"\0")
+    hashed: list[int] = []
+    real = bundle.check_files
+
+    def counted(files_root: Path, entries: list[dict[str, Any]]) -> list[str]:
+        hashed.append(len(entries))
+        return real(files_root, entries)
+
+    monkeypatch.setattr(bundle, "check_files", counted)
+    job = plan_artifact(None, artifact=root / art.file, runtime="onnxruntime", io=art.io,  # type: ignore[arg-type]
+                        golden_inputs=root / contract.golden["inputs"], golden_outputs=[],
+                        policy=TolerancePolicy(), precision=art.precision, log=None, work_dir=tmp_path / "w",
+                        files=(root, [e for e in contract.files if e["path"].startswith(art.file)])).job
+    subs = [{**job.sub_job("onnxruntime", None), "id": str(n)} for n in range(2)]
+    (tmp_path / "w").mkdir()
+    monkeypatch.chdir(tmp_path / "w")  # the worker's loop enters the runs' folder when not in it
+    answers: list[dict[str, Any]] = []
+    _worker._run_job({"id": "j", "kind": "many", "payload": {"jobs": subs}}, answers.append)
+    assert [a["ok"] for a in answers] == [not changed] * 2
+    assert hashed == [1, 1] if changed else hashed == [1], "hashed again in one job, or a failed hash trusted"
+    if changed:
+        assert {a["error"]["code"] for a in answers} == {"integrity"}

@@ -315,6 +315,21 @@ def test_a_file_larger_than_one_read_hashes_the_same_in_chunks(tmp_path: Path,
     assert bundle.sha256_path(tmp_path / "x.bin") == whole == hashlib.sha256(data).hexdigest()
 
 
+def test_error_histogram_counts_each_decade_from_its_power_of_ten() -> None:
+    from portable_models.checks import error_histogram
+
+    errors = np.array([0.0, 1e-13, 1e-12, 9.9e-12, 1e-5, 0.5, 1.0, 99.0, 100.0, 5e3, np.nan, np.inf])
+    hist = error_histogram([{"y": np.zeros(errors.size)}], [{"y": errors}], "y")
+    assert hist is not None and hist["decades"][0] == -12.0 and hist["decades"][-1] == 2.0
+    counts = dict(zip(hist["decades"], hist["counts"], strict=True))
+    # below 1e-12 counts in the first decade, 1e2 and above in the last; 0 apart, NaN/Inf left out
+    assert hist["zeros"] == 1 and sum(hist["counts"]) == 9
+    assert counts[-12.0] == 3 and counts[-5.0] == 1 and counts[-1.0] == 1 and counts[0.0] == 1
+    assert counts[1.0] == 1 and counts[2.0] == 2
+    assert error_histogram([{"y": np.zeros(3)}], [{"y": np.zeros(4)}], "y") is None
+    assert error_histogram([{"y": np.zeros(3, np.int32)}], [{"y": np.zeros(3)}], "y") is None
+
+
 def test_reports_render(tmp_path: Path) -> None:
     c = _contract(tmp_path)
     table = render(c, "table")

@@ -252,6 +252,23 @@ def test_top1_floor():
     assert _one(np.ones((4,)), np.ones((4,))).top1 is None  # rank 1: not class scores
 
 
+def test_top1_and_metrics_agree_between_the_finite_and_the_nan_paths():
+    # cases of different class counts: counted case by case; a NaN in the same place in
+    # both takes the general path, which must give the same top-1 over the finite rows
+    loose = TolerancePolicy(per_output={"y": {"atol": 1.0, "cosine_min": None}})
+    ref = [{"y": np.array([[0.1, 0.9], [0.8, 0.2]])}, {"y": np.array([[0.1, 0.2, 0.7]])}]
+    got = [{"y": np.array([[0.1, 0.9], [0.2, 0.8]])}, {"y": np.array([[0.1, 0.8, 0.1]])}]
+    (r,) = compare_outputs(ref, got, precision="float32", policy=loose)
+    assert r.top1 == pytest.approx(1 / 3) and r.status == "pass"
+    x = RNG.standard_normal((3, 5))
+    y = x + 1e-5
+    fast = _one(x, y)
+    x[0, 0] = y[0, 0] = np.nan
+    slow = _one(x, y)
+    assert slow.status == fast.status == "pass" and slow.top1 == fast.top1 == 1.0
+    assert slow.max_abs == pytest.approx(fast.max_abs) and slow.nonfinite == 1
+
+
 def test_verdict_needs_at_least_one_result():
     assert verdict([]) == "fail"
 
