@@ -6,6 +6,7 @@ capture -> convert (one isolated job per route) -> run (one runtime per artifact
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import shutil
@@ -341,7 +342,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     golden_in = root / contract.golden["inputs"]
     golden_out = golden.read_only_cases(root / contract.golden["outputs"])
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
-    scratch = Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
+    scratch = _scratch_folder()
     # the worker runs every artifact in one job, each right after hashing its files; this
     # thread hashes the bundle's other files meanwhile, and the helper thread compares each
     # artifact's outputs while the worker runs the next
@@ -384,7 +385,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     finally:
         for future in judged.values():  # after an error: what has not started need not
             future.cancel()
-        helper.submit(shutil.rmtree, scratch, ignore_errors=True)  # beside the caller's next step
+        helper.submit(_scratch_done, scratch)  # beside the caller's next step
     contract.artifacts = chosen
     return VerifyReport(path=root, contract=contract, problems=problems,
                         allow_unverified=tuple(allow_unverified))
@@ -403,6 +404,43 @@ def _helper() -> ThreadPoolExecutor:
         if _HELPER is None:
             _HELPER = ThreadPoolExecutor(1, thread_name_prefix="portable-models-verify")
         return _HELPER
+
+
+#: verify scratch folders left empty by the verify that had them, for the next one: the worker
+#: stays in its folder instead of entering a new one, and the caller makes and removes none
+_FREE_SCRATCH: list[Path] = []
+_SCRATCH_KEPT = 4
+
+
+def _scratch_folder() -> Path:
+    """A verify's own scratch folder: a free one, else a new one."""
+    with _HELPER_LOCK:
+        while _FREE_SCRATCH:
+            folder = _FREE_SCRATCH.pop()
+            if folder.is_dir():
+                return folder
+    return Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
+
+
+def _scratch_done(folder: Path) -> None:
+    """Keep ``folder`` for the next verify if the runs left nothing in it, else remove it."""
+    try:
+        empty = not any(os.scandir(folder))
+    except OSError:
+        return
+    with _HELPER_LOCK:
+        if empty and len(_FREE_SCRATCH) < _SCRATCH_KEPT:
+            _FREE_SCRATCH.append(folder)
+            return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@atexit.register
+def _remove_free_scratch() -> None:
+    with _HELPER_LOCK:
+        folders, _FREE_SCRATCH[:] = list(_FREE_SCRATCH), []
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _owns(art: Artifact, path: str) -> bool:

@@ -6,6 +6,7 @@ worker job per round (:func:`plan_artifact` and :func:`run_planned`).
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from collections.abc import Callable, Generator, Sequence
@@ -189,6 +190,10 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
     pending = [meanwhile] if meanwhile is not None else []
 
     def on_sent() -> None:
+        if pending and _YIELD is not None:
+            # the worker was just woken by the job: let it have this CPU before the caller's
+            # own work (else it waits for another one to come free: ~0.5 ms on a 2-vCPU VM)
+            _YIELD()
         while pending:
             pending.pop()()
     #: runs made ahead of their ask, by (check, ask key): None while in flight
@@ -238,6 +243,8 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
         ahead.clear()  # made ahead but not asked for: the check settled without them
     on_sent()
 
+
+_YIELD = getattr(os, "sched_yield", None)
 
 #: runs for :func:`_run_many`: (key, job, runtime, cases).
 _Runs = list[tuple[Any, "_RunJob", str, Sequence[int] | None]]

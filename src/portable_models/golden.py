@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import time
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -312,13 +313,17 @@ def load_cases(path: Path) -> Cases:
 #: archives read last, by file identity (see :func:`read_only_cases`).
 _READ: dict[tuple[int, int, int, int, int], Cases] = {}
 _READ_KEPT = 4
+#: a file changed less than this long ago is not remembered: file times tick in steps of up
+#: to a few ms, so a rewrite of the same size right after the read could keep all of them
+_SETTLED_NS = 2_000_000_000
 
 
 def read_only_cases(path: Path) -> Cases:
     """``load_cases(path)``, remembered while the file is unchanged (same device, inode, size,
-    modification and status-change times; the last cannot be set back): a verify reads the
-    same golden files every time, and a worker runs every artifact of a bundle on the same
-    inputs. The arrays are read-only (shared between callers): copy one to write into it."""
+    modification and status-change times; the last cannot be set back; a file changed in the
+    last 2 s is read afresh every time): a verify reads the same golden files every time, and
+    a worker runs every artifact of a bundle on the same inputs. The arrays are read-only
+    (shared between callers): copy one to write into it."""
     try:
         st = os.stat(path)
     except OSError:
@@ -330,9 +335,10 @@ def read_only_cases(path: Path) -> Cases:
         for case in cases:
             for arr in case.values():
                 arr.setflags(write=False)
-        while len(_READ) >= _READ_KEPT:
-            _READ.pop(next(iter(_READ)))
-        _READ[key] = cases
+        if time.time_ns() - st.st_ctime_ns >= _SETTLED_NS:
+            while len(_READ) >= _READ_KEPT:
+                _READ.pop(next(iter(_READ)))
+            _READ[key] = cases
     return [dict(case) for case in cases]
 
 

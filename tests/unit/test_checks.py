@@ -148,3 +148,25 @@ def test_a_many_job_hashes_an_artifacts_files_once_unless_they_failed(tmp_path: 
     assert hashed == [1, 1] if changed else hashed == [1], "hashed again in one job, or a failed hash trusted"
     if changed:
         assert {a["error"]["code"] for a in answers} == {"integrity"}
+
+
+def test_a_verify_hands_its_empty_scratch_folder_to_the_next_and_removes_one_with_files(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from portable_models import api
+
+    monkeypatch.setattr(api, "_FREE_SCRATCH", [])
+    first = api._scratch_folder()
+    api._scratch_done(first)
+    assert api._scratch_folder() == first, "an empty folder was not kept for the next verify"
+    (first / "outputs-onnxruntime.bin").write_bytes(b"x")  # a run's large outputs
+    api._scratch_done(first)
+    assert not first.exists() and api._FREE_SCRATCH == []
+    second = api._scratch_folder()
+    assert second != first and second.is_dir()
+    api._scratch_done(second)
+    second.rmdir()  # removed by someone else meanwhile: not handed out
+    third = api._scratch_folder()
+    assert third.is_dir() and third != second
+    api._scratch_done(third)
+    api._remove_free_scratch()  # at exit
+    assert not third.exists()

@@ -154,12 +154,17 @@ def test_small_run_outputs_travel_in_the_answer_and_large_ones_through_a_file(tm
         golden.unpack_outputs({"outputs": [{"y": ["|O", [1], ""]}]}, tmp_path / "none.bin")
 
 
-def test_worker_reads_golden_inputs_once_while_unchanged_and_hands_out_copies(tmp_path: Path) -> None:
+def test_worker_reads_golden_inputs_once_while_unchanged_and_hands_out_copies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from portable_models import jobs
 
     path = tmp_path / "inputs.npz"
     golden.save_cases(path, [{"x": np.arange(4, dtype=np.float32)}])
+    golden.read_only_cases(path)
+    assert all(key[1] != path.stat().st_ino for key in golden._READ), "a file changed just now was remembered"
+    monkeypatch.setattr(golden, "_SETTLED_NS", 0)  # as if written long ago
     first = jobs.golden_inputs(path)
+    assert any(key[1] == path.stat().st_ino for key in golden._READ)
     first[0]["x"][:] = -1  # a runtime writing into its feeds
     again = jobs.golden_inputs(path)
     assert again[0]["x"].tolist() == [0, 1, 2, 3]
