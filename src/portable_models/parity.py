@@ -345,33 +345,33 @@ def _compare_float(res: OutputParity, refs: list[np.ndarray], gots: list[np.ndar
     tol = res.tolerance
     g = np.concatenate([r.astype(np.float64).ravel() for r in refs])
     a = np.concatenate([x.astype(np.float64).ravel() for x in gots])
-    if np.isfinite(g).all() and np.isfinite(a).all():  # the usual case, in fewer passes
-        abs_g = np.abs(g)
-        with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.abs(a - g)
-            excess = diff - (tol.atol + tol.rtol * abs_g)
-        bad = excess.size - int(np.count_nonzero(excess <= 0))
-        res.mismatch_ratio = bad / excess.size
-        _fill_metrics(res, a, g, rtol=tol.rtol, diff=diff, abs_g=abs_g)
-        res.top1 = _top1(refs, g, a)
-        flat = int(np.argmax(excess))
-        res.worst = _locate(flat, refs, g[flat], a[flat])
-        return _float_reason(res, 0, bad, excess.size, True)
-    cg, ca = _classes(g), _classes(a)
-    finite = (cg == 0) & (ca == 0)
+    abs_g = np.abs(g)
     with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.where(finite, np.abs(a - g), 0.0)
-        excess = np.where(finite, diff - (tol.atol + tol.rtol * np.abs(g)), -np.inf)
-    ok = np.where(finite, excess <= 0, cg == ca)
-    res.mismatch_ratio = float(np.mean(~ok))
-    if finite.any():
-        _fill_metrics(res, a[finite], g[finite], rtol=tol.rtol)
+        diff = np.abs(a - g)
+        excess = diff - (tol.atol + tol.rtol * abs_g)
+    ok = excess <= 0
+    mismatched = 0  # positions where NaN/+Inf/-Inf differ between the two
+    if np.isfinite(g).all() and np.isfinite(a).all():  # the usual case: no class arrays needed
+        finite: np.ndarray | slice = slice(None)
+        any_finite = True
+    else:
+        cg, ca = _classes(g), _classes(a)
+        both = (cg == 0) & (ca == 0)
+        any_finite = bool(both.any())
+        excess = np.where(both, excess, -np.inf)
+        ok = np.where(both, ok, cg == ca)
+        finite = both
+        differ = cg != ca
+        mismatched = int(np.count_nonzero(differ))
+    bad = ok.size - int(np.count_nonzero(ok))
+    res.mismatch_ratio = bad / ok.size
+    if any_finite:
+        _fill_metrics(res, a[finite], g[finite], rtol=tol.rtol, diff=diff[finite], abs_g=abs_g[finite])
         res.top1 = _top1(refs, g, a)
-    flat = int(np.argmax(cg != ca)) if (cg != ca).any() else int(np.argmax(excess))
-    if (cg != ca).any() or finite.any():
+    flat = int(np.argmax(differ)) if mismatched else int(np.argmax(excess))
+    if mismatched or any_finite:
         res.worst = _locate(flat, refs, g[flat], a[flat])
-    return _float_reason(res, int(np.count_nonzero(cg != ca)), int(np.count_nonzero(~ok)),
-                         ok.size, bool(finite.any()))
+    return _float_reason(res, mismatched, bad, ok.size, any_finite)
 
 
 def _float_reason(res: OutputParity, nonfinite_bad: int, bad: int, total: int,
@@ -435,11 +435,6 @@ def _top1(refs: list[np.ndarray], g: np.ndarray, a: np.ndarray) -> float | None:
     ``a``: every case's reference and artifact values, flat, one after the other)."""
     if any(r.ndim < 2 or not 2 <= r.shape[-1] <= _MAX_CLASSES for r in refs):
         return None
-    classes = {r.shape[-1] for r in refs}
-    if len(classes) == 1:  # one pass over the rows of every case
-        width = classes.pop()
-        rows_g, rows_a = g.reshape(-1, width), a.reshape(-1, width)
-        return int(np.count_nonzero(np.argmax(rows_g, axis=1) == np.argmax(rows_a, axis=1))) / rows_g.shape[0]
     hits = rows = start = 0
     for r in refs:
         rr = g[start:start + r.size].reshape(-1, r.shape[-1])
