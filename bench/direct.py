@@ -6,8 +6,9 @@ bundle, replayed directly in this one process (no workers, no bundle writing).
         imports each runtime and loads and runs the bundle's own artifacts on the golden
         cases (the floor of a cold `portable-models verify`; bench/run.py times the whole
         process, start to exit, as it times the CLI)
-    python bench/direct.py BUNDLE --verify-warm N  ->  {"pair_ratios", "verify_s", ...}:
-        a warm `pm.verify` of the bundle and a direct pass loading and running each of its
+    python bench/direct.py BUNDLE --verify-warm N [--jobs J]  ->  {"pair_ratios", "verify_s", ...}:
+        a warm `pm.verify` of the bundle (``jobs=J``; default: the verify's own, two workers
+        side by side on a 2-core machine) and a direct pass loading and running each of its
         artifacts once, back to back N times in this process: each pair's ratio, and the
         best of each side
 
@@ -138,7 +139,7 @@ def runtimes_only(bundle: Path) -> float:
 SETTLE_S = 0.1
 
 
-def verify_vs_runtimes(bundle: Path, pairs: int) -> dict[str, Any]:
+def verify_vs_runtimes(bundle: Path, pairs: int, jobs: int | None = None) -> dict[str, Any]:
     """A warm ``pm.verify`` of the bundle and a direct pass over its artifacts, run back to
     back ``pairs`` times after two warm-up pairs, each pair in the other order than the one
     before (so that neither side always runs warmer), each run after a pause of
@@ -153,7 +154,7 @@ def verify_vs_runtimes(bundle: Path, pairs: int) -> dict[str, Any]:
     def timed_verify() -> float:
         nonlocal ok
         start = time.perf_counter()
-        ok = pm.verify(bundle).ok and ok
+        ok = pm.verify(bundle, jobs=jobs).ok and ok
         return time.perf_counter() - start
 
     for n in range(pairs + 2):
@@ -180,7 +181,8 @@ def main() -> int:
         print(json.dumps({"runtimes_cold_s": runtimes_only(bundle)}))
         return 0
     if "--verify-warm" in sys.argv:
-        print(json.dumps(verify_vs_runtimes(bundle, int(sys.argv[sys.argv.index("--verify-warm") + 1]))))
+        jobs = int(sys.argv[sys.argv.index("--jobs") + 1]) if "--jobs" in sys.argv else None
+        print(json.dumps(verify_vs_runtimes(bundle, int(sys.argv[sys.argv.index("--verify-warm") + 1]), jobs)))
         return 0
     start = time.perf_counter()
     cap = capture_s()

@@ -23,7 +23,14 @@ import numpy as np
 
 from portable_models import golden
 from portable_models.bundle import Staging, check_file, list_files, sha256_path, writing
-from portable_models.checks import Judge, PlannedRun, plan_artifact, run_planned, runner_options
+from portable_models.checks import (
+    Judge,
+    PlannedRun,
+    checking_runtime,
+    plan_artifact,
+    run_planned,
+    runner_options,
+)
 from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
@@ -329,13 +336,22 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
 
 def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
            allow_unverified: Sequence[str] = (), timeout_s: float = 600.0,
-           memory_mb: int | None = 8192, compute_units: str = "CPU_ONLY") -> VerifyReport:
+           memory_mb: int | None = 8192, compute_units: str = "CPU_ONLY",
+           jobs: int | None = None) -> VerifyReport:
     """Re-run every artifact of a bundle from the bundle alone and compare with its golden
     outputs. An artifact's files are hashed before it runs; a changed or missing file fails
     it. ``compute_units`` is what the real Core ML runtime runs on (macOS only); the MIL
-    reference executor that checks Core ML elsewhere ignores it."""
+    reference executor that checks Core ML elsewhere ignores it. ``jobs``: how many
+    artifacts run at once, each in a worker of its own on one thread (None: 2 on a machine
+    with 2 cores or more). Two workers run side by side only when both are idle or neither
+    has started (a verify never waits for a second worker to import torch): a verify right
+    after a ``jobs=1`` export in the same process runs in the export's worker, one artifact
+    at a time, with the runtimes' own thread counts."""
     if compute_units not in COMPUTE_UNITS:
         raise UsageError(f"unknown compute units {compute_units!r}", fix=f"use one of {', '.join(COMPUTE_UNITS)}")
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"jobs={jobs}", fix="use jobs >= 1 (or leave it out: 2 where there are 2 cores)")
+    lanes = min(2, jobs or (os.cpu_count() or 1))
     root = Path(bundle)
     contract = load_contract(root)
     policy = TolerancePolicy.from_dict(contract.tolerance)
@@ -373,7 +389,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
             else:
                 judged[i] = helper.submit(judge)
 
-        run_planned(pool, [p for _, p, _ in runs], judge_later, timeout_s, meanwhile=check_others)
+        run_planned(pool, [p for _, p, _ in runs], judge_later, timeout_s, meanwhile=check_others, lanes=lanes)
         for i, (art, _, owned) in enumerate(runs):
             parity, timings = judged[i].result()
             art.status = parity["status"]
@@ -465,4 +481,13 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
                          cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
                          options={**runner_options(contract.inputs, contract.outputs, contract.dims,
                                                    art.precision), **extra},
-                         files=(root, owned), name=art.key)
+                         files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)))
+
+
+def _expected_s(art: Artifact, cases: int) -> float:
+    """Seconds the check of ``art`` is expected to take, from the run time its export recorded
+    (how a verify spreads new checks over its workers). Not the recorded load time: the
+    export's first load in a worker also imported the runtime, which a warm verify does not."""
+    one = float((art.timings or {}).get("run_ms_p50") or 0.0) * cases / 1000
+    runs = 1 if art.runtime is None or checking_runtime(art.runtime) == art.runtime else 2
+    return one * runs

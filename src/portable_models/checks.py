@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,16 +121,17 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
                   cases: Sequence[int] | None = None,
                   options: dict[str, Any] | None = None,
                   files: tuple[Path, Sequence[dict[str, Any]]] | None = None,
-                  name: str = "") -> PlannedRun:
+                  name: str = "", cost_hint: float = 0.0) -> PlannedRun:
     """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
     the bundle folder and the contract's entries for the artifact's files, which the worker
     hashes right before each run (a changed or missing one fails the run, unloaded).
     ``name`` tells the check's files in ``work_dir`` from other checks' there. ``log``: where
-    the runs' output goes (None: the worker's own log)."""
+    the runs' output goes (None: the worker's own log). ``cost_hint``: the seconds its runs
+    are expected to take (the contract's timings), to balance a verify's lanes."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
-                  options=options or {}, files=files, name=name)
+                  options=options or {}, files=files, name=name, cost_hint=cost_hint)
     return PlannedRun(job=job, plan=_plan(runtime, cases))
 
 
@@ -177,7 +179,8 @@ def _coreml_on_macos(real: _Ran, ref: _Ran) -> Judge:
 
 
 def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, Judge], None],
-                timeout_s: float | None = None, meanwhile: Callable[[], None] | None = None) -> None:
+                timeout_s: float | None = None, meanwhile: Callable[[], None] | None = None,
+                lanes: int = 1) -> None:
     """Drive many artifacts' checks with one worker job per round and worker kind (a verify
     runs a whole bundle in one round trip instead of one per artifact; an ask's ``then`` run
     goes in the same job, so Core ML's MIL-reference check needs no second round).
@@ -185,8 +188,11 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
     comparison can start while the worker runs the next. A run that kills its worker (crash,
     timeout, memory) fails that run alone; the runs after it go to a new worker.
     ``meanwhile``: the caller's own work, done in this thread once, as soon as the worker
-    has the first job (or now, when no run is needed)."""
+    has the first job (or now, when no run is needed). ``lanes`` > 1: a round's checks may
+    be split between two workers of the kind that run side by side (:func:`_split`); ``done``
+    is then called from either thread, never from both at once."""
     asked: dict[int, Ask] = {}
+    lock = threading.Lock()  # got() and done() from two lanes
     pending = [meanwhile] if meanwhile is not None else []
 
     def on_sent() -> None:
@@ -215,6 +221,10 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
             done(i, stop.value)
 
     def got(key: tuple[int, Any], ran: _Ran) -> None:
+        with lock:
+            _got(key, ran)
+
+    def _got(key: tuple[int, Any], ran: _Ran) -> None:
         i, early = key
         if early is None:
             advance(i, ran)
@@ -239,7 +249,11 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
                 by_kind.setdefault(kind, []).append(((i, key), planned[i].job, run.runtime, run.cases))
         asked = {}
         for kind in sorted(by_kind):
-            _run_many(pool, by_kind[kind], got, timeout_s, on_sent)
+            groups = _split(pool, by_kind[kind], lanes)
+            if len(groups) == 1:  # on its lane, on the runtimes' own thread counts
+                _run_many(pool, groups[0][1], got, timeout_s, on_sent, lane=groups[0][0])
+            else:
+                _side_by_side(pool, groups, got, timeout_s, on_sent)
         ahead.clear()  # made ahead but not asked for: the check settled without them
     on_sent()
 
@@ -249,17 +263,94 @@ _YIELD = getattr(os, "sched_yield", None)
 #: runs for :func:`_run_many`: (key, job, runtime, cases).
 _Runs = list[tuple[Any, "_RunJob", str, Sequence[int] | None]]
 
+#: seconds the worker took for a run, by (artifact, runtime, cases): how :func:`_split`
+#: weighs a check already timed (the contract's timings before that).
+_SECONDS: dict[tuple[str, str, tuple[int, ...] | None], float] = {}
+_SECONDS_MAX = 4096
+#: the lane each check went to, by (artifact, check name, first runtime): where :func:`_split`
+#: keeps it.
+_LANE: dict[tuple[str, str, str], int] = {}
+
+
+def _seconds_key(job: _RunJob, runtime: str, cases: Sequence[int] | None) -> tuple[str, str, tuple[int, ...] | None]:
+    return str(job.artifact), runtime, None if cases is None else tuple(cases)
+
+
+def _split(pool: Pool, runs: _Runs, lanes: int) -> list[tuple[int | None, _Runs]]:
+    """``runs`` (one kind of worker) as one group on the pool view's lane (None), or spread
+    over lanes 0 and 1 (two groups that run side by side, or one on its lane): when ``lanes``
+    > 1 and both lanes' workers are idle (or none of the kind has started yet: they start now,
+    importing side by side). Every run of a check stays in one group (Core
+    ML's MIL-reference run needs no second hash of the package). A check stays on the lane it
+    ran on before (moving it would import its runtime into the other worker: seconds); a new
+    one goes, costliest first, to the lane with less to do, by the worker's seconds for the
+    same runs last time, else by the contract's timings. Each group keeps the runs' order."""
+    checks = sorted({key[0] for key, *_ in runs})
+    framework = runtime_info(runs[0][2]).framework
+    if lanes < 2 or not pool.side_by_side(framework, (0, 1)):
+        return [(None, runs)]
+    timed: dict[int, list[float | None]] = {i: [] for i in checks}
+    hint: dict[int, float] = {}
+    first: dict[int, tuple[str, str, str]] = {}
+    for (i, _), job, runtime, cases in runs:
+        timed[i].append(_SECONDS.get(_seconds_key(job, runtime, cases)))
+        hint[i] = job.cost_hint
+        first.setdefault(i, (str(job.artifact), job.name, runtime))
+    cost = {i: hint[i] if None in timed[i] else sum(t for t in timed[i] if t is not None) for i in checks}
+    lane_of = {i: _LANE[first[i]] for i in checks if first[i] in _LANE}
+    load = [(0.0, 0), (0.0, 0)]  # (seconds, checks): nothing known spreads them by count
+    for i, lane in lane_of.items():
+        load[lane] = (load[lane][0] + cost[i], load[lane][1] + 1)
+    for i in sorted((i for i in checks if i not in lane_of), key=lambda i: (-cost[i], i)):
+        lane = 0 if load[0] <= load[1] else 1
+        lane_of[i] = lane
+        load[lane] = (load[lane][0] + cost[i], load[lane][1] + 1)
+    if len(_LANE) >= _SECONDS_MAX:
+        _LANE.clear()
+    _LANE.update((first[i], lane_of[i]) for i in checks)
+    groups = [(lane, [r for r in runs if lane_of[r[0][0]] == lane]) for lane in (0, 1)]
+    return [(lane, g) for lane, g in groups if g]
+
+
+def _side_by_side(pool: Pool, groups: list[tuple[int | None, _Runs]], got: Callable[[Any, _Ran], None],
+                  timeout_s: float | None, on_sent: Callable[[], None] | None) -> None:
+    """Each group on its lane at once (the first in this thread, the others on threads of
+    their own), every run on one thread of its runtime: two runtimes that each took both
+    cores would only slow each other down. The other lanes' threads are daemons, and not
+    waited for when this thread's lane raised (Ctrl-C): they end when their workers are
+    stopped, at the latest when the process exits."""
+    failed: list[BaseException] = []
+
+    def lane(lane: int | None, runs: _Runs) -> None:
+        try:
+            _run_many(pool, runs, got, timeout_s, lane=lane, threads=1)
+        except BaseException as exc:  # raised in the caller's thread, below
+            failed.append(exc)
+
+    others = [threading.Thread(target=lane, args=group, name="portable-models-lane", daemon=True)
+              for group in groups[1:]]
+    for other in others:
+        other.start()
+    _run_many(pool, groups[0][1], got, timeout_s, on_sent, lane=groups[0][0], threads=1)
+    for other in others:
+        other.join()
+    if failed:
+        raise failed[0]
+
 
 def _run_many(pool: Pool, runs: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
-              on_sent: Callable[[], None] | None = None) -> None:
+              on_sent: Callable[[], None] | None = None, lane: int | None = None,
+              threads: int | None = None) -> None:
     """``runs`` in one worker job (and a new one after a run that took its worker down);
-    ``got(key, ran)`` as each one ends."""
+    ``got(key, ran)`` as each one ends. ``lane``: the pool's lane (None: the pool view's);
+    ``threads``: the runtimes' thread count for these runs (None: their own)."""
     while runs:
-        runs = runs[_run_batch(pool, runs, got, timeout_s, on_sent):]
+        runs = runs[_run_batch(pool, runs, got, timeout_s, on_sent, lane, threads):]
 
 
 def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
-               on_sent: Callable[[], None] | None = None) -> int:
+               on_sent: Callable[[], None] | None = None, lane: int | None = None,
+               threads: int | None = None) -> int:
     """Run ``batch`` in one worker job; how many of its runs are settled (all of them, or
     those up to the one that took its worker down, which fails alone)."""
     answered = 0
@@ -269,16 +360,20 @@ def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeo
         n = int(item["index"])
         key, job, runtime, cases = batch[n]
         answered = n + 1
+        if len(_SECONDS) >= _SECONDS_MAX:
+            _SECONDS.clear()
+        _SECONDS[_seconds_key(job, runtime, cases)] = float(item.get("seconds") or 0.0)
         if item.get("ok"):
             got(key, job.ran(runtime, cases, dict(item.get("result") or {})))
         else:
             got(key, job.failed(runtime, cases, error_from_dict(item.get("error") or {})))
 
+    where: dict[str, Any] = {} if lane is None else {"lane": lane}
     try:
-        pool.call(kind="many", payload={"jobs": [job.sub_job(rt, c) for _, job, rt, c in batch]},
+        pool.call(kind="many", payload={"jobs": [job.sub_job(rt, c, threads) for _, job, rt, c in batch]},
                   framework=runtime_info(batch[0][2]).framework,
                   step=f"run:{'+'.join(rt for _, _, rt, _ in batch)}", timeout_s=timeout_s, on_partial=partial,
-                  on_sent=on_sent)
+                  on_sent=on_sent, **where)
     except JobFailed as failed:  # the run in flight (crash, timeout, memory) fails alone
         if answered == len(batch):
             return answered
@@ -328,12 +423,18 @@ class _RunJob:
     options: dict[str, Any]
     files: tuple[Path, Sequence[dict[str, Any]]] | None = None
     name: str = ""
+    #: seconds the check's runs are expected to take (how :func:`_split` balances lanes)
+    cost_hint: float = 0.0
 
-    def sub_job(self, runtime: str, cases: Sequence[int] | None) -> dict[str, Any]:
-        """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all)."""
-        payload = {"runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
-                   "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
-                   "out": str(self._out(runtime)), "options": self.options}
+    def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]:
+        """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all),
+        on ``threads`` threads (None: the runtime's own count)."""
+        payload: dict[str, Any] = {
+            "runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
+            "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
+            "out": str(self._out(runtime)), "options": self.options}
+        if threads is not None:
+            payload["threads"] = threads
         if self.files is not None:
             payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
         return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": None if self.log is None else str(self.log),

@@ -177,7 +177,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from portable_models.api import verify
 
     report = verify(args.bundle, targets=args.targets or None, allow_unverified=args.allow_unverified or (),
-                    timeout_s=args.timeout, compute_units=args.compute_units)
+                    timeout_s=args.timeout, compute_units=args.compute_units, jobs=args.jobs)
     sys.stdout.write(_report(report, args.format, report.problems))
     return 0 if report.ok else 1
 
@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=COMPUTE_UNITS,
                    help="what the real Core ML runtime runs on, macOS only (default CPU_ONLY); "
                    "elsewhere Core ML is checked by the MIL reference executor")
+    v.add_argument("--jobs", type=int, default=None,
+                   help="artifacts run at once, each in a worker of its own on one thread "
+                   "(default: 2 on a machine with 2 cores or more)")
     v.add_argument("--format", **fmt)  # type: ignore[arg-type]
     v.set_defaults(func=cmd_verify)
 

@@ -272,6 +272,22 @@ class WorkerPool:
             self._release(worker, healthy)
         return answer, float(answer.get("seconds", time.monotonic() - start))
 
+    def side_by_side(self, framework: str, lanes: Sequence[int], threads: int | None = None) -> bool:
+        """Whether jobs of ``framework`` on ``lanes`` can all start now without one of them
+        waiting for a worker to import its libraries while the others run: every lane has an
+        idle worker, or the pool has none of the kind at all (they all start now, and import
+        side by side)."""
+        kind = worker_kind(framework)
+        env_key = environment_key()
+        with self._lock:
+            if self.closed:
+                return False
+            mine = [w for w in self._idle + self._busy if w.framework == kind and w.env_key == env_key]
+            if not mine:
+                return not any(key[0] == kind for key in self._warming)
+            idle = {(w.lane, w.threads) for w in self._idle if w.framework == kind and w.env_key == env_key}
+        return all((lane, threads) in idle for lane in lanes)
+
     def with_limits(self, limits: WorkerLimits) -> LimitedPool:
         """This pool, with ``limits`` applied to every call made through the view."""
         return LimitedPool(self, limits)
@@ -336,6 +352,10 @@ class LimitedPool:
         kwargs.setdefault("lane", self.lane)
         kwargs.setdefault("threads", self.threads)
         return self.pool.call(**kwargs)
+
+    def side_by_side(self, framework: str, lanes: Sequence[int]) -> bool:
+        """:meth:`WorkerPool.side_by_side`, with this view's thread cap."""
+        return self.pool.side_by_side(framework, lanes, self.threads)
 
     def prewarm(self, framework: str, modules: list[str], lanes: int | Sequence[int] = 1,
                 threads: int | None = None, one_by_one: bool = False, clones: Sequence[int] = ()) -> None:

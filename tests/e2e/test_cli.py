@@ -56,7 +56,14 @@ def test_verify_formats_and_exit_codes(pt2_bundle: Path, tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     assert ET.fromstring(r.stdout).get("failures") == "0"
     r = cli("verify", str(pt2_bundle), "--format", "json")
-    assert json.loads(r.stdout)["ok"] is True
+    side_by_side = json.loads(r.stdout)
+    assert side_by_side["ok"] is True
+    r = cli("verify", str(pt2_bundle), "--format", "json", "--jobs", "1")
+    one_by_one = json.loads(r.stdout)
+    assert [(a["target"], a["status"]) for a in one_by_one["artifacts"]] == [
+        (a["target"], a["status"]) for a in side_by_side["artifacts"]], "two workers at once changed a verdict"
+    r = cli("verify", str(pt2_bundle), "--jobs", "0")
+    assert r.returncode == 2 and "jobs=0" in r.stderr and "Traceback" not in r.stderr
     import shutil
 
     bad = tmp_path / "bad"

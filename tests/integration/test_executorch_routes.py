@@ -245,6 +245,27 @@ def test_truncated_pte_fails_to_load(two_io: tuple[Any, ConvertJob, ConvertResul
 
 
 @pytest.mark.slow
+def test_a_runs_thread_count_is_put_back_after_it(two_io: tuple[Any, ConvertJob, ConvertResult]) -> None:
+    # the threadpool is the worker's: a verify's one-thread run must not leave it at one
+    import executorch.extension.pybindings.portable_lib as lib
+
+    from portable_models.runtimes.base import RunnerOptions
+
+    _, job, result = two_io
+    path = ensure_artifact(job, result)
+    lib._unsafe_reset_threadpool(2)
+    with ExecuTorchRunner(path, result.io, RunnerOptions(threads=1)) as runner:
+        assert lib._threadpool_get_thread_count() == 1
+        runner.run(_feeds(2)[1])
+    assert lib._threadpool_get_thread_count() == 2
+    broken = path.with_name("broken.pte")
+    broken.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeLoadError):
+        ExecuTorchRunner(broken, result.io, RunnerOptions(threads=1)).load()
+    assert lib._threadpool_get_thread_count() == 2, "a failed load left its thread count"
+
+
+@pytest.mark.slow
 def test_io_map_count_mismatch(two_io: tuple[Any, ConvertJob, ConvertResult]) -> None:
     _, job, result = two_io
     wrong = IoMap.identity(["feat", "offset", "extra"], ["score", "label"])

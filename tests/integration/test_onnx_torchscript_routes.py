@@ -294,3 +294,22 @@ def test_perturbed_torchscript_weights_fail_parity(tmp_path: Path) -> None:
     torch.jit.save(module, str(path))
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         assert_matches(run_artifact(TorchScriptRunner, path, result.io, inputs), want)
+
+
+def test_a_torchscript_runs_thread_count_is_put_back_after_it(tmp_path: Path) -> None:
+    # torch's thread count is the worker's: a verify's one-thread run must not leave it at one
+    from portable_models.errors import RuntimeLoadError
+    from portable_models.runtimes.base import RunnerOptions
+
+    path = tmp_path / "m.pt"
+    torch.jit.trace(nn.Linear(4, 2).eval(), torch.rand(1, 4)).save(str(path))
+    io = IoMap.identity(["x"], ["y"])
+    before = torch.get_num_threads()
+    with TorchScriptRunner(path, io, RunnerOptions(threads=before + 1)) as runner:
+        assert torch.get_num_threads() == before + 1
+        runner.run({"x": np.ones((2, 4), np.float32)})
+    assert torch.get_num_threads() == before
+    (tmp_path / "bad.pt").write_bytes(b"not a module")
+    with pytest.raises(RuntimeLoadError):
+        TorchScriptRunner(tmp_path / "bad.pt", io, RunnerOptions(threads=before + 1)).load()
+    assert torch.get_num_threads() == before, "a failed load left its thread count"

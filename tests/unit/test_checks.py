@@ -22,7 +22,8 @@ pytest.importorskip("onnxruntime")
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"
 
 
-def _planned(pool: WorkerPool, tmp_path: Path, plan: Generator[Ask, Any, Judge]) -> PlannedRun:
+def _planned(pool: WorkerPool, tmp_path: Path, plan: Generator[Ask, Any, Judge], name: str = "",
+             cost_hint: float = 0.0) -> PlannedRun:
     contract = load_contract(TINY)
     art = contract.artifacts[0]
     assert art.file and art.io
@@ -30,8 +31,99 @@ def _planned(pool: WorkerPool, tmp_path: Path, plan: Generator[Ask, Any, Judge])
                          golden_inputs=TINY / contract.golden["inputs"],
                          golden_outputs=golden.load_cases(TINY / contract.golden["outputs"]),
                          policy=TolerancePolicy.from_dict(contract.tolerance), precision=art.precision,
-                         log=tmp_path / "run.log", work_dir=tmp_path / "run")
+                         log=tmp_path / "run.log", work_dir=tmp_path / "run", name=name, cost_hint=cost_hint)
     return PlannedRun(job=base.job, plan=plan)
+
+
+def _judged(ran: list[Any]) -> Generator[Ask, Any, Judge]:
+    got = yield Ask("onnxruntime", None)
+    ran.append(got)
+    return got.judge  # type: ignore[no-any-return]
+
+
+def test_two_checks_run_side_by_side_in_two_workers_each_run_on_one_thread(tmp_path: Path) -> None:
+    calls: list[dict[str, Any]] = []
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        real = pool.call
+
+        def traced(**kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return real(**kwargs)
+
+        pool.call = traced  # type: ignore[method-assign]
+        for round_ in range(2):  # cold (both workers start now), then warm (both idle)
+            ran: list[Any] = []
+            done: dict[int, Judge] = {}
+            planned = [_planned(pool, tmp_path, _judged(ran), name=f"c{n}") for n in range(3)]
+            run_planned(pool, planned, done.__setitem__, lanes=2)
+            assert sorted(done) == [0, 1, 2] and [done[i]()[0]["status"] for i in range(3)] == ["pass"] * 3
+            assert sorted(int(c.get("lane", -1)) for c in calls) == [0, 1], f"round {round_}: {calls}"
+            assert [sub["payload"].get("threads") for c in calls for sub in c["payload"]["jobs"]] == [1] * 3
+            pids = {c["lane"]: real(kind="ping", payload={}, framework="onnx", step="ping", lane=c["lane"])[0]["pid"]
+                    for c in calls}
+            assert pids[0] != pids[1], "the two lanes ran in one worker"
+            assert pool.started == 2, "a warm verify started new workers"
+            calls.clear()
+        run_planned(pool, [_planned(pool, tmp_path, _judged([]), name=f"c{n}") for n in range(3)],
+                    lambda i, judge: None, lanes=1)
+        assert len(calls) == 1 and "threads" not in calls[0]["payload"]["jobs"][0]["payload"], (
+            "one lane: one job, on the runtimes' own thread counts")
+
+
+def test_a_second_lane_is_not_waited_for_while_only_the_first_has_a_warm_worker(tmp_path: Path) -> None:
+    calls: list[dict[str, Any]] = []
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        run_planned(pool, [_planned(pool, tmp_path, _judged([]))], lambda i, judge: None, lanes=2)
+        assert pool.started == 1, "one check: one worker"
+        real = pool.call
+
+        def traced(**kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return real(**kwargs)
+
+        pool.call = traced  # type: ignore[method-assign]
+        done: dict[int, Judge] = {}
+        run_planned(pool, [_planned(pool, tmp_path, _judged([]), name=f"c{n}") for n in range(2)],
+                    done.__setitem__, lanes=2)
+        assert len(calls) == 1 and pool.started == 1, "a verify waited for a second worker to start"
+        assert sorted(done) == [0, 1]
+
+
+def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from portable_models import checks
+
+    class Free:
+        def side_by_side(self, framework: str, lanes: Any) -> bool:
+            return True
+
+    monkeypatch.setattr(checks, "_SECONDS", {})
+    monkeypatch.setattr(checks, "_LANE", {})
+    jobs = [_planned(None, Path("/nowhere"), _judged([]), name=f"c{n}", cost_hint=hint).job  # type: ignore[arg-type]
+            for n, hint in enumerate((0.125, 0.5, 0.25, 0.375))]
+    for n, job in enumerate(jobs):
+        job.artifact = Path(f"/nowhere/model-{n}.onnx")
+    runs: Any = [((n, None), job, "onnxruntime", None) for n, job in enumerate(jobs)]
+    runs.insert(2, ((1, ("mil", None)), jobs[1], "onnxruntime", [0]))  # a second run of check 1
+    free: Any = Free()
+
+    def split(runs: Any) -> list[tuple[int | None, list[int]]]:
+        return [(lane, [key[0] for key, *_ in g]) for lane, g in checks._split(free, runs, 2)]
+
+    assert split(runs) == [(0, [0, 1, 1]), (1, [2, 3])], "costliest first, to the freer lane"
+    checks._SECONDS[checks._seconds_key(jobs[0], "onnxruntime", None)] = 1.0  # timed: check 0 is the costly one
+    assert split(runs) == [(0, [0, 1, 1]), (1, [2, 3])], "a check moved to the other worker (its runtime imported again)"
+    assert split([r for r in runs if r[0][0] in (2, 3)]) == [(1, [2, 3])], "a check moved to the other worker"
+    checks._LANE.clear()
+    assert split(runs) == [(0, [0]), (1, [1, 1, 2, 3])], "timed runs weigh what they took"
+    del checks._LANE[(str(jobs[3].artifact), "c3", "onnxruntime")]  # a new check: to the freer lane
+    assert split(runs) == [(0, [0]), (1, [1, 1, 2, 3])]
+    checks._LANE.clear()
+    checks._SECONDS.clear()
+    checks._LANE[(str(jobs[1].artifact), "c1", "onnxruntime")] = 1  # known: on lane 1; the others beside it
+    assert split(runs) == [(0, [2, 3]), (1, [0, 1, 1])]
+    assert checks._split(free, runs, 1) == [(None, runs)]
+    assert checks._split(free, runs[2:3], 2) == [(1, runs[2:3])], "one check: on its lane, alone"
 
 
 @pytest.mark.parametrize("asks_again", [True, False])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,7 +228,7 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
     class Scripted(checks._RunJob):
         action = ""
 
-        def sub_job(self, runtime: str, cases: object) -> dict:
+        def sub_job(self, runtime: str, cases: object, threads: object = None) -> dict:
             return {"kind": "test", "payload": {"action": self.action}, "step": f"run:{runtime}"}
 
     def job(action: str) -> Scripted:
@@ -248,6 +249,15 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
     assert failure is not None and failure["status"] == "error" and failure["stage"] == "run:onnxruntime"
     assert "crashed (SIGSEGV)" in failure["error"]["message"]
     assert got[0].result["pid"] != got[2].result["pid"] == got[3].result["pid"], "the rest ran in a new worker"
+
+    got.clear()  # two lanes side by side: a crash in one fails its run alone, the other lane runs on
+    with WorkerPool(scratch=tmp_path / "s2", limits=WorkerLimits(timeout_s=60)) as pool:
+        lanes: Any = [(0, [(n, job(a), "onnxruntime", None) for n, a in ((0, "pid"), (1, "pid"))]),
+                      (1, [(n, job(a), "onnxruntime", None) for n, a in ((2, "segfault"), (3, "pid"))])]
+        checks._side_by_side(pool, lanes, got.__setitem__, None, None)
+        assert pool.started == 3, "lane 1's worker was not replaced after its crash"
+    assert sorted(got) == [0, 1, 2, 3] and [got[n].failure is None for n in range(4)] == [True, True, False, True]
+    assert got[0].result["pid"] == got[1].result["pid"] != got[3].result["pid"]
 
 
 # -- one pool per process -------------------------------------------------------------

@@ -83,7 +83,11 @@ class Runner:
     def load(self) -> None:
         start = time.perf_counter()
         with self._translated(RuntimeLoadError, "could not load", "load"):
-            self._load_impl()
+            try:
+                self._load_impl()
+            except BaseException:
+                self._close_impl()  # what a failed load took (a thread count it set …) goes back
+                raise
         self.load_s = time.perf_counter() - start
         self.loaded = True
 

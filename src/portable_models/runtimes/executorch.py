@@ -60,6 +60,7 @@ class ExecuTorchRunner(Runner):
         self._program: Any = None
         self._method: Any = None
         self._inputs: list[tuple[str, tuple[int, ...]] | None] = []
+        self._threads_before: int | None = None
 
     @property
     def method_name(self) -> str:
@@ -68,10 +69,13 @@ class ExecuTorchRunner(Runner):
     # -- hooks -----------------------------------------------------------------------
     def _load_impl(self) -> None:
         runtime = _runtime()
-        if self.options.threads:
+        if self.options.threads:  # the pool is the process's: put back at close
             import executorch.extension.pybindings.portable_lib as lib
 
-            lib._unsafe_reset_threadpool(int(self.options.threads))
+            before = int(lib._threadpool_get_thread_count())
+            if before != int(self.options.threads):
+                lib._unsafe_reset_threadpool(int(self.options.threads))
+                self._threads_before = before
         self._program = runtime.load_program(self.artifact)
         if self.method_name not in self._program.method_names:
             raise RuntimeLoadError(
@@ -141,6 +145,11 @@ class ExecuTorchRunner(Runner):
         self._method = None
         self._program = None
         self._inputs = []
+        if self._threads_before is not None:
+            import executorch.extension.pybindings.portable_lib as lib
+
+            lib._unsafe_reset_threadpool(self._threads_before)
+            self._threads_before = None
 
 
 def _runtime() -> Any:

@@ -32,11 +32,15 @@ class TorchScriptRunner(Runner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._module: Any = None
+        self._threads_before: int | None = None
 
     def _load_impl(self) -> None:
         torch = import_torch("load:torchscript")
-        if self.options.threads:
-            torch.set_num_threads(int(self.options.threads))
+        if self.options.threads:  # torch's count is the process's: put back at close
+            before = torch.get_num_threads()
+            if before != int(self.options.threads):
+                torch.set_num_threads(int(self.options.threads))
+                self._threads_before = before
         self._module = torch.jit.load(str(self.artifact), map_location="cpu")
         self._module.eval()
 
@@ -55,3 +59,8 @@ class TorchScriptRunner(Runner):
 
     def _close_impl(self) -> None:
         self._module = None
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
