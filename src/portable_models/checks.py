@@ -262,6 +262,8 @@ _YIELD = getattr(os, "sched_yield", None)
 
 #: runs for :func:`_run_many`: (key, job, runtime, cases).
 _Runs = list[tuple[Any, "_RunJob", str, Sequence[int] | None]]
+#: where runs go: (the pool's lane, the thread cap of its workers), or None: the pool view's.
+_Lane = tuple[int, int | None] | None
 
 #: seconds the worker took for a run, by (artifact, runtime, cases): how :func:`_split`
 #: weighs a check already timed (the contract's timings before that).
@@ -276,18 +278,20 @@ def _seconds_key(job: _RunJob, runtime: str, cases: Sequence[int] | None) -> tup
     return str(job.artifact), runtime, None if cases is None else tuple(cases)
 
 
-def _split(pool: Pool, runs: _Runs, lanes: int) -> list[tuple[int | None, _Runs]]:
-    """``runs`` (one kind of worker) as one group on the pool view's lane (None), or spread
-    over lanes 0 and 1 (two groups that run side by side, or one on its lane): when ``lanes``
-    > 1 and both lanes' workers are idle (or none of the kind has started yet: they start now,
-    importing side by side). Every run of a check stays in one group (Core
+def _split(pool: Pool, runs: _Runs, lanes: int) -> list[tuple[_Lane, _Runs]]:
+    """``runs`` (one kind of worker) as one group on the pool view's lane and workers (None),
+    or spread over lanes 0 and 1 (two groups that run side by side, or one on its lane): when
+    ``lanes`` > 1 and both lanes' workers are idle (or none of the kind has started yet: they
+    start now, importing side by side; see :meth:`WorkerPool.side_by_side`, which also says
+    which workers: a lane is (lane, thread cap of its workers)). Every run of a check stays in one group (Core
     ML's MIL-reference run needs no second hash of the package). A check stays on the lane it
     ran on before (moving it would import its runtime into the other worker: seconds); a new
     one goes, costliest first, to the lane with less to do, by the worker's seconds for the
     same runs last time, else by the contract's timings. Each group keeps the runs' order."""
     checks = sorted({key[0] for key, *_ in runs})
     framework = runtime_info(runs[0][2]).framework
-    if lanes < 2 or not pool.side_by_side(framework, (0, 1)):
+    ready, cap = (False, None) if lanes < 2 else pool.side_by_side(framework, (0, 1))
+    if not ready:
         return [(None, runs)]
     timed: dict[int, list[float | None]] = {i: [] for i in checks}
     hint: dict[int, float] = {}
@@ -308,11 +312,11 @@ def _split(pool: Pool, runs: _Runs, lanes: int) -> list[tuple[int | None, _Runs]
     if len(_LANE) >= _SECONDS_MAX:
         _LANE.clear()
     _LANE.update((first[i], lane_of[i]) for i in checks)
-    groups = [(lane, [r for r in runs if lane_of[r[0][0]] == lane]) for lane in (0, 1)]
-    return [(lane, g) for lane, g in groups if g]
+    groups = [((lane, cap), [r for r in runs if lane_of[r[0][0]] == lane]) for lane in (0, 1)]
+    return [(where, g) for where, g in groups if g]
 
 
-def _side_by_side(pool: Pool, groups: list[tuple[int | None, _Runs]], got: Callable[[Any, _Ran], None],
+def _side_by_side(pool: Pool, groups: list[tuple[_Lane, _Runs]], got: Callable[[Any, _Ran], None],
                   timeout_s: float | None, on_sent: Callable[[], None] | None) -> None:
     """Each group on its lane at once (the first in this thread, the others on threads of
     their own), every run on one thread of its runtime: two runtimes that each took both
@@ -321,7 +325,7 @@ def _side_by_side(pool: Pool, groups: list[tuple[int | None, _Runs]], got: Calla
     stopped, at the latest when the process exits."""
     failed: list[BaseException] = []
 
-    def lane(lane: int | None, runs: _Runs) -> None:
+    def lane(lane: _Lane, runs: _Runs) -> None:
         try:
             _run_many(pool, runs, got, timeout_s, lane=lane, threads=1)
         except BaseException as exc:  # raised in the caller's thread, below
@@ -339,17 +343,17 @@ def _side_by_side(pool: Pool, groups: list[tuple[int | None, _Runs]], got: Calla
 
 
 def _run_many(pool: Pool, runs: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
-              on_sent: Callable[[], None] | None = None, lane: int | None = None,
+              on_sent: Callable[[], None] | None = None, lane: _Lane = None,
               threads: int | None = None) -> None:
     """``runs`` in one worker job (and a new one after a run that took its worker down);
-    ``got(key, ran)`` as each one ends. ``lane``: the pool's lane (None: the pool view's);
+    ``got(key, ran)`` as each one ends. ``lane``: which workers (:data:`_Lane`);
     ``threads``: the runtimes' thread count for these runs (None: their own)."""
     while runs:
         runs = runs[_run_batch(pool, runs, got, timeout_s, on_sent, lane, threads):]
 
 
 def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
-               on_sent: Callable[[], None] | None = None, lane: int | None = None,
+               on_sent: Callable[[], None] | None = None, lane: _Lane = None,
                threads: int | None = None) -> int:
     """Run ``batch`` in one worker job; how many of its runs are settled (all of them, or
     those up to the one that took its worker down, which fails alone)."""
@@ -368,7 +372,7 @@ def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeo
         else:
             got(key, job.failed(runtime, cases, error_from_dict(item.get("error") or {})))
 
-    where: dict[str, Any] = {} if lane is None else {"lane": lane}
+    where: dict[str, Any] = {} if lane is None else {"lane": lane[0], "threads": lane[1]}
     try:
         pool.call(kind="many", payload={"jobs": [job.sub_job(rt, c, threads) for _, job, rt, c in batch]},
                   framework=runtime_info(batch[0][2]).framework,

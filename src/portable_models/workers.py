@@ -272,21 +272,27 @@ class WorkerPool:
             self._release(worker, healthy)
         return answer, float(answer.get("seconds", time.monotonic() - start))
 
-    def side_by_side(self, framework: str, lanes: Sequence[int], threads: int | None = None) -> bool:
+    def side_by_side(self, framework: str, lanes: Sequence[int], threads: int | None = None) -> tuple[bool, int | None]:
         """Whether jobs of ``framework`` on ``lanes`` can all start now without one of them
-        waiting for a worker to import its libraries while the others run: every lane has an
-        idle worker, or the pool has none of the kind at all (they all start now, and import
+        waiting for a worker to import its libraries while the others run, and the thread cap
+        of the workers to run them on: every lane has an idle worker with cap ``threads``, or
+        with one cap (a ``jobs=2`` export's lanes, capped to one thread each), or the pool has
+        no worker of the kind at all (they all start now, with cap ``threads``, and import
         side by side)."""
         kind = worker_kind(framework)
         env_key = environment_key()
         with self._lock:
             if self.closed:
-                return False
+                return False, threads
             mine = [w for w in self._idle + self._busy if w.framework == kind and w.env_key == env_key]
             if not mine:
-                return not any(key[0] == kind for key in self._warming)
+                return not any(key[0] == kind for key in self._warming), threads
             idle = {(w.lane, w.threads) for w in self._idle if w.framework == kind and w.env_key == env_key}
-        return all((lane, threads) in idle for lane in lanes)
+        caps = [threads, *sorted({cap for _, cap in idle if cap != threads}, key=lambda cap: cap or 0)]
+        for cap in caps:
+            if all((lane, cap) in idle for lane in lanes):
+                return True, cap
+        return False, threads
 
     def with_limits(self, limits: WorkerLimits) -> LimitedPool:
         """This pool, with ``limits`` applied to every call made through the view."""
@@ -353,7 +359,7 @@ class LimitedPool:
         kwargs.setdefault("threads", self.threads)
         return self.pool.call(**kwargs)
 
-    def side_by_side(self, framework: str, lanes: Sequence[int]) -> bool:
+    def side_by_side(self, framework: str, lanes: Sequence[int]) -> tuple[bool, int | None]:
         """:meth:`WorkerPool.side_by_side`, with this view's thread cap."""
         return self.pool.side_by_side(framework, lanes, self.threads)
 

@@ -89,13 +89,28 @@ def test_a_second_lane_is_not_waited_for_while_only_the_first_has_a_warm_worker(
         assert sorted(done) == [0, 1]
 
 
+def test_a_jobs2_exports_one_thread_workers_serve_a_verify_side_by_side(tmp_path: Path) -> None:
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        for lane in (0, 1):  # what an export with jobs=2 leaves: a worker per lane, capped to one thread
+            pool.call(kind="ping", payload={}, framework="onnx", step="ping", lane=lane, threads=1)
+        assert pool.side_by_side("onnx", (0, 1)) == (True, 1)
+        done: dict[int, Judge] = {}
+        run_planned(pool, [_planned(pool, tmp_path, _judged([]), name=f"c{n}") for n in range(2)],
+                    done.__setitem__, lanes=2)
+        assert sorted(done) == [0, 1] and pool.started == 2, "the verify started workers of its own"
+        pool.call(kind="ping", payload={}, framework="onnx", step="ping", lane=0)  # a worker without a cap
+        assert pool.side_by_side("onnx", (0, 1)) == (True, 1), "lane 1 has only the capped worker"
+        pool.call(kind="ping", payload={}, framework="onnx", step="ping", lane=1)
+        assert pool.side_by_side("onnx", (0, 1)) == (True, None), "the view's own cap comes first"
+
+
 def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timings(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from portable_models import checks
 
     class Free:
-        def side_by_side(self, framework: str, lanes: Any) -> bool:
-            return True
+        def side_by_side(self, framework: str, lanes: Any) -> tuple[bool, int | None]:
+            return True, None
 
     monkeypatch.setattr(checks, "_SECONDS", {})
     monkeypatch.setattr(checks, "_LANE", {})
@@ -108,7 +123,8 @@ def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timin
     free: Any = Free()
 
     def split(runs: Any) -> list[tuple[int | None, list[int]]]:
-        return [(lane, [key[0] for key, *_ in g]) for lane, g in checks._split(free, runs, 2)]
+        return [(None if where is None else where[0], [key[0] for key, *_ in g])
+                for where, g in checks._split(free, runs, 2)]
 
     assert split(runs) == [(0, [0, 1, 1]), (1, [2, 3])], "costliest first, to the freer lane"
     checks._SECONDS[checks._seconds_key(jobs[0], "onnxruntime", None)] = 1.0  # timed: check 0 is the costly one
@@ -123,7 +139,7 @@ def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timin
     checks._LANE[(str(jobs[1].artifact), "c1", "onnxruntime")] = 1  # known: on lane 1; the others beside it
     assert split(runs) == [(0, [2, 3]), (1, [0, 1, 1])]
     assert checks._split(free, runs, 1) == [(None, runs)]
-    assert checks._split(free, runs[2:3], 2) == [(1, runs[2:3])], "one check: on its lane, alone"
+    assert checks._split(free, runs[2:3], 2) == [((1, None), runs[2:3])], "one check: on its lane, alone"
 
 
 @pytest.mark.parametrize("asks_again", [True, False])

@@ -252,8 +252,8 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
 
     got.clear()  # two lanes side by side: a crash in one fails its run alone, the other lane runs on
     with WorkerPool(scratch=tmp_path / "s2", limits=WorkerLimits(timeout_s=60)) as pool:
-        lanes: Any = [(0, [(n, job(a), "onnxruntime", None) for n, a in ((0, "pid"), (1, "pid"))]),
-                      (1, [(n, job(a), "onnxruntime", None) for n, a in ((2, "segfault"), (3, "pid"))])]
+        lanes: Any = [((0, None), [(n, job(a), "onnxruntime", None) for n, a in ((0, "pid"), (1, "pid"))]),
+                      ((1, None), [(n, job(a), "onnxruntime", None) for n, a in ((2, "segfault"), (3, "pid"))])]
         checks._side_by_side(pool, lanes, got.__setitem__, None, None)
         assert pool.started == 3, "lane 1's worker was not replaced after its crash"
     assert sorted(got) == [0, 1, 2, 3] and [got[n].failure is None for n in range(4)] == [True, True, False, True]
