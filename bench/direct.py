@@ -6,11 +6,12 @@ bundle, replayed directly in this one process (no workers, no bundle writing).
         imports each runtime and loads and runs the bundle's own artifacts on the golden
         cases (the floor of a cold `portable-models verify`; bench/run.py times the whole
         process, start to exit, as it times the CLI)
-    python bench/direct.py BUNDLE --verify-warm N [--jobs J]  ->  {"pair_ratios", "verify_s", ...}:
-        a warm `pm.verify` of the bundle (``jobs=J``; default: the verify's own, two workers
-        side by side on a 2-core machine) and a direct pass loading and running each of its
-        artifacts once, back to back N times in this process: each pair's ratio, and the
-        best of each side
+    python bench/direct.py BUNDLE --verify-warm N [--jobs J[,J...]]  ->  [{"pair_ratios",
+        "verify_s", ...}, ...]: for each J in turn (fresh workers for each), a warm `pm.verify` of
+        the bundle (``jobs=J``; ``default``, the default: the verify's own, two workers side
+        by side on a 2-core machine) and a direct pass loading and running each of its
+        artifacts once, back to back N times in this process: each pair's ratio, and the best
+        of each side
 
 In the replay each artifact is loaded and run 3 times: ``runtime_s`` is the best pass (the
 verify's share of the export + verify floor), and ``total_s`` counts only the first (what the
@@ -140,11 +141,11 @@ SETTLE_S = 0.1
 
 
 def verify_vs_runtimes(bundle: Path, pairs: int, jobs: int | None = None) -> dict[str, Any]:
-    """A warm ``pm.verify`` of the bundle and a direct pass over its artifacts, run back to
-    back ``pairs`` times after two warm-up pairs, each pair in the other order than the one
-    before (so that neither side always runs warmer), each run after a pause of
-    ``SETTLE_S``: each pair's ratio (the two ran under the same machine speed), the best of
-    each side, and whether every verify passed."""
+    """A warm ``pm.verify`` of the bundle (``jobs``; None: the verify's own default) and a
+    direct pass over its artifacts, run back to back ``pairs`` times after two warm-up pairs,
+    each pair in the other order than the one before (so that neither side always runs
+    warmer), each run after a pause of ``SETTLE_S``: each pair's ratio (the two ran under the
+    same machine speed), the best of each side, and whether every verify passed."""
     import portable_models as pm
 
     contract = load_contract(bundle)
@@ -157,22 +158,37 @@ def verify_vs_runtimes(bundle: Path, pairs: int, jobs: int | None = None) -> dic
         ok = pm.verify(bundle, jobs=jobs).ok and ok
         return time.perf_counter() - start
 
+    def timed_pass() -> float:
+        start = time.perf_counter()
+        _pass(bundle, contract, cases)
+        return time.perf_counter() - start
+
     for n in range(pairs + 2):
-        if n % 2 == 0:
-            seconds = timed_verify()
-            time.sleep(SETTLE_S)
-            floor = _pass(bundle, contract, cases)
-        else:
-            floor = _pass(bundle, contract, cases)
-            time.sleep(SETTLE_S)
-            seconds = timed_verify()
+        first, second = (timed_verify, timed_pass) if n % 2 == 0 else (timed_pass, timed_verify)
+        one = first()
         time.sleep(SETTLE_S)
+        two = second()
+        time.sleep(SETTLE_S)
+        seconds, floor = (one, two) if n % 2 == 0 else (two, one)
         if n >= 2:
             verify.append(seconds)
             direct.append(floor)
-    return {"verify_s": min(verify), "runtimes_warm_s": min(direct), "verify_ok": ok,
+    return {"jobs": jobs, "verify_s": min(verify), "runtimes_warm_s": min(direct), "verify_ok": ok,
             "pair_ratios": [v / d for v, d in zip(verify, direct, strict=True)],
             "verify_runs_s": verify, "runtimes_warm_runs_s": direct}
+
+
+def verify_sets(bundle: Path, pairs: int, jobs: list[int | None]) -> list[dict[str, Any]]:
+    """:func:`verify_vs_runtimes` for each of ``jobs`` in turn, each with workers of its own
+    (one set's workers would be another's warm ones, on other thread counts)."""
+    from portable_models.workers import shutdown_workers
+
+    results = []
+    for j in jobs:
+        shutdown_workers()
+        results.append(verify_vs_runtimes(bundle, pairs, j))
+    shutdown_workers()
+    return results
 
 
 def main() -> int:
@@ -181,8 +197,9 @@ def main() -> int:
         print(json.dumps({"runtimes_cold_s": runtimes_only(bundle)}))
         return 0
     if "--verify-warm" in sys.argv:
-        jobs = int(sys.argv[sys.argv.index("--jobs") + 1]) if "--jobs" in sys.argv else None
-        print(json.dumps(verify_vs_runtimes(bundle, int(sys.argv[sys.argv.index("--verify-warm") + 1]), jobs)))
+        given = sys.argv[sys.argv.index("--jobs") + 1].split(",") if "--jobs" in sys.argv else ["default"]
+        jobs = [None if j == "default" else int(j) for j in given]
+        print(json.dumps(verify_sets(bundle, int(sys.argv[sys.argv.index("--verify-warm") + 1]), jobs)))
         return 0
     start = time.perf_counter()
     cap = capture_s()

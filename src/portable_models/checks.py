@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portable_models.errors import PortableModelsError, UnverifiedError, error_from_dict
+from portable_models.errors import PortableModelsError, UnverifiedError
 from portable_models.golden import Cases, load_cases, unpack_outputs
 from portable_models.iomap import IoMap
+from portable_models.lanes import Runs, run_many, side_by_side, split
 from portable_models.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
 from portable_models.runtimes import RUNTIMES, runtime_info
 from portable_models.spec import DimSpec, TensorSpec
@@ -189,7 +190,7 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
     timeout, memory) fails that run alone; the runs after it go to a new worker.
     ``meanwhile``: the caller's own work, done in this thread once, as soon as the worker
     has the first job (or now, when no run is needed). ``lanes`` > 1: a round's checks may
-    be split between two workers of the kind that run side by side (:func:`_split`); ``done``
+    be split between two workers of the kind that run side by side (:func:`lanes.split`); ``done``
     is then called from either thread, never from both at once."""
     asked: dict[int, Ask] = {}
     lock = threading.Lock()  # got() and done() from two lanes
@@ -238,7 +239,7 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
     for i in range(len(planned)):
         advance(i, None)
     while asked:
-        by_kind: dict[str, _Runs] = {}
+        by_kind: dict[str, Runs] = {}
         for i, ask in sorted(asked.items()):
             for run, key in ((ask, None), (ask.then, None if ask.then is None else ask.then.key())):
                 if run is None:
@@ -249,145 +250,16 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
                 by_kind.setdefault(kind, []).append(((i, key), planned[i].job, run.runtime, run.cases))
         asked = {}
         for kind in sorted(by_kind):
-            groups = _split(pool, by_kind[kind], lanes)
+            groups = split(pool, by_kind[kind], lanes)
             if len(groups) == 1:  # on its lane, on the runtimes' own thread counts
-                _run_many(pool, groups[0][1], got, timeout_s, on_sent, lane=groups[0][0])
+                run_many(pool, groups[0][1], got, timeout_s, on_sent, lane=groups[0][0])
             else:
-                _side_by_side(pool, groups, got, timeout_s, on_sent)
+                side_by_side(pool, groups, got, timeout_s, on_sent)
         ahead.clear()  # made ahead but not asked for: the check settled without them
     on_sent()
 
 
 _YIELD = getattr(os, "sched_yield", None)
-
-#: runs for :func:`_run_many`: (key, job, runtime, cases).
-_Runs = list[tuple[Any, "_RunJob", str, Sequence[int] | None]]
-#: where runs go: (the pool's lane, the thread cap of its workers), or None: the pool view's.
-_Lane = tuple[int, int | None] | None
-
-#: seconds the worker took for a run, by (artifact, runtime, cases): how :func:`_split`
-#: weighs a check already timed (the contract's timings before that).
-_SECONDS: dict[tuple[str, str, tuple[int, ...] | None], float] = {}
-_SECONDS_MAX = 4096
-#: the lane each check went to, by (artifact, check name, first runtime): where :func:`_split`
-#: keeps it.
-_LANE: dict[tuple[str, str, str], int] = {}
-
-
-def _seconds_key(job: _RunJob, runtime: str, cases: Sequence[int] | None) -> tuple[str, str, tuple[int, ...] | None]:
-    return str(job.artifact), runtime, None if cases is None else tuple(cases)
-
-
-def _split(pool: Pool, runs: _Runs, lanes: int) -> list[tuple[_Lane, _Runs]]:
-    """``runs`` (one kind of worker) as one group on the pool view's lane and workers (None),
-    or spread over lanes 0 and 1 (two groups that run side by side, or one on its lane): when
-    ``lanes`` > 1 and both lanes' workers are idle (or none of the kind has started yet: they
-    start now, importing side by side; see :meth:`WorkerPool.side_by_side`, which also says
-    which workers: a lane is (lane, thread cap of its workers)). Every run of a check stays in one group (Core
-    ML's MIL-reference run needs no second hash of the package). A check stays on the lane it
-    ran on before (moving it would import its runtime into the other worker: seconds); a new
-    one goes, costliest first, to the lane with less to do, by the worker's seconds for the
-    same runs last time, else by the contract's timings. Each group keeps the runs' order."""
-    checks = sorted({key[0] for key, *_ in runs})
-    framework = runtime_info(runs[0][2]).framework
-    ready, cap = (False, None) if lanes < 2 else pool.side_by_side(framework, (0, 1))
-    if not ready:
-        return [(None, runs)]
-    timed: dict[int, list[float | None]] = {i: [] for i in checks}
-    hint: dict[int, float] = {}
-    first: dict[int, tuple[str, str, str]] = {}
-    for (i, _), job, runtime, cases in runs:
-        timed[i].append(_SECONDS.get(_seconds_key(job, runtime, cases)))
-        hint[i] = job.cost_hint
-        first.setdefault(i, (str(job.artifact), job.name, runtime))
-    cost = {i: hint[i] if None in timed[i] else sum(t for t in timed[i] if t is not None) for i in checks}
-    lane_of = {i: _LANE[first[i]] for i in checks if first[i] in _LANE}
-    load = [(0.0, 0), (0.0, 0)]  # (seconds, checks): nothing known spreads them by count
-    for i, lane in lane_of.items():
-        load[lane] = (load[lane][0] + cost[i], load[lane][1] + 1)
-    for i in sorted((i for i in checks if i not in lane_of), key=lambda i: (-cost[i], i)):
-        lane = 0 if load[0] <= load[1] else 1
-        lane_of[i] = lane
-        load[lane] = (load[lane][0] + cost[i], load[lane][1] + 1)
-    if len(_LANE) >= _SECONDS_MAX:
-        _LANE.clear()
-    _LANE.update((first[i], lane_of[i]) for i in checks)
-    groups = [((lane, cap), [r for r in runs if lane_of[r[0][0]] == lane]) for lane in (0, 1)]
-    return [(where, g) for where, g in groups if g]
-
-
-def _side_by_side(pool: Pool, groups: list[tuple[_Lane, _Runs]], got: Callable[[Any, _Ran], None],
-                  timeout_s: float | None, on_sent: Callable[[], None] | None) -> None:
-    """Each group on its lane at once (the first in this thread, the others on threads of
-    their own), every run on one thread of its runtime: two runtimes that each took both
-    cores would only slow each other down. The other lanes' threads are daemons, and not
-    waited for when this thread's lane raised (Ctrl-C): they end when their workers are
-    stopped, at the latest when the process exits."""
-    failed: list[BaseException] = []
-
-    def lane(lane: _Lane, runs: _Runs) -> None:
-        try:
-            _run_many(pool, runs, got, timeout_s, lane=lane, threads=1)
-        except BaseException as exc:  # raised in the caller's thread, below
-            failed.append(exc)
-
-    others = [threading.Thread(target=lane, args=group, name="portable-models-lane", daemon=True)
-              for group in groups[1:]]
-    for other in others:
-        other.start()
-    _run_many(pool, groups[0][1], got, timeout_s, on_sent, lane=groups[0][0], threads=1)
-    for other in others:
-        other.join()
-    if failed:
-        raise failed[0]
-
-
-def _run_many(pool: Pool, runs: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
-              on_sent: Callable[[], None] | None = None, lane: _Lane = None,
-              threads: int | None = None) -> None:
-    """``runs`` in one worker job (and a new one after a run that took its worker down);
-    ``got(key, ran)`` as each one ends. ``lane``: which workers (:data:`_Lane`);
-    ``threads``: the runtimes' thread count for these runs (None: their own)."""
-    while runs:
-        runs = runs[_run_batch(pool, runs, got, timeout_s, on_sent, lane, threads):]
-
-
-def _run_batch(pool: Pool, batch: _Runs, got: Callable[[Any, _Ran], None], timeout_s: float | None,
-               on_sent: Callable[[], None] | None = None, lane: _Lane = None,
-               threads: int | None = None) -> int:
-    """Run ``batch`` in one worker job; how many of its runs are settled (all of them, or
-    those up to the one that took its worker down, which fails alone)."""
-    answered = 0
-
-    def partial(item: dict[str, Any]) -> None:
-        nonlocal answered
-        n = int(item["index"])
-        key, job, runtime, cases = batch[n]
-        answered = n + 1
-        if len(_SECONDS) >= _SECONDS_MAX:
-            _SECONDS.clear()
-        _SECONDS[_seconds_key(job, runtime, cases)] = float(item.get("seconds") or 0.0)
-        if item.get("ok"):
-            got(key, job.ran(runtime, cases, dict(item.get("result") or {})))
-        else:
-            got(key, job.failed(runtime, cases, error_from_dict(item.get("error") or {})))
-
-    where: dict[str, Any] = {} if lane is None else {"lane": lane[0], "threads": lane[1]}
-    try:
-        pool.call(kind="many", payload={"jobs": [job.sub_job(rt, c, threads) for _, job, rt, c in batch]},
-                  framework=runtime_info(batch[0][2]).framework,
-                  step=f"run:{'+'.join(rt for _, _, rt, _ in batch)}", timeout_s=timeout_s, on_partial=partial,
-                  on_sent=on_sent, **where)
-    except JobFailed as failed:  # the run in flight (crash, timeout, memory) fails alone
-        if answered == len(batch):
-            return answered
-        key, job, runtime, cases = batch[answered]
-        failed.error.stage = f"run:{runtime}"
-        got(key, job.failed(runtime, cases, failed.error))
-        return answered + 1
-    assert answered == len(batch), "a finished 'many' job answers every run"
-    return answered
-
 
 @dataclass(kw_only=True)
 class _Ran:
@@ -427,7 +299,7 @@ class _RunJob:
     options: dict[str, Any]
     files: tuple[Path, Sequence[dict[str, Any]]] | None = None
     name: str = ""
-    #: seconds the check's runs are expected to take (how :func:`_split` balances lanes)
+    #: seconds the check's runs are expected to take (how :func:`lanes.split` balances lanes)
     cost_hint: float = 0.0
 
     def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]:

@@ -185,7 +185,7 @@ class WorkerPool:
             stale = [w for w in self._idle if w.env_key != env_key]
             self._idle = [w for w in self._idle if w.env_key == env_key]
             found = None if fresh else next(
-                (w for w in self._idle if (w.framework, w.lane, w.threads) == (framework, lane, threads)), None)
+                (w for w in _of_kind(self._idle, framework, env_key) if (w.lane, w.threads) == (lane, threads)), None)
             if found is not None:
                 self._idle.remove(found)
                 self._busy.append(found)
@@ -284,10 +284,9 @@ class WorkerPool:
         with self._lock:
             if self.closed:
                 return False, threads
-            mine = [w for w in self._idle + self._busy if w.framework == kind and w.env_key == env_key]
-            if not mine:
+            if not _of_kind(self._idle + self._busy, kind, env_key):
                 return not any(key[0] == kind for key in self._warming), threads
-            idle = {(w.lane, w.threads) for w in self._idle if w.framework == kind and w.env_key == env_key}
+            idle = {(w.lane, w.threads) for w in _of_kind(self._idle, kind, env_key)}
         caps = [threads, *sorted({cap for _, cap in idle if cap != threads}, key=lambda cap: cap or 0)]
         for cap in caps:
             if all((lane, cap) in idle for lane in lanes):
@@ -380,6 +379,11 @@ class LimitedPool:
     def lane_view(self, lane: int, threads: int | None) -> LimitedPool:
         """The same pool and limits, on its own lane of workers."""
         return dataclasses.replace(self, lane=lane, threads=threads)
+
+
+def _of_kind(workers: Sequence[Worker], kind: str, env_key: int) -> list[Worker]:
+    """The workers of this kind started under this environment (:func:`environment_key`)."""
+    return [w for w in workers if w.framework == kind and w.env_key == env_key]
 
 
 #: what the pipeline calls jobs through: a pool, or a pool seen with its own limits.

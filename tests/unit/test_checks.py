@@ -106,14 +106,14 @@ def test_a_jobs2_exports_one_thread_workers_serve_a_verify_side_by_side(tmp_path
 
 def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timings(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models import checks
+    from portable_models import lanes
 
     class Free:
         def side_by_side(self, framework: str, lanes: Any) -> tuple[bool, int | None]:
             return True, None
 
-    monkeypatch.setattr(checks, "_SECONDS", {})
-    monkeypatch.setattr(checks, "_LANE", {})
+    monkeypatch.setattr(lanes, "SECONDS", {})
+    monkeypatch.setattr(lanes, "LANE", {})
     jobs = [_planned(None, Path("/nowhere"), _judged([]), name=f"c{n}", cost_hint=hint).job  # type: ignore[arg-type]
             for n, hint in enumerate((0.125, 0.5, 0.25, 0.375))]
     for n, job in enumerate(jobs):
@@ -124,22 +124,22 @@ def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timin
 
     def split(runs: Any) -> list[tuple[int | None, list[int]]]:
         return [(None if where is None else where[0], [key[0] for key, *_ in g])
-                for where, g in checks._split(free, runs, 2)]
+                for where, g in lanes.split(free, runs, 2)]
 
     assert split(runs) == [(0, [0, 1, 1]), (1, [2, 3])], "costliest first, to the freer lane"
-    checks._SECONDS[checks._seconds_key(jobs[0], "onnxruntime", None)] = 1.0  # timed: check 0 is the costly one
+    lanes.SECONDS[lanes.seconds_key(jobs[0], "onnxruntime", None)] = 1.0  # timed: check 0 is the costly one
     assert split(runs) == [(0, [0, 1, 1]), (1, [2, 3])], "a check moved to the other worker (its runtime imported again)"
     assert split([r for r in runs if r[0][0] in (2, 3)]) == [(1, [2, 3])], "a check moved to the other worker"
-    checks._LANE.clear()
+    lanes.LANE.clear()
     assert split(runs) == [(0, [0]), (1, [1, 1, 2, 3])], "timed runs weigh what they took"
-    del checks._LANE[(str(jobs[3].artifact), "c3", "onnxruntime")]  # a new check: to the freer lane
+    del lanes.LANE[(str(jobs[3].artifact), "c3", "onnxruntime")]  # a new check: to the freer lane
     assert split(runs) == [(0, [0]), (1, [1, 1, 2, 3])]
-    checks._LANE.clear()
-    checks._SECONDS.clear()
-    checks._LANE[(str(jobs[1].artifact), "c1", "onnxruntime")] = 1  # known: on lane 1; the others beside it
+    lanes.LANE.clear()
+    lanes.SECONDS.clear()
+    lanes.LANE[(str(jobs[1].artifact), "c1", "onnxruntime")] = 1  # known: on lane 1; the others beside it
     assert split(runs) == [(0, [2, 3]), (1, [0, 1, 1])]
-    assert checks._split(free, runs, 1) == [(None, runs)]
-    assert checks._split(free, runs[2:3], 2) == [((1, None), runs[2:3])], "one check: on its lane, alone"
+    assert lanes.split(free, runs, 1) == [(None, runs)]
+    assert lanes.split(free, runs[2:3], 2) == [((1, None), runs[2:3])], "one check: on its lane, alone"
 
 
 @pytest.mark.parametrize("asks_again", [True, False])

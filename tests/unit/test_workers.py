@@ -221,7 +221,7 @@ def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_pa
 def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run(tmp_path: Path) -> None:
     """verify runs a bundle's artifacts in one worker job; one that crashes its worker fails
     alone (stage: its runtime), and the ones after it run in a new worker."""
-    from portable_models import checks
+    from portable_models import checks, lanes
     from portable_models.iomap import IoMap
     from portable_models.parity import TolerancePolicy
 
@@ -242,7 +242,7 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
     got: dict[int, checks._Ran] = {}
     with WorkerPool(scratch=tmp_path / "s", limits=WorkerLimits(timeout_s=60)) as pool:
         runs = [(n, job(a), "onnxruntime", None) for n, a in enumerate(("pid", "segfault", "pid", "pid"))]
-        checks._run_many(pool, runs, got.__setitem__, None)
+        lanes.run_many(pool, runs, got.__setitem__, None)
     assert sorted(got) == [0, 1, 2, 3]
     assert [r.failure is None for r in (got[0], got[2], got[3])] == [True, True, True]
     failure = got[1].failure
@@ -252,9 +252,9 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
 
     got.clear()  # two lanes side by side: a crash in one fails its run alone, the other lane runs on
     with WorkerPool(scratch=tmp_path / "s2", limits=WorkerLimits(timeout_s=60)) as pool:
-        lanes: Any = [((0, None), [(n, job(a), "onnxruntime", None) for n, a in ((0, "pid"), (1, "pid"))]),
-                      ((1, None), [(n, job(a), "onnxruntime", None) for n, a in ((2, "segfault"), (3, "pid"))])]
-        checks._side_by_side(pool, lanes, got.__setitem__, None, None)
+        groups: Any = [((0, None), [(n, job(a), "onnxruntime", None) for n, a in ((0, "pid"), (1, "pid"))]),
+                       ((1, None), [(n, job(a), "onnxruntime", None) for n, a in ((2, "segfault"), (3, "pid"))])]
+        lanes.side_by_side(pool, groups, got.__setitem__, None, None)
         assert pool.started == 3, "lane 1's worker was not replaced after its crash"
     assert sorted(got) == [0, 1, 2, 3] and [got[n].failure is None for n in range(4)] == [True, True, False, True]
     assert got[0].result["pid"] == got[1].result["pid"] != got[3].result["pid"]
