@@ -481,13 +481,22 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
                          cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
                          options={**runner_options(contract.inputs, contract.outputs, contract.dims,
                                                    art.precision), **extra},
-                         files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)))
+                         files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)),
+                         run_ms=_run_ms(art))
+
+
+def _run_ms(art: Artifact) -> float:
+    """Milliseconds one case's run took when ``art`` was checked at export (0: not recorded)."""
+    try:
+        return max(0.0, float((art.timings or {}).get("run_ms_p50") or 0.0))
+    except (TypeError, ValueError):  # a hand-edited contract: not known
+        return 0.0
 
 
 def _expected_s(art: Artifact, cases: int) -> float:
     """Seconds the check of ``art`` is expected to take, from the run time its export recorded
     (how a verify spreads new checks over its workers). Not the recorded load time: the
     export's first load in a worker also imported the runtime, which a warm verify does not."""
-    one = float((art.timings or {}).get("run_ms_p50") or 0.0) * cases / 1000
+    one = _run_ms(art) * cases / 1000
     runs = 1 if art.runtime is None or checking_runtime(art.runtime) == art.runtime else 2
     return one * runs

@@ -122,17 +122,19 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
                   cases: Sequence[int] | None = None,
                   options: dict[str, Any] | None = None,
                   files: tuple[Path, Sequence[dict[str, Any]]] | None = None,
-                  name: str = "", cost_hint: float = 0.0) -> PlannedRun:
+                  name: str = "", cost_hint: float = 0.0, run_ms: float = 0.0) -> PlannedRun:
     """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
     the bundle folder and the contract's entries for the artifact's files, which the worker
     hashes right before each run (a changed or missing one fails the run, unloaded).
     ``name`` tells the check's files in ``work_dir`` from other checks' there. ``log``: where
     the runs' output goes (None: the worker's own log). ``cost_hint``: the seconds its runs
-    are expected to take (the contract's timings), to balance a verify's lanes."""
+    are expected to take (the contract's timings), to balance a verify's lanes; ``run_ms``:
+    the milliseconds one case's run took when the artifact was exported (0: not known), which
+    tells a compute-bound check (:data:`lanes.COMPUTE_BOUND_MS`)."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
-                  options=options or {}, files=files, name=name, cost_hint=cost_hint)
+                  options=options or {}, files=files, name=name, cost_hint=cost_hint, run_ms=run_ms)
     return PlannedRun(job=job, plan=_plan(runtime, cases))
 
 
@@ -301,6 +303,9 @@ class _RunJob:
     name: str = ""
     #: seconds the check's runs are expected to take (how :func:`lanes.split` balances lanes)
     cost_hint: float = 0.0
+    #: milliseconds one case's run took at export (0: not known; how :func:`lanes.split` tells a
+    #: compute-bound check)
+    run_ms: float = 0.0
 
     def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]:
         """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all),

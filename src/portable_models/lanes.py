@@ -25,6 +25,8 @@ class RunJob(Protocol):
     name: str
     #: seconds the check's runs are expected to take (how :func:`split` balances lanes)
     cost_hint: float
+    #: milliseconds one case's run took at export (0: not known)
+    run_ms: float
 
     def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]: ...
 
@@ -45,6 +47,14 @@ SECONDS_MAX = 4096
 #: the lane each check went to, by (artifact, check name, first runtime): where :func:`split`
 #: keeps it.
 LANE: dict[tuple[str, str, str], int] = {}
+#: a check whose one case took this long or more at export (ms) is compute-bound: its runtime
+#: spreads a run over both cores, and two such runs side by side, one thread each, take as
+#: long as one after the other on two (measured: a CNN of ~2 G multiply-adds a run, onnx and
+#: torchscript at 24 and 47 ms a case, verified in 1.15-1.18x its runtimes' time side by side
+#: against 1.07-1.08x in one worker). A round with one runs in one worker on the runtimes' own
+#: thread counts. The demo's checks take 0.5-5 ms a case: their time is the runtimes' fixed
+#: costs and Core ML's single-threaded reference, which gain from running side by side.
+COMPUTE_BOUND_MS = 10.0
 
 
 def seconds_key(job: RunJob, runtime: str, cases: Sequence[int] | None) -> tuple[str, str, tuple[int, ...] | None]:
@@ -54,17 +64,19 @@ def seconds_key(job: RunJob, runtime: str, cases: Sequence[int] | None) -> tuple
 def split(pool: Pool, runs: Runs, lanes: int) -> list[tuple[Lane, Runs]]:
     """``runs`` (one kind of worker) as one group on the pool view's lane and workers (None),
     or spread over lanes 0 and 1 (two groups that run side by side, or one on its lane): when
-    ``lanes`` > 1 and both lanes' workers are idle (or none of the kind has started yet: they
-    start now, importing side by side; see :meth:`WorkerPool.side_by_side`, which also says
-    which workers: a lane is (lane, thread cap of its workers)). Every run of a check stays in
-    one group (Core ML's MIL-reference run needs no second hash of the package). A check stays
-    on the lane it ran on before (moving it would import its runtime into the other worker:
-    seconds); a new one goes, costliest first, to the lane with less to do, by the worker's
-    seconds for the same runs last time, else by the contract's timings. Each group keeps the
-    runs' order."""
+    ``lanes`` > 1, no check is compute-bound (:data:`COMPUTE_BOUND_MS`), and both lanes'
+    workers are idle (or none of the kind has started yet: they start now, importing side by
+    side; see :meth:`WorkerPool.side_by_side`, which also says which workers: a lane is
+    (lane, thread cap of its workers)). Every run of a check stays in one group (Core ML's
+    MIL-reference run needs no second hash of the package). A check stays on the lane it ran
+    on before (moving it would import its runtime into the other worker: seconds); a new one
+    goes, costliest first, to the lane with less to do, by the worker's seconds for the same
+    runs last time, else by the contract's timings. Each group keeps the runs' order."""
     checks = sorted({key[0] for key, *_ in runs})
     framework = runtime_info(runs[0][2]).framework
-    ready, cap = (False, None) if lanes < 2 else pool.side_by_side(framework, (0, 1))
+    if lanes < 2 or any(job.run_ms >= COMPUTE_BOUND_MS for _, job, _, _ in runs):
+        return [(None, runs)]
+    ready, cap = pool.side_by_side(framework, (0, 1))
     if not ready:
         return [(None, runs)]
     timed: dict[int, list[float | None]] = {i: [] for i in checks}

@@ -23,7 +23,7 @@ TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"
 
 
 def _planned(pool: WorkerPool, tmp_path: Path, plan: Generator[Ask, Any, Judge], name: str = "",
-             cost_hint: float = 0.0) -> PlannedRun:
+             cost_hint: float = 0.0, run_ms: float = 0.0) -> PlannedRun:
     contract = load_contract(TINY)
     art = contract.artifacts[0]
     assert art.file and art.io
@@ -31,7 +31,8 @@ def _planned(pool: WorkerPool, tmp_path: Path, plan: Generator[Ask, Any, Judge],
                          golden_inputs=TINY / contract.golden["inputs"],
                          golden_outputs=golden.load_cases(TINY / contract.golden["outputs"]),
                          policy=TolerancePolicy.from_dict(contract.tolerance), precision=art.precision,
-                         log=tmp_path / "run.log", work_dir=tmp_path / "run", name=name, cost_hint=cost_hint)
+                         log=tmp_path / "run.log", work_dir=tmp_path / "run", name=name, cost_hint=cost_hint,
+                         run_ms=run_ms)
     return PlannedRun(job=base.job, plan=plan)
 
 
@@ -68,6 +69,50 @@ def test_two_checks_run_side_by_side_in_two_workers_each_run_on_one_thread(tmp_p
                     lambda i, judge: None, lanes=1)
         assert len(calls) == 1 and "threads" not in calls[0]["payload"]["jobs"][0]["payload"], (
             "one lane: one job, on the runtimes' own thread counts")
+
+
+def test_a_round_with_a_compute_bound_check_runs_in_one_worker_on_the_runtimes_own_threads(tmp_path: Path) -> None:
+    """Two one-thread runs of a compute-bound model side by side take as long as one after the
+    other on both cores: such a round is not split (lanes.COMPUTE_BOUND_MS)."""
+    from portable_models.lanes import COMPUTE_BOUND_MS
+
+    calls: list[dict[str, Any]] = []
+    with WorkerPool(scratch=tmp_path / "s") as pool:
+        real = pool.call
+
+        def traced(**kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return real(**kwargs)
+
+        pool.call = traced  # type: ignore[method-assign]
+        planned = [_planned(pool, tmp_path, _judged([]), name=f"c{n}", run_ms=COMPUTE_BOUND_MS / 2)
+                   for n in range(3)]
+        run_planned(pool, planned, lambda i, judge: None, lanes=2)
+        assert sorted(int(c.get("lane", -1)) for c in calls) == [0, 1], "small checks: side by side"
+        calls.clear()
+        done: dict[int, Judge] = {}  # both lanes' workers idle now, and still one job
+        planned = [_planned(pool, tmp_path, _judged([]), name=f"c{n}", run_ms=ms)
+                   for n, ms in enumerate((1.0, COMPUTE_BOUND_MS, 2.0))]
+        run_planned(pool, planned, done.__setitem__, lanes=2)
+        assert sorted(done) == [0, 1, 2] and [done[i]()[0]["status"] for i in range(3)] == ["pass"] * 3
+        assert len(calls) == 1 and pool.started == 2, "a compute-bound round was split over two workers"
+        assert all("threads" not in sub["payload"] for sub in calls[0]["payload"]["jobs"])
+
+
+def test_verify_tells_the_lanes_what_each_check_took_a_case_at_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    import portable_models as pm
+    from portable_models import lanes
+
+    seen: list[float] = []
+    real = lanes.split
+
+    def split(pool: Any, runs: Any, n: int) -> Any:
+        seen.extend(job.run_ms for _, job, _, _ in runs)
+        return real(pool, runs, n)
+
+    monkeypatch.setattr("portable_models.checks.split", split)
+    assert pm.verify(TINY).ok
+    assert seen == [load_contract(TINY).artifacts[0].timings["run_ms_p50"]] and seen[0] > 0
 
 
 def test_a_second_lane_is_not_waited_for_while_only_the_first_has_a_warm_worker(tmp_path: Path) -> None:
@@ -139,6 +184,9 @@ def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timin
     lanes.LANE[(str(jobs[1].artifact), "c1", "onnxruntime")] = 1  # known: on lane 1; the others beside it
     assert split(runs) == [(0, [2, 3]), (1, [0, 1, 1])]
     assert lanes.split(free, runs, 1) == [(None, runs)]
+    jobs[2].run_ms = lanes.COMPUTE_BOUND_MS  # a compute-bound check: the round stays in one group
+    assert lanes.split(free, runs, 2) == [(None, runs)]
+    jobs[2].run_ms = 0.0
     assert lanes.split(free, runs[2:3], 2) == [((1, None), runs[2:3])], "one check: on its lane, alone"
 
 
