@@ -42,16 +42,22 @@ def _judged(ran: list[Any]) -> Generator[Ask, Any, Judge]:
     return got.judge  # type: ignore[no-any-return]
 
 
-def test_two_checks_run_side_by_side_in_two_workers_each_run_on_one_thread(tmp_path: Path) -> None:
+def _trace(pool: WorkerPool) -> tuple[list[dict[str, Any]], Any]:
+    """Record every call made through ``pool``: the list the calls go to, and the real call."""
     calls: list[dict[str, Any]] = []
+    real = pool.call
+
+    def traced(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    pool.call = traced  # type: ignore[method-assign]
+    return calls, real
+
+
+def test_two_checks_run_side_by_side_in_two_workers_each_run_on_one_thread(tmp_path: Path) -> None:
     with WorkerPool(scratch=tmp_path / "s") as pool:
-        real = pool.call
-
-        def traced(**kwargs: Any) -> Any:
-            calls.append(kwargs)
-            return real(**kwargs)
-
-        pool.call = traced  # type: ignore[method-assign]
+        calls, real = _trace(pool)
         for round_ in range(2):  # cold (both workers start now), then warm (both idle)
             ran: list[Any] = []
             done: dict[int, Judge] = {}
@@ -76,15 +82,8 @@ def test_a_round_with_a_compute_bound_check_runs_in_one_worker_on_the_runtimes_o
     other on both cores: such a round is not split (lanes.COMPUTE_BOUND_MS)."""
     from portable_models.lanes import COMPUTE_BOUND_MS
 
-    calls: list[dict[str, Any]] = []
     with WorkerPool(scratch=tmp_path / "s") as pool:
-        real = pool.call
-
-        def traced(**kwargs: Any) -> Any:
-            calls.append(kwargs)
-            return real(**kwargs)
-
-        pool.call = traced  # type: ignore[method-assign]
+        calls, _ = _trace(pool)
         planned = [_planned(pool, tmp_path, _judged([]), name=f"c{n}", run_ms=COMPUTE_BOUND_MS / 2)
                    for n in range(3)]
         run_planned(pool, planned, lambda i, judge: None, lanes=2)
@@ -116,17 +115,10 @@ def test_verify_tells_the_lanes_what_each_check_took_a_case_at_export(monkeypatc
 
 
 def test_a_second_lane_is_not_waited_for_while_only_the_first_has_a_warm_worker(tmp_path: Path) -> None:
-    calls: list[dict[str, Any]] = []
     with WorkerPool(scratch=tmp_path / "s") as pool:
         run_planned(pool, [_planned(pool, tmp_path, _judged([]))], lambda i, judge: None, lanes=2)
         assert pool.started == 1, "one check: one worker"
-        real = pool.call
-
-        def traced(**kwargs: Any) -> Any:
-            calls.append(kwargs)
-            return real(**kwargs)
-
-        pool.call = traced  # type: ignore[method-assign]
+        calls, _ = _trace(pool)
         done: dict[int, Judge] = {}
         run_planned(pool, [_planned(pool, tmp_path, _judged([]), name=f"c{n}") for n in range(2)],
                     done.__setitem__, lanes=2)
