@@ -25,9 +25,10 @@ one run on this machine. Results: bench/results/bench.json and bench.md.
    back (the order flipping): the median of the pairs' ratios;
 6. the caller's peak RSS growth during an export (target < 100 MB).
 
-It prints each step's seconds as it goes (the whole run takes ~8-9 min here, most of it the
-converters' own time: nine first exports of the demo or their direct replays at 20-45 s each;
-PM_BENCH_ROUNDS=1 takes ~5 min and gives single-round export ratios).
+It prints each step's seconds as it goes (the whole run took 6-9 min here, with the VM's speed,
+most of it the converters' own time: nine first exports of the demo or their direct replays at
+13-45 s each; PM_BENCH_ROUNDS=1 saves two thirds of that part and gives single-round export
+ratios).
 
 Ratios of runs made back to back are the gate because this VM's speed drifts by +-30 % within
 seconds (the same pure-Python loop, alone, takes 3.9-5.8 s): the two runs of a pair meet the
@@ -58,7 +59,7 @@ VERIFY_TRIES = 3
 #: the median of 25 pairs still moved by +-0.05 from one run to the next (~0.5 s a pair).
 WARM_PAIRS = 60
 #: rounds of (sequential export, direct replay, jobs=2 export), each export a first one (fresh
-#: cache, cold workers). A round costs two demo exports and a replay (~1.7-2 min here). One
+#: cache, cold workers). A round costs two demo exports and a replay (1-2 min here). One
 #: round's export ratio moves by +-0.09 (sd) from run to run on this VM for the same code, and
 #: one slow moment can put a single round's jobs=2 ratio at 0.88: the median of three keeps it
 #: out. PM_BENCH_ROUNDS=1 is quicker and noisier.
