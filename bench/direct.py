@@ -158,18 +158,16 @@ def verify_vs_runtimes(bundle: Path, pairs: int, jobs: int | None = None) -> dic
         ok = pm.verify(bundle, jobs=jobs).ok and ok
         return time.perf_counter() - start
 
-    def timed_pass() -> float:
-        start = time.perf_counter()
-        _pass(bundle, contract, cases)
-        return time.perf_counter() - start
-
     for n in range(pairs + 2):
-        first, second = (timed_verify, timed_pass) if n % 2 == 0 else (timed_pass, timed_verify)
-        one = first()
+        if n % 2 == 0:
+            seconds = timed_verify()
+            time.sleep(SETTLE_S)
+            floor = _pass(bundle, contract, cases)
+        else:
+            floor = _pass(bundle, contract, cases)
+            time.sleep(SETTLE_S)
+            seconds = timed_verify()
         time.sleep(SETTLE_S)
-        two = second()
-        time.sleep(SETTLE_S)
-        seconds, floor = (one, two) if n % 2 == 0 else (two, one)
         if n >= 2:
             verify.append(seconds)
             direct.append(floor)

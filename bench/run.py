@@ -21,8 +21,8 @@ one run on this machine. Results: bench/results/bench.json and bench.md.
    2-core machine two workers run the artifacts side by side, one thread each, while the direct
    pass runs them one after another on the runtimes' own thread counts; the demo's verify with
    --jobs 1 (one worker, one artifact at a time; its own workers, after the default's pairs)
-   is shown, not gated. The cold verify and its floor are timed as whole processes, COLD_PAIRS pairs back to
-   back (the order flipping): the median of the pairs' ratios;
+   is shown, not gated. The cold verify and its floor are timed as whole processes,
+   COLD_PAIRS pairs back to back (the order flipping): the median of the pairs' ratios;
 6. the caller's peak RSS growth during an export (target < 100 MB).
 
 It prints each step's seconds as it goes (the whole run took 6-9 min here, with the VM's speed,
