@@ -6,13 +6,11 @@ capture -> convert (one isolated job per route) -> run (one runtime per artifact
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
 import shutil
 import sys
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from portable_models.reports.table import render_table
 from portable_models.runtimes.base import COMPUTE_UNITS
 from portable_models.sources import Captured, framework_of
 from portable_models.targets import TARGETS, routes_for
+from portable_models.verify_kept import helper, scratch_done, scratch_folder
 from portable_models.workers import LimitedPool, Pool, WorkerLimits, shared_pool
 
 __all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
@@ -358,11 +357,11 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     golden_in = root / contract.golden["inputs"]
     golden_out = golden.read_only_cases(root / contract.golden["outputs"])
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
-    scratch = _scratch_folder()
+    scratch = scratch_folder()
     # the worker runs every artifact in one job, each right after hashing its files; this
     # thread hashes the bundle's other files meanwhile, and the helper thread compares each
     # artifact's outputs while the worker runs the next
-    helper = _helper()
+    helper_thread = helper()
     judged: dict[int, Future[tuple[dict[str, Any], dict[str, Any]]]] = {}
     try:
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb))
@@ -387,7 +386,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
                 except Exception as exc:  # raised where the helper's would be: below
                     judged[i].set_exception(exc)
             else:
-                judged[i] = helper.submit(judge)
+                judged[i] = helper_thread.submit(judge)
 
         run_planned(pool, [p for _, p, _ in runs], judge_later, timeout_s, meanwhile=check_others, lanes=lanes)
         for i, (art, _, owned) in enumerate(runs):
@@ -401,62 +400,10 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     finally:
         for future in judged.values():  # after an error: what has not started need not
             future.cancel()
-        helper.submit(_scratch_done, scratch)  # beside the caller's next step
+        helper_thread.submit(scratch_done, scratch)  # beside the caller's next step
     contract.artifacts = chosen
     return VerifyReport(path=root, contract=contract, problems=problems,
                         allow_unverified=tuple(allow_unverified))
-
-
-_HELPER: ThreadPoolExecutor | None = None
-_HELPER_LOCK = threading.Lock()
-
-
-def _helper() -> ThreadPoolExecutor:
-    """The verify's helper thread, kept from one verify to the next (starting a thread takes
-    ~1 ms here; a warm verify of the demo takes ~0.1 s). Not a daemon: what it was given
-    (a scratch folder's removal) is done before the interpreter exits."""
-    global _HELPER
-    with _HELPER_LOCK:
-        if _HELPER is None:
-            _HELPER = ThreadPoolExecutor(1, thread_name_prefix="portable-models-verify")
-        return _HELPER
-
-
-#: verify scratch folders left empty by the verify that had them, for the next one: the worker
-#: stays in its folder instead of entering a new one, and the caller makes and removes none
-_FREE_SCRATCH: list[Path] = []
-_SCRATCH_KEPT = 4
-
-
-def _scratch_folder() -> Path:
-    """A verify's own scratch folder: a free one, else a new one."""
-    with _HELPER_LOCK:
-        while _FREE_SCRATCH:
-            folder = _FREE_SCRATCH.pop()
-            if folder.is_dir():
-                return folder
-    return Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
-
-
-def _scratch_done(folder: Path) -> None:
-    """Keep ``folder`` for the next verify if the runs left nothing in it, else remove it."""
-    try:
-        empty = not any(os.scandir(folder))
-    except OSError:
-        return
-    with _HELPER_LOCK:
-        if empty and len(_FREE_SCRATCH) < _SCRATCH_KEPT:
-            _FREE_SCRATCH.append(folder)
-            return
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@atexit.register
-def _remove_free_scratch() -> None:
-    with _HELPER_LOCK:
-        folders, _FREE_SCRATCH[:] = list(_FREE_SCRATCH), []
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _owns(art: Artifact, path: str) -> bool:

@@ -300,21 +300,21 @@ def test_a_many_job_hashes_an_artifacts_files_once_unless_they_failed(tmp_path: 
 
 def test_a_verify_hands_its_empty_scratch_folder_to_the_next_and_removes_one_with_files(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models import api
+    from portable_models import verify_kept
 
-    monkeypatch.setattr(api, "_FREE_SCRATCH", [])
-    first = api._scratch_folder()
-    api._scratch_done(first)
-    assert api._scratch_folder() == first, "an empty folder was not kept for the next verify"
+    monkeypatch.setattr(verify_kept, "_FREE_SCRATCH", [])
+    first = verify_kept.scratch_folder()
+    verify_kept.scratch_done(first)
+    assert verify_kept.scratch_folder() == first, "an empty folder was not kept for the next verify"
     (first / "outputs-onnxruntime.bin").write_bytes(b"x")  # a run's large outputs
-    api._scratch_done(first)
-    assert not first.exists() and api._FREE_SCRATCH == []
-    second = api._scratch_folder()
+    verify_kept.scratch_done(first)
+    assert not first.exists() and verify_kept._FREE_SCRATCH == []
+    second = verify_kept.scratch_folder()
     assert second != first and second.is_dir()
-    api._scratch_done(second)
+    verify_kept.scratch_done(second)
     second.rmdir()  # removed by someone else meanwhile: not handed out
-    third = api._scratch_folder()
+    third = verify_kept.scratch_folder()
     assert third.is_dir() and third != second
-    api._scratch_done(third)
-    api._remove_free_scratch()  # at exit
+    verify_kept.scratch_done(third)
+    verify_kept.remove_free_scratch()  # at exit
     assert not third.exists()
