@@ -32,6 +32,7 @@ from portable_models.checks import (
 from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
+from portable_models.paths import user_path
 from portable_models.pipeline import Progress, TargetContext, build_target
 from portable_models.reports import write_reports
 from portable_models.reports.table import render_table
@@ -182,7 +183,7 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
     targets, precisions, policy = _targets(opts.targets), _precisions(opts.precision), _policy(opts.tolerance)
     if opts.jobs < 1:
         raise UsageError(f"jobs={opts.jobs}", fix="use jobs >= 1")
-    dest = Path(out)
+    dest = user_path(out)
     with Staging(dest, overwrite=opts.overwrite) as st:
         pool = shared_pool(WorkerLimits(timeout_s=opts.timeout_s, memory_mb=opts.memory_mb))
         warm = _WARM_MODULES.get(framework_of(model))
@@ -351,7 +352,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     if jobs is not None and jobs < 1:
         raise UsageError(f"jobs={jobs}", fix="use jobs >= 1 (or leave it out: 2 where there are 2 cores)")
     lanes = min(2, jobs or (os.cpu_count() or 1))
-    root = Path(bundle)
+    root = user_path(bundle)
     contract = load_contract(root)
     policy = TolerancePolicy.from_dict(contract.tolerance)
     golden_in = root / contract.golden["inputs"]

@@ -1,7 +1,8 @@
 """``portable-models bench DIR``: latency per runtime, from the bundle alone.
 
 Each artifact is loaded once in a worker, warmed up, then timed over ``runs`` calls on
-golden case 0 (warm-up excluded). Results — load time, p50/p90/min, runs, threads — go into
+golden case 0 (warm-up excluded). Core ML off macOS is not timed: the MIL reference
+executor that checks it there says nothing about Apple's runtime (``n/a off macOS``). Results — load time, p50/p90/min, runs, threads — go into
 each artifact's ``timings["bench"]`` in the contract and into the reports, rewritten
 atomically with the contract's file list.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from portable_models.bundle import check_files, list_files, raise_on_problems, writing
 from portable_models.checks import checking_runtime, runner_options
 from portable_models.contract import Contract, load_contract
+from portable_models.paths import user_path
 from portable_models.reports import write_reports
 from portable_models.runtimes import runtime_info
 from portable_models.workers import JobFailed, Pool, WorkerLimits, shared_pool
@@ -27,7 +29,7 @@ __all__ = ["bench"]
 def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int | None = None,
           targets: list[str] | None = None, write: bool = True, timeout_s: float = 600.0) -> Contract:
     """Time every kept artifact of ``bundle`` in its runtime; return the updated contract."""
-    root = Path(bundle)
+    root = user_path(bundle)
     contract = load_contract(root)
     raise_on_problems(root, check_files(root, contract.files))
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-bench-"))
@@ -37,6 +39,9 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
             if art.file is None or art.io is None or art.runtime is None:
                 continue
             if targets and art.target not in targets and art.key not in targets:
+                continue
+            if checking_runtime(art.runtime) != art.runtime:  # Core ML off macOS
+                art.timings.pop("bench", None)  # a reference executor's time is no Core ML latency
                 continue
             art.timings["bench"] = _one(pool, root, contract, art, runs, warmup, threads, scratch)
     finally:
@@ -59,8 +64,6 @@ def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup
                               work_dir=scratch / art.key)
     except JobFailed as failed:
         return {"runtime": runtime, "error": failed.error.message}
-    if runtime != art.runtime:
-        result["note"] = f"{art.runtime} cannot run here; timed with {runtime} (not Apple's kernels)"
     return result
 
 

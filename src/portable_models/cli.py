@@ -111,8 +111,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from portable_models.api import verify
     from portable_models.demo import run_demo
 
-    out = args.out
-    print(f"portable_models {__version__} demo: a small CNN (batch norm, dynamic batch) -> {out}",
+    out, shown = args.out, args.out_given
+    print(f"portable_models {__version__} demo: a small CNN (batch norm, dynamic batch) -> {shown}",
           file=sys.stderr)
     progress = Progress(sys.stderr, args.quiet)
     try:
@@ -121,7 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress.close()
     if getattr(args, "verbose", False):
         _show_logs(out, sys.stderr)
-    print(f"\nexported {out}; verifying from the bundle alone …", file=sys.stderr)
+    print(f"\nexported {shown}; verifying from the bundle alone …", file=sys.stderr)
     report = verify(out, allow_unverified=args.allow_unverified or ())
     sys.stdout.write(_report(report, args.format, report.problems))
     return 0 if bundle.passed(args.allow_unverified or ()) and report.ok else 1
@@ -184,6 +184,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from portable_models.benchmark import bench
+    from portable_models.checks import checking_runtime
 
     contract = bench(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads,
                      targets=args.targets, write=not args.no_write, timeout_s=args.timeout)
@@ -191,6 +192,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failed = False
     for a in contract.artifacts:
         b = a.timings.get("bench")
+        if not b and a.runtime is not None and checking_runtime(a.runtime) != a.runtime:
+            print(f"{a.key:<14} {a.runtime:<28} n/a off macOS (the MIL reference executor's time "
+                  "says nothing about Apple's runtime)")
+            continue
         if not b:
             continue
         if "error" in b:
@@ -238,6 +243,30 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 _ALLOW_HELP = ("let these targets pass the gate while 'unverified' (converted and checked "
                "structurally, but not run here), e.g. coreml; by default unverified fails")
+_LIST_HELP = " (space- or comma-separated: 'onnx tflite' or 'onnx,tflite')"
+
+
+class _ListAction(argparse.Action):
+    """A list option that takes what users type: ``--targets onnx tflite``,
+    ``--targets onnx,tflite`` or both mixed; each item checked against ``items``."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, items: Sequence[str] | None = None,
+                 **kwargs: Any) -> None:
+        self.items = tuple(items) if items else None
+        kwargs.setdefault("nargs", "+")
+        kwargs["help"] = (kwargs.get("help") or "") + _LIST_HELP
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        out = [v.strip() for value in values for v in str(value).split(",") if v.strip()]
+        if not out:
+            parser.error(f"{option_string}: give at least one value")
+        bad = [v for v in out if self.items is not None and v not in self.items]
+        if bad:
+            parser.error(f"{option_string}: invalid choice(s) {', '.join(map(repr, bad))} "
+                         f"(choose from {', '.join(self.items or ())})")
+        setattr(namespace, self.dest, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="dist/demo", help="bundle folder (replaced if it exists)")
     d.add_argument("--jobs", type=int, default=1, help="targets converted at once")
     d.add_argument("--format", **fmt)  # type: ignore[arg-type]
-    d.add_argument("--allow-unverified", nargs="+", metavar="TARGET", help=_ALLOW_HELP)
+    d.add_argument("--allow-unverified", action=_ListAction, metavar="TARGET", help=_ALLOW_HELP)
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("convert", parents=[common], help="convert a saved model to every target and prove parity",
@@ -278,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help=".pt2, TorchScript .pt, state dict (.pt/.pth/.safetensors) with --class, "
                    ".keras, .h5, SavedModel folder (format detected from content)")
     c.add_argument("--out", required=True, help="bundle folder")
-    c.add_argument("--targets", nargs="+", help="default: all (onnx torchscript executorch tflite coreml)")
+    c.add_argument("--targets", action=_ListAction, metavar="TARGET",
+                   help="default: all (onnx torchscript executorch tflite coreml)")
     c.add_argument("--input", action="append", metavar="NAME:SHAPE:DTYPE[:LOW..HIGH]",
                    help="an input and its value range, e.g. image:2x3x32x32:float32:0..1 (repeatable)")
     c.add_argument("--dynamic", action="append", metavar="NAME:AXIS:LABEL[:MIN..MAX]",
@@ -290,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", action="append", metavar="[NAME=]VALUE",
                    help="float32 atol, or per output with NAME=VALUE (repeatable)")
     c.add_argument("--rtol", action="append", metavar="[NAME=]VALUE", help="likewise for rtol")
-    c.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "fp16"),
-                   help="fp16 adds float16 TFLite/Core ML artifacts with their own tolerance")
+    c.add_argument("--precision", action=_ListAction, default=["fp32"], items=("fp32", "fp16"),
+                   metavar="PRECISION",
+                   help="fp32, fp16: fp16 adds float16 TFLite/Core ML artifacts with their own tolerance")
     c.add_argument("--route", action="append", metavar="TARGET=ROUTE", help="force one route")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds per conversion job")
     c.add_argument("--memory-limit", type=int, default=8192, metavar="MB", help="per worker")
@@ -303,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true",
                    help="convert everything again (default: reuse unchanged attempts)")
     c.add_argument("--format", **fmt)  # type: ignore[arg-type]
-    c.add_argument("--allow-unverified", nargs="+", metavar="TARGET", help=_ALLOW_HELP)
+    c.add_argument("--allow-unverified", action=_ListAction, metavar="TARGET", help=_ALLOW_HELP)
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", parents=[common], help="re-run every artifact of a bundle and check parity",
@@ -311,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "  portable-models verify dist/mynet --format junit > parity.xml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("bundle")
-    v.add_argument("--targets", nargs="+", help="only these targets")
-    v.add_argument("--allow-unverified", nargs="+", metavar="TARGET", help=_ALLOW_HELP)
+    v.add_argument("--targets", action=_ListAction, metavar="TARGET", help="only these targets")
+    v.add_argument("--allow-unverified", action=_ListAction, metavar="TARGET", help=_ALLOW_HELP)
     v.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact run")
     v.add_argument("--compute-units", default="CPU_ONLY",
                    choices=COMPUTE_UNITS,
@@ -332,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=20, help="timed runs after warm-up (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     b.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own)")
-    b.add_argument("--targets", nargs="+", help="only these targets")
+    b.add_argument("--targets", action=_ListAction, metavar="TARGET", help="only these targets")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact")
     b.add_argument("--no-write", action="store_true", help="print only; leave the bundle as it is")
     b.set_defaults(func=cmd_bench)
@@ -344,6 +375,23 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", parents=[common], help="which converters and runtimes are installed")
     doc.set_defaults(func=cmd_doctor)
     return p
+
+
+#: the path arguments, made absolute before anything else happens (a worker runs in a
+#: folder of its own: a relative path reaching it would name another file).
+_PATH_ARGS = ("src", "out", "bundle", "samples")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    from portable_models.paths import user_path
+
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, f"{name}_given", value)  # as typed, for messages
+            setattr(args, name, str(user_path(value)))
+    if getattr(args, "model_class", None) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # --class MODULE:CLASS from the current folder, as `python -m` would
 
 
 class Terminated(BaseException):
@@ -360,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _absolute_paths(args)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
         # Ctrl-C must clean up even when started from a shell that ignored SIGINT for its

@@ -78,9 +78,12 @@ def export_file(src: str | Path, *, out: str | Path, inputs: Sequence[TensorSpec
     from portable_models.sources import framework_of
     from portable_models.sources.files import load_source
 
+    from portable_models.paths import user_path
+
+    src, out = user_path(src), user_path(out)
     loaded = load_source(src, trust=trust, model_class=model_class)
     framework = framework_of(loaded.model)
-    cases = load_samples(Path(samples)) if samples else None
+    cases = load_samples(user_path(samples)) if samples else None
     example = _example(loaded, framework, inputs, cases, int(options.get("seed", 0)))
     hints = loaded.hints or {}
     opts: dict[str, Any] = dict(options)

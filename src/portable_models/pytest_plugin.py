@@ -98,6 +98,10 @@ def _metrics(res: dict[str, Any]) -> str:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: Any, items: list[pytest.Item]) -> None:
+    from portable_models.paths import user_path
+
+    here = Path(config.invocation_params.dir)  # relative to where pytest was started
     for folder in config.getoption("pm_bundle") or []:
-        collector = BundleCollector.from_parent(session, name=str(folder), bundle=Path(folder))
+        bundle = user_path(folder if Path(folder).is_absolute() else here / folder)
+        collector = BundleCollector.from_parent(session, name=str(folder), bundle=bundle)
         items.extend(collector.collect())
