@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.errors import NetworkRequiredError, PortableModelsError, UnverifiedError
-from portable_models.worker_process import open_fifo
+from portable_models.worker_process import CONFINE_ENV, open_fifo
 
 _CURRENT_STEP = {"name": "worker"}
 
@@ -214,6 +214,7 @@ def _clone(payload: dict[str, Any]) -> tuple[int, Any, Any]:
         return pid, None, None
     try:
         os.setsid()
+        _die_with(os.getppid())  # the watchdog thread does not survive the fork
         os.environ.clear()
         os.environ.update(payload["env"])
         os.chdir(payload["scratch"])
@@ -229,7 +230,47 @@ def _clone(payload: dict[str, Any]) -> tuple[int, Any, Any]:
         os._exit(70)
 
 
+#: seconds between two looks of the watchdog at the worker's parent.
+WATCH_S = 0.5
+
+
+def _die_with(parent: int) -> None:
+    """End this worker and everything it started (its process group) once ``parent`` is
+    gone: a caller killed with SIGKILL cannot stop its workers, and one mid-job would run
+    on until the job ended. A thread polling the parent, not a parent-death signal: Linux
+    sends that when the *thread* that started the worker ends, and the caller starts
+    workers from short-lived threads (warm-ups, lanes)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WATCH_S)
+        try:
+            os.killpg(os.getpgid(0), 9)
+        finally:
+            os._exit(137)
+
+    threading.Thread(target=watch, name="portable-models-watchdog", daemon=True).start()
+
+
+def _confine() -> None:
+    """Put this worker in the sandbox its caller asked for (:data:`CONFINE_ENV`), before it
+    imports anything or starts a thread (Landlock confines the calling thread and those it
+    starts after): reads of the Python installation and the bundle, writes to its scratch
+    folder (its working directory, HOME and TMPDIR) and the caller's, no network."""
+    raw = os.environ.get(CONFINE_ENV)
+    if not raw:
+        return
+    from portable_models import sandbox
+
+    spec = json.loads(raw)
+    sandbox.confine(read=[*sandbox.default_read_paths(), *spec["read"]],
+                    write=[os.getcwd(), *spec["write"], *sandbox.default_write_paths()],
+                    execute=sandbox.default_execute_paths())
+
+
 def main(argv: list[str]) -> int:
+    _confine()
+    _die_with(os.getppid())
     install_network_guard()
     _keep_own_output()
     inp, out = os.fdopen(0, "r"), os.fdopen(int(argv[1]), "w", buffering=1)

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from portable_models import golden
-from portable_models.bundle import Staging, check_file, list_files, sha256_path, writing
+from portable_models.bundle import (
+    Staging,
+    check_file,
+    list_files,
+    scan_bundle,
+    sha256_path,
+    writing,
+)
 from portable_models.checks import (
     Judge,
     PlannedRun,
@@ -32,13 +39,14 @@ from portable_models.checks import (
 from portable_models.contract import Artifact, Contract, load_contract
 from portable_models.errors import UsageError
 from portable_models.parity import TolerancePolicy
-from portable_models.paths import user_path
+from portable_models.paths import bundle_path, user_path
 from portable_models.pipeline import Progress, TargetContext, build_target
 from portable_models.reports import write_reports
 from portable_models.reports.table import render_table
 from portable_models.runtimes.base import COMPUTE_UNITS
 from portable_models.sources import Captured, framework_of
-from portable_models.targets import TARGETS, routes_for
+from portable_models.targets import TARGET_INFO, TARGETS, routes_for
+from portable_models.trust import confinement, refusal, sandbox_reason
 from portable_models.verify_kept import helper, scratch_done, scratch_folder
 from portable_models.workers import LimitedPool, Pool, WorkerLimits, shared_pool
 
@@ -131,13 +139,26 @@ class VerifyReport:
     contract: Contract
     problems: list[str] = field(default_factory=list)
     allow_unverified: tuple[str, ...] = ()
+    #: how many artifacts ran in their runtime in this verify
+    ran: int = 0
+    #: what is worth knowing but fails nothing (files the contract does not list)
+    notes: list[str] = field(default_factory=list)
+    #: the OS sandbox the artifacts ran in (None: none)
+    sandbox: str | None = None
 
     @property
     def ok(self) -> bool:
+        """Every chosen artifact ran now and passed (``unverified``/``skipped`` only for the
+        allowed targets), and the bundle has no problem."""
         if self.problems or not self.contract.artifacts:
             return False
-        return all(a.status == "pass" or (a.status == "unverified" and a.target in self.allow_unverified)
+        return all(a.status == "pass" or (a.status in ("unverified", "skipped") and a.target in self.allow_unverified)
                    for a in self.contract.artifacts)
+
+    def summary(self) -> str:
+        """One line: how many artifacts ran, and where."""
+        where = f"in the {self.sandbox} sandbox" if self.sandbox else "without an OS sandbox"
+        return f"ran {self.ran} of {len(self.contract.artifacts)} artifacts in their runtimes, {where}"
 
     @property
     def results(self) -> list[Artifact]:
@@ -337,16 +358,18 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
 def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
            allow_unverified: Sequence[str] = (), timeout_s: float = 600.0,
            memory_mb: int | None = 8192, compute_units: str = "CPU_ONLY",
-           jobs: int | None = None) -> VerifyReport:
+           jobs: int | None = None, trust_bundle: bool = False) -> VerifyReport:
     """Re-run every artifact of a bundle from the bundle alone and compare with its golden
-    outputs. An artifact's files are hashed before it runs; a changed or missing file fails
-    it. ``compute_units`` is what the real Core ML runtime runs on (macOS only); the MIL
-    reference executor that checks Core ML elsewhere ignores it. ``jobs``: how many
-    artifacts run at once, each in a worker of its own on one thread (None: 2 on a machine
-    with 2 cores or more). Two workers run side by side only when both are idle or neither
-    has started (a verify never waits for a second worker to import torch): a verify right
-    after a ``jobs=1`` export in the same process runs in the export's worker, one artifact
-    at a time, with the runtimes' own thread counts."""
+    outputs. The bundle is untrusted input (SECURITY.md): every artifact runs in a worker
+    confined by the OS sandbox where there is one (reads of the bundle and the Python
+    installation, writes to scratch, no network); the runtime follows the target; an
+    artifact's files are checked (inside the bundle, listed, hashed, its own sha256) before
+    it is loaded, and a changed, missing or unlisted one fails it; a ``pass`` only ever comes
+    from a run made now. TorchScript, whose loading runs code, is ``skipped`` where there is
+    no sandbox, unless ``trust_bundle``. ``allow_unverified``: targets that may be
+    ``unverified`` or ``skipped`` and still let ``ok`` be true. ``compute_units`` is what the
+    real Core ML runtime runs on (macOS only). ``jobs``: how many artifacts run at once,
+    each in a worker of its own on one thread (None: 2 on a machine with 2 cores or more)."""
     if compute_units not in COMPUTE_UNITS:
         raise UsageError(f"unknown compute units {compute_units!r}", fix=f"use one of {', '.join(COMPUTE_UNITS)}")
     if jobs is not None and jobs < 1:
@@ -355,24 +378,29 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     root = user_path(bundle)
     contract = load_contract(root)
     policy = TolerancePolicy.from_dict(contract.tolerance)
-    golden_in = root / contract.golden["inputs"]
-    golden_out = golden.read_only_cases(root / contract.golden["outputs"])
+    golden_in, golden_out = _golden(root, contract)
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
+    missing = sorted(set(targets or ()) - {a.target for a in chosen} - {a.key for a in chosen})
+    scan = scan_bundle(root)
+    entries = {e["path"]: e for e in contract.files}
     scratch = scratch_folder()
+    confine = None if trust_bundle and sandbox_reason() is not None else confinement(root, scratch)
     # the worker runs every artifact in one job, each right after hashing its files; this
     # thread hashes the bundle's other files meanwhile, and the helper thread compares each
     # artifact's outputs while the worker runs the next
     helper_thread = helper()
     judged: dict[int, Future[tuple[dict[str, Any], dict[str, Any]]]] = {}
     try:
-        pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb))
+        pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb)).confined(confine)
         runs: list[tuple[Artifact, PlannedRun, list[dict[str, Any]]]] = []
         for art in chosen:
+            refused = refusal(root, art, entries, scan, sandboxed=confine is not None, trusted=trust_bundle)
+            if refused is not None:
+                art.status, art.parity = refused.status, refused.record(art)
+                continue
             owned = [e for e in contract.files if _owns(art, e["path"])]
-            planned = _rerun(pool, root, art, owned, golden_in, golden_out, policy, scratch, timeout_s,
-                             contract, {"compute_units": compute_units})
-            if planned is not None:
-                runs.append((art, planned, owned))
+            runs.append((art, _rerun(pool, root, art, owned, golden_in, golden_out, policy, scratch, timeout_s,
+                                     contract, {"compute_units": compute_units}), owned))
         in_worker = {e["path"] for _, _, owned in runs for e in owned}
         found: dict[str, str | None] = {}
 
@@ -402,9 +430,22 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
         for future in judged.values():  # after an error: what has not started need not
             future.cancel()
         helper_thread.submit(scratch_done, scratch)  # beside the caller's next step
+    problems += [f"not in the bundle: requested target {t}" for t in missing]
+    problems += [f"link or special file in the bundle: {p} (never followed)" for p in scan.odd]
     contract.artifacts = chosen
+    unlisted = sorted(scan.files - set(entries) - {"contract.json"})
     return VerifyReport(path=root, contract=contract, problems=problems,
-                        allow_unverified=tuple(allow_unverified))
+                        allow_unverified=tuple(allow_unverified), ran=len(runs),
+                        notes=[f"not in the contract's file list (not checked): {p}" for p in unlisted],
+                        sandbox=None if confine is None else "Landlock")
+
+
+def _golden(root: Path, contract: Contract) -> tuple[Path, golden.Cases]:
+    """The golden inputs' path and the golden outputs of a bundle, both confined to it; the
+    outputs read under a bound derived from the shapes and cases the contract declares."""
+    golden_in = bundle_path(root, contract.golden["inputs"], what="golden inputs")
+    golden_out = bundle_path(root, contract.golden["outputs"], what="golden outputs")
+    return golden_in, golden.read_only_cases(golden_out)
 
 
 def _owns(art: Artifact, path: str) -> bool:
@@ -415,14 +456,13 @@ def _owns(art: Artifact, path: str) -> bool:
 
 def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], golden_in: Path,
            golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
-           contract: Contract, extra: dict[str, Any]) -> PlannedRun | None:
+           contract: Contract, extra: dict[str, Any]) -> PlannedRun:
     """The check of one kept artifact, to run again (the worker hashes its files, ``owned``,
-    first: a changed or missing one fails it at stage ``integrity``); None when its recorded
-    verdict stands (nothing was kept). The checks share one scratch folder; what the runs print
+    first: a changed or missing one fails it at stage ``integrity``). The checks share one scratch folder; what the runs print
     goes to the worker's own log, which outlives the verify's scratch folder."""
-    if art.file is None or art.io is None or art.runtime is None:
-        return None  # nothing was kept: the recorded verdict (error/fail/skipped) stands
-    return plan_artifact(pool, artifact=root / art.file, runtime=art.runtime, io=art.io,
+    assert art.file is not None and art.io is not None  # trust.refusal made sure
+    info = TARGET_INFO[art.target]  # the runtime follows the target, never the contract
+    return plan_artifact(pool, artifact=root / art.file, runtime=info.runtime, io=art.io,
                          golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
                          precision=art.precision, log=None, work_dir=scratch,
                          timeout_s=timeout_s,
@@ -430,7 +470,7 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
                          options={**runner_options(contract.inputs, contract.outputs, contract.dims,
                                                    art.precision), **extra},
                          files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)),
-                         run_ms=_run_ms(art))
+                         run_ms=_run_ms(art), file_format=info.file_format)
 
 
 def _run_ms(art: Artifact) -> float:

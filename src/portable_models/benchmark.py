@@ -15,35 +15,46 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from portable_models.bundle import check_files, list_files, raise_on_problems, writing
+from portable_models.bundle import check_files, list_files, raise_on_problems, scan_bundle, writing
 from portable_models.checks import checking_runtime, runner_options
 from portable_models.contract import Contract, load_contract
 from portable_models.paths import user_path
 from portable_models.reports import write_reports
 from portable_models.runtimes import runtime_info
+from portable_models.targets import TARGET_INFO
+from portable_models.trust import confinement, refusal, sandbox_reason
 from portable_models.workers import JobFailed, Pool, WorkerLimits, shared_pool
 
 __all__ = ["bench"]
 
 
 def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int | None = None,
-          targets: list[str] | None = None, write: bool = True, timeout_s: float = 600.0) -> Contract:
-    """Time every kept artifact of ``bundle`` in its runtime; return the updated contract."""
+          targets: list[str] | None = None, write: bool = True, timeout_s: float = 600.0,
+          trust_bundle: bool = False) -> Contract:
+    """Time every kept artifact of ``bundle`` in its runtime; return the updated contract.
+    The bundle is untrusted input, as for :func:`portable_models.verify`: the same checks
+    before an artifact is loaded, the same sandbox, the same ``trust_bundle``."""
     root = user_path(bundle)
     contract = load_contract(root)
     raise_on_problems(root, check_files(root, contract.files))
+    scan, entries = scan_bundle(root), {e["path"]: e for e in contract.files}
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-bench-"))
+    confine = None if trust_bundle and sandbox_reason() is not None else confinement(root, scratch)
     try:
-        pool = shared_pool(WorkerLimits(timeout_s=timeout_s))
+        pool = shared_pool(WorkerLimits(timeout_s=timeout_s)).confined(confine)
         for art in contract.artifacts:
-            if art.file is None or art.io is None or art.runtime is None:
-                continue
             if targets and art.target not in targets and art.key not in targets:
                 continue
-            if checking_runtime(art.runtime) != art.runtime:  # Core ML off macOS
+            if art.file is None:
+                continue  # nothing kept: nothing to time
+            refused = refusal(root, art, entries, scan, sandboxed=confine is not None, trusted=trust_bundle)
+            runtime = TARGET_INFO[art.target].runtime if refused is None else None
+            if refused is not None:
+                art.timings["bench"] = {"runtime": refused.record(art)["runtime"], "error": refused.reason}
+            elif checking_runtime(str(runtime)) != runtime:  # Core ML off macOS
                 art.timings.pop("bench", None)  # a reference executor's time is no Core ML latency
-                continue
-            art.timings["bench"] = _one(pool, root, contract, art, runs, warmup, threads, scratch)
+            else:
+                art.timings["bench"] = _one(pool, root, contract, art, runs, warmup, threads, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if write:
@@ -53,8 +64,10 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
 
 def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup: int,
          threads: int | None, scratch: Path) -> dict[str, Any]:
-    runtime = checking_runtime(art.runtime)
-    payload = {"runtime": runtime, "artifact": str(root / art.file), "io": art.io.to_dict(),
+    info = TARGET_INFO[art.target]
+    runtime = info.runtime
+    payload = {"runtime": runtime, "format": info.file_format, "artifact": str(root / art.file),
+               "io": art.io.to_dict(),
                "inputs": str(root / contract.golden["inputs"]), "runs": runs, "warmup": warmup,
                "threads": threads,
                "options": runner_options(contract.inputs, contract.outputs, contract.dims, art.precision)}

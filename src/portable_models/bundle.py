@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import os
 import shutil
@@ -17,12 +18,14 @@ import stat
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portable_models.errors import BundleWriteError, IntegrityError, UsageError
+from portable_models.errors import BundleWriteError, ContractError, IntegrityError, UsageError
+from portable_models.paths import bundle_path
 
-__all__ = ["Staging", "writing", "check_files", "list_files", "path_bytes", "raise_on_problems", "sha256_path"]
+__all__ = ["BundleScan", "Staging", "writing", "check_files", "folder_digest", "scan_bundle", "list_files", "path_bytes", "raise_on_problems", "sha256_path"]
 
 
 def sha256_path(path: Path) -> str:
@@ -59,10 +62,15 @@ def check_files(root: Path, files: list[dict[str, Any]]) -> list[str]:
 
 
 def check_file(root: Path, entry: dict[str, Any]) -> str | None:
-    """One entry of a contract's file list against the folder: the problem, or None."""
-    path = os.path.join(root, entry["path"])
+    """One entry of a contract's file list against the folder: the problem, or None. A path
+    that could leave the bundle (absolute, ``..``, through a symlink) is a problem, never
+    looked at (:func:`portable_models.paths.bundle_path`)."""
     try:
-        st = os.stat(path)
+        path = bundle_path(root, entry["path"], what="file")
+    except ContractError as exc:
+        return f"refused path: {exc.message}"
+    try:
+        st = os.lstat(path)
     except OSError:
         st = None
     if st is None or not stat.S_ISREG(st.st_mode):
@@ -74,6 +82,47 @@ def check_file(root: Path, entry: dict[str, Any]) -> str | None:
     if not same:
         return f"changed file: {entry['path']} (sha256 differs from the contract)"
     return None
+
+
+@dataclass
+class BundleScan:
+    """What a bundle folder holds, looked at without following links: its regular files
+    (relative POSIX paths) and every entry that is neither a file nor a folder (symlinks,
+    FIFOs, devices), which a bundle never has."""
+
+    files: set[str] = field(default_factory=set)
+    odd: list[str] = field(default_factory=list)
+
+
+def scan_bundle(root: Path) -> BundleScan:
+    """Walk ``root`` without following links (:class:`BundleScan`)."""
+    scan = BundleScan()
+    for here, dirs, names in os.walk(root, followlinks=False):
+        rel = Path(here).relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        for d in list(dirs):
+            if os.path.islink(os.path.join(here, d)):
+                dirs.remove(d)
+                scan.odd.append(prefix + d)
+        for name in names:
+            try:
+                regular = stat.S_ISREG(os.lstat(os.path.join(here, name)).st_mode)
+            except OSError:
+                regular = False
+            (scan.files.add if regular else scan.odd.append)(prefix + name)
+    scan.odd.sort()
+    return scan
+
+
+def folder_digest(entries: list[dict[str, Any]], folder: str) -> str:
+    """What :func:`sha256_path` gives for the bundle folder ``folder`` (a ``.mlpackage``) when
+    its files are the contract's ``entries`` under it, computed from their recorded hashes."""
+    h = hashlib.sha256()
+    inside = [e for e in entries if e["path"].startswith(folder + "/")]
+    for e in sorted(inside, key=lambda e: tuple(e["path"][len(folder) + 1:].split("/"))):
+        h.update(e["path"][len(folder) + 1:].encode() + b"\0")
+        h.update(str(e["sha256"]).encode())
+    return h.hexdigest()
 
 
 #: files up to this size are hashed from one read; larger ones in chunks of it.
@@ -130,6 +179,7 @@ class Staging:
     def __enter__(self) -> Staging:
         self._check_dest()
         self._lock()
+        self._remove_stale()
         try:
             self.path.mkdir(parents=True)
         except OSError as exc:
@@ -185,6 +235,16 @@ class Staging:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
         self._lock_fd = fd
+
+    def _remove_stale(self) -> None:
+        """Staging and old folders left beside ``dest`` by a writer that died (killed with
+        SIGKILL, the machine lost power): every writer holds the lock until its folders are
+        gone, and the lock is released when its holder dies, so once this process holds it
+        no other live writer owns them."""
+        for prefix in (f".{self.dest.name}.staging-", f".{self.dest.name}.old-"):
+            for stale in self.dest.parent.glob(glob.escape(prefix) + "*"):
+                if stale != self.path and stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -122,7 +122,8 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
                   cases: Sequence[int] | None = None,
                   options: dict[str, Any] | None = None,
                   files: tuple[Path, Sequence[dict[str, Any]]] | None = None,
-                  name: str = "", cost_hint: float = 0.0, run_ms: float = 0.0) -> PlannedRun:
+                  name: str = "", cost_hint: float = 0.0, run_ms: float = 0.0,
+                  file_format: str | None = None) -> PlannedRun:
     """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
     the bundle folder and the contract's entries for the artifact's files, which the worker
     hashes right before each run (a changed or missing one fails the run, unloaded).
@@ -130,11 +131,13 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
     the runs' output goes (None: the worker's own log). ``cost_hint``: the seconds its runs
     are expected to take (the contract's timings), to balance a verify's lanes; ``run_ms``:
     the milliseconds one case's run took when the artifact was exported (0: not known), which
-    tells a compute-bound check (:data:`lanes.COMPUTE_BOUND_MS`)."""
+    tells a compute-bound check (:data:`lanes.COMPUTE_BOUND_MS`). ``file_format``: what the
+    worker checks the artifact's bytes against before loading it (:mod:`formats`)."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
-                  options=options or {}, files=files, name=name, cost_hint=cost_hint, run_ms=run_ms)
+                  options=options or {}, files=files, name=name, cost_hint=cost_hint, run_ms=run_ms,
+                  file_format=file_format)
     return PlannedRun(job=job, plan=_plan(runtime, cases))
 
 
@@ -306,6 +309,8 @@ class _RunJob:
     #: milliseconds one case's run took at export (0: not known; how :func:`lanes.split` tells a
     #: compute-bound check)
     run_ms: float = 0.0
+    #: the format the worker checks the artifact's bytes against before loading it
+    file_format: str | None = None
 
     def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]:
         """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all),
@@ -318,6 +323,8 @@ class _RunJob:
             payload["threads"] = threads
         if self.files is not None:
             payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
+        if self.file_format is not None:
+            payload["format"] = self.file_format
         return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": None if self.log is None else str(self.log),
                 "work_dir": str(self.work_dir)}
 

@@ -124,6 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nexported {shown}; verifying from the bundle alone …", file=sys.stderr)
     report = verify(out, allow_unverified=args.allow_unverified or ())
     sys.stdout.write(_report(report, args.format, report.problems))
+    _verify_summary(report, args)
     return 0 if bundle.passed(args.allow_unverified or ()) and report.ok else 1
 
 
@@ -177,9 +178,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from portable_models.api import verify
 
     report = verify(args.bundle, targets=args.targets or None, allow_unverified=args.allow_unverified or (),
-                    timeout_s=args.timeout, compute_units=args.compute_units, jobs=args.jobs)
+                    timeout_s=args.timeout, compute_units=args.compute_units, jobs=args.jobs,
+                    trust_bundle=args.trust_bundle)
     sys.stdout.write(_report(report, args.format, report.problems))
+    _verify_summary(report, args)
     return 0 if report.ok else 1
+
+
+def _verify_summary(report: Any, args: argparse.Namespace) -> None:
+    """How many artifacts ran, where, and what fails nothing but is worth knowing (stderr:
+    stdout may be a report file)."""
+    from portable_models.text import escape
+
+    if getattr(args, "quiet", False):
+        return
+    print(f"\n{report.summary()}", file=sys.stderr)
+    for note in report.notes[:20]:
+        print(f"note: {escape(note)}", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -187,7 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from portable_models.checks import checking_runtime
 
     contract = bench(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                     targets=args.targets, write=not args.no_write, timeout_s=args.timeout)
+                     targets=args.targets, write=not args.no_write, timeout_s=args.timeout,
+                     trust_bundle=args.trust_bundle)
     print(f"{'target':<14} {'runtime':<28} {'load':>9} {'p50':>10} {'p90':>10} {'min':>10} threads")
     failed = False
     for a in contract.artifacts:
@@ -243,6 +259,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 _ALLOW_HELP = ("let these targets pass the gate while 'unverified' (converted and checked "
                "structurally, but not run here), e.g. coreml; by default unverified fails")
+_TRUST_HELP = ("run artifacts whose loading runs code (TorchScript) even where no OS sandbox "
+               "confines them: only for a bundle you made or trust (SECURITY.md)")
 _LIST_HELP = " (space- or comma-separated: 'onnx tflite' or 'onnx,tflite')"
 
 
@@ -353,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="artifacts run at once, each in a worker of its own on one thread "
                    "(default: 2 on a machine with 2 cores or more)")
     v.add_argument("--format", **fmt)  # type: ignore[arg-type]
+    v.add_argument("--trust-bundle", action="store_true", help=_TRUST_HELP)
     v.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("bench", parents=[common], help="load time and latency per runtime",
@@ -366,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--targets", action=_ListAction, metavar="TARGET", help="only these targets")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact")
     b.add_argument("--no-write", action="store_true", help="print only; leave the bundle as it is")
+    b.add_argument("--trust-bundle", action="store_true", help=_TRUST_HELP)
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", parents=[common], help="what the contract says, per artifact")

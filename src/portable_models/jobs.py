@@ -99,6 +99,7 @@ def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[s
         raise_on_problems(root, check_files(root, files["entries"]), stage="integrity")
         if checked is not None:
             checked.append(files)
+    _check_format(payload)
     cases = golden_inputs(Path(payload["inputs"]))
     if payload.get("cases") is not None:
         cases = [cases[int(i)] for i in payload["cases"]]
@@ -117,6 +118,15 @@ def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[s
             "label": cls.label or cls.runtime_name(), **pack_outputs(outputs, Path(payload["out"]))}
 
 
+def _check_format(payload: dict[str, Any]) -> None:
+    """The artifact's bytes are its target's format (``payload["format"]``), before a runtime
+    is given it: a contract cannot have one format loaded as another."""
+    if payload.get("format"):
+        from portable_models.formats import check_format
+
+        check_format(str(payload["format"]), Path(payload["artifact"]))
+
+
 def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Latency of one artifact in its runtime: load once, warm up, then time ``runs`` calls
     on golden case 0."""
@@ -127,6 +137,7 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
     from portable_models.targets.base import load_impl
 
     cls = load_impl(runtime_info(payload["runtime"]).impl)
+    _check_format(payload)
     case = golden_inputs(Path(payload["inputs"]))[0]
     threads = payload.get("threads")
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),

@@ -21,7 +21,7 @@ from typing import Any
 
 from portable_models.errors import WorkerCrashed, WorkerError, WorkerOutOfMemory, WorkerTimeout
 
-__all__ = ["WorkerLimits", "IDLE_ENV", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
+__all__ = ["CONFINE_ENV", "Confinement", "WorkerLimits", "IDLE_ENV", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
            "Worker", "open_fifo"]
 
 #: the variable that sets how long an idle worker of the shared pool lives on (read by the caller).
@@ -39,6 +39,25 @@ _OFFLINE_ENV = {
     "TQDM_DISABLE": "1",
     "NO_COLOR": "1",
 }
+
+
+#: the variable that tells a worker to confine itself before it imports anything (JSON of
+#: :class:`Confinement`); set by the caller for a verify's or a bench's workers.
+CONFINE_ENV = "PORTABLE_MODELS_WORKER_CONFINE"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confinement:
+    """What a confined worker may touch besides the Python installation
+    (:func:`portable_models.sandbox.default_read_paths`) and its own scratch folder:
+    ``read`` (a bundle), ``write`` (the caller's scratch folders). Workers are reused only
+    for jobs of the same confinement."""
+
+    read: tuple[str, ...] = ()
+    write: tuple[str, ...] = ()
+
+    def to_env(self) -> str:
+        return json.dumps({"read": list(self.read), "write": list(self.write)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,22 +197,26 @@ class Worker:
     """One worker process and the pipe it answers on."""
 
     def __init__(self, framework: str, scratch: Path, log: Path, lane: int = 0,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, confine: Confinement | None = None) -> None:
         self.framework = framework
         self.lane = lane
         self.threads = threads
+        #: the sandbox the worker put itself in before importing anything (None: none)
+        self.confine = confine
         #: the caller's environment the worker was started with (see :func:`environment_key`).
         self.env_key = environment_key()
         self.jobs_done = 0
         self.idle_since = time.monotonic()
         read_fd, write_fd = os.pipe()
         scratch.mkdir(parents=True, exist_ok=True)
+        env = offline_env(scratch, framework, threads)
+        if confine is not None:
+            env[CONFINE_ENV] = confine.to_env()
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "portable_models._worker", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
-                pass_fds=(write_fd,), start_new_session=True, cwd=scratch,
-                env=offline_env(scratch, framework, threads),
+                pass_fds=(write_fd,), start_new_session=True, cwd=scratch, env=env,
             )
         os.close(write_fd)
         self._fd = read_fd
@@ -230,6 +253,7 @@ class Worker:
                                              lambda: proc.poll() is None), "wb")
             twin = object.__new__(Worker)
             twin.framework, twin.lane, twin.threads, twin.env_key = self.framework, lane, self.threads, self.env_key
+            twin.confine = self.confine
             twin.jobs_done, twin.idle_since, twin.clones = 0, time.monotonic(), []
             twin.proc = proc  # type: ignore[assignment]
             twin._fd, twin._buffer = open_fifo(answers, os.O_RDONLY, 0.0), b""

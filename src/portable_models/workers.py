@@ -30,6 +30,7 @@ from typing import Any
 from portable_models.errors import PortableModelsError, WorkerError, WorkerUnfit, error_from_dict
 from portable_models.worker_process import (
     IDLE_ENV,
+    Confinement,
     Worker,
     WorkerLimits,
     environment_key,
@@ -69,6 +70,8 @@ class _Where:
     warming: bool = False
     #: a new worker, not an idle one.
     fresh: bool = False
+    #: the sandbox the worker must be in (None: not confined).
+    confine: Confinement | None = None
 
 
 def _unfit(answer: Mapping[str, Any]) -> bool:
@@ -147,7 +150,7 @@ class WorkerPool:
         when there is none to fork or it fails: that lane's first job starts its own)."""
         with self._lock:
             source = next((w for w in self._idle if (w.framework, w.lane, w.threads) == (kind, lane, threads)
-                           and w.env_key == environment_key()), None)
+                           and w.env_key == environment_key() and w.confine is None), None)
             if source is None or self.closed:
                 return
             self._idle.remove(source)
@@ -170,8 +173,11 @@ class WorkerPool:
         self._start_reaper()
 
     def _acquire(self, framework: str, limits: WorkerLimits, lane: int = 0,
-                 threads: int | None = None, warming: bool = False, fresh: bool = False) -> Worker:
-        """An idle worker of this kind, or a new one (always a new one when ``fresh``)."""
+                 threads: int | None = None, warming: bool = False, fresh: bool = False,
+                 confine: Confinement | None = None) -> Worker:
+        """An idle worker of this kind, or a new one (always a new one when ``fresh``). A
+        worker confined for one bundle serves that bundle only; idle ones confined for another
+        are stopped when a new confined one starts (each holds its runtimes' imports)."""
         framework = worker_kind(framework)
         if not warming:
             with self._lock:
@@ -182,10 +188,12 @@ class WorkerPool:
         with self._lock:
             if self.closed:
                 raise WorkerError("the worker pool is shut down", stage="worker start")
-            stale = [w for w in self._idle if w.env_key != env_key]
-            self._idle = [w for w in self._idle if w.env_key == env_key]
+            stale = [w for w in self._idle if w.env_key != env_key
+                     or (confine is not None and w.confine not in (None, confine))]
+            self._idle = [w for w in self._idle if w not in stale]
             found = None if fresh else next(
-                (w for w in _of_kind(self._idle, framework, env_key) if (w.lane, w.threads) == (lane, threads)), None)
+                (w for w in _of_kind(self._idle, framework, env_key, confine)
+                 if (w.lane, w.threads) == (lane, threads)), None)
             if found is not None:
                 self._idle.remove(found)
                 self._busy.append(found)
@@ -196,7 +204,7 @@ class WorkerPool:
         if found is not None:
             return found
         wdir = self.scratch / f"worker-{n}"
-        worker = Worker(framework, wdir, self.scratch / f"worker-{n}.log", lane, threads)
+        worker = Worker(framework, wdir, self.scratch / f"worker-{n}.log", lane, threads, confine)
         with self._lock:
             self._busy.append(worker)
             self.started += 1
@@ -222,6 +230,7 @@ class WorkerPool:
              lane: int = 0, threads: int | None = None,
              on_partial: Callable[[dict[str, Any]], None] | None = None,
              on_sent: Callable[[], None] | None = None,
+             confine: Confinement | None = None,
              _warming: bool = False) -> tuple[dict[str, Any], float]:
         """Run one job; return ``(result, seconds)`` or raise :class:`JobFailed`.
         ``limits`` overrides the pool's for this job (memory cap, default timeout).
@@ -236,7 +245,7 @@ class WorkerPool:
         job = {"kind": kind, "payload": dict(payload), "step": step, "log": str(log) if log else None,
                "work_dir": str(work_dir) if work_dir else None}
         where = _Where(framework=framework, limits=limits or self.limits, lane=lane, threads=threads,
-                       timeout_s=timeout_s, warming=_warming)
+                       timeout_s=timeout_s, warming=_warming, confine=confine)
         answer, seconds = self._answer(job, where, on_partial, on_sent)
         if _unfit(answer):  # what an earlier job left in that worker: once more, in a new one
             answer, seconds = self._answer(job, dataclasses.replace(where, fresh=True), on_partial)
@@ -252,7 +261,8 @@ class WorkerPool:
         limits, step = where.limits, str(job["step"])
         start = time.monotonic()
         try:
-            worker = self._acquire(where.framework, limits, where.lane, where.threads, where.warming, where.fresh)
+            worker = self._acquire(where.framework, limits, where.lane, where.threads, where.warming, where.fresh,
+                                   where.confine)
         except WorkerError as exc:
             raise JobFailed(exc, time.monotonic() - start) from exc
         healthy = False
@@ -272,7 +282,8 @@ class WorkerPool:
             self._release(worker, healthy)
         return answer, float(answer.get("seconds", time.monotonic() - start))
 
-    def side_by_side(self, framework: str, lanes: Sequence[int], threads: int | None = None) -> tuple[bool, int | None]:
+    def side_by_side(self, framework: str, lanes: Sequence[int], threads: int | None = None,
+                     confine: Confinement | None = None) -> tuple[bool, int | None]:
         """Whether jobs of ``framework`` on ``lanes`` can all start now without one of them
         waiting for a worker to import its libraries while the others run, and the thread cap
         of the workers to run them on: every lane has an idle worker with cap ``threads``, or
@@ -284,9 +295,9 @@ class WorkerPool:
         with self._lock:
             if self.closed:
                 return False, threads
-            if not _of_kind(self._idle + self._busy, kind, env_key):
-                return not any(key[0] == kind for key in self._warming), threads
-            idle = {(w.lane, w.threads) for w in _of_kind(self._idle, kind, env_key)}
+            if not _of_kind(self._idle + self._busy, kind, env_key, confine):
+                return confine is not None or not any(key[0] == kind for key in self._warming), threads
+            idle = {(w.lane, w.threads) for w in _of_kind(self._idle, kind, env_key, confine)}
         caps = [threads, *sorted({cap for _, cap in idle if cap != threads}, key=lambda cap: cap or 0)]
         for cap in caps:
             if all((lane, cap) in idle for lane in lanes):
@@ -351,16 +362,23 @@ class LimitedPool:
     limits: WorkerLimits
     lane: int = 0
     threads: int | None = None
+    #: the sandbox every call's worker is in (None: not confined)
+    confine: Confinement | None = None
 
     def call(self, **kwargs: Any) -> tuple[dict[str, Any], float]:
         kwargs.setdefault("limits", self.limits)
         kwargs.setdefault("lane", self.lane)
         kwargs.setdefault("threads", self.threads)
+        kwargs.setdefault("confine", self.confine)
         return self.pool.call(**kwargs)
 
     def side_by_side(self, framework: str, lanes: Sequence[int]) -> tuple[bool, int | None]:
-        """:meth:`WorkerPool.side_by_side`, with this view's thread cap."""
-        return self.pool.side_by_side(framework, lanes, self.threads)
+        """:meth:`WorkerPool.side_by_side`, with this view's thread cap and sandbox."""
+        return self.pool.side_by_side(framework, lanes, self.threads, self.confine)
+
+    def confined(self, confine: Confinement | None) -> LimitedPool:
+        """The same pool and limits, every call in a worker confined by ``confine``."""
+        return dataclasses.replace(self, confine=confine)
 
     def prewarm(self, framework: str, modules: list[str], lanes: int | Sequence[int] = 1,
                 threads: int | None = None, one_by_one: bool = False, clones: Sequence[int] = ()) -> None:
@@ -381,9 +399,11 @@ class LimitedPool:
         return dataclasses.replace(self, lane=lane, threads=threads)
 
 
-def _of_kind(workers: Sequence[Worker], kind: str, env_key: int) -> list[Worker]:
-    """The workers of this kind started under this environment (:func:`environment_key`)."""
-    return [w for w in workers if w.framework == kind and w.env_key == env_key]
+def _of_kind(workers: Sequence[Worker], kind: str, env_key: int,
+             confine: Confinement | None = None) -> list[Worker]:
+    """The workers of this kind started under this environment (:func:`environment_key`)
+    and in this sandbox."""
+    return [w for w in workers if w.framework == kind and w.env_key == env_key and w.confine == confine]
 
 
 #: what the pipeline calls jobs through: a pool, or a pool seen with its own limits.
