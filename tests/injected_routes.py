@@ -63,3 +63,4 @@ MISBEHAVE = (
     _row("test-hang", "onnx", "hang", "onnxruntime"),
     _row("test-hog", "executorch", "hog", "executorch"),
 )
+HANG_ONNX = (_row("test-hang", "onnx", "hang", "onnxruntime"),)

@@ -18,7 +18,7 @@ from typing import Any
 from portable_models.bundle import check_files, list_files, raise_on_problems, scan_bundle, writing
 from portable_models.checks import checking_runtime, runner_options
 from portable_models.contract import Contract, load_contract
-from portable_models.paths import user_path
+from portable_models.paths import bundle_path, user_path
 from portable_models.reports import write_reports
 from portable_models.runtimes import runtime_info
 from portable_models.targets import TARGET_INFO
@@ -81,10 +81,26 @@ def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup
 
 
 def _rewrite(root: Path, contract: Contract) -> None:
-    """New reports, new file list, then the contract (via a temporary file and a rename)."""
+    """New reports, new file list, then the contract, each written whole into a new file and
+    renamed into place: a rename replaces a link instead of writing through it, and a folder
+    reached through a link is refused (:func:`portable_models.paths.bundle_path`)."""
     with writing("the bench results", root):
-        write_reports(contract, root / "reports")
+        reports = bundle_path(root, "reports", what="reports folder")
+        staged = Path(tempfile.mkdtemp(prefix=".bench-reports-", dir=root))
+        try:
+            write_reports(contract, staged)
+            reports.mkdir(exist_ok=True)
+            for f in sorted(staged.iterdir()):
+                os.replace(f, reports / f.name)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         contract.files = list_files(root)
         tmp = root / f".contract.json.{os.getpid()}"
-        tmp.write_text(contract.to_json(), encoding="utf-8")
-        os.replace(tmp, root / "contract.json")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(contract.to_json())
+            os.replace(tmp, root / "contract.json")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -35,4 +35,10 @@ def render_doctor() -> tuple[str, bool]:
     for name, info in RUNTIMES.items():
         missing = [d for d in info.requires if not package_version(d)]
         lines.append(f"  {name:<14} {'ready' if not missing else 'missing ' + ', '.join(missing)}")
+    from portable_models.sandbox import status
+
+    sandbox = status()
+    lines.append("\nsandbox for verify/bench: " + (f"active ({sandbox.reason})" if sandbox.available else
+                 f"not available ({sandbox.reason}): TorchScript artifacts are skipped unless "
+                 "--trust-bundle, other artifacts run unconfined"))
     return "\n".join(lines), ok

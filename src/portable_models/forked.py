@@ -41,11 +41,14 @@ def fork_unavailable() -> str | None:
 
 
 def run_forked(fn: Callable[..., T], *args: Any, stage: str) -> T:
-    """``fn(*args)`` in a forked child; its result or its error, raised here."""
+    """``fn(*args)`` in a forked child; its result or its error, raised here. The child dies
+    with the caller (a caller killed with SIGKILL leaves no capture running)."""
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.close(read_fd)
+        _die_with_parent(parent)
         _child(fn, args, write_fd, stage)
     os.close(write_fd)
     chunks = []
@@ -101,6 +104,19 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], write_fd: int, stage: 
         code = 1
     finally:
         os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this child when the thread that forked it ends: that thread waits for the
+    child's answer, so it ends only with the caller (Linux; elsewhere nothing)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the caller died before the request took effect
+        os._exit(137)
 
 
 def _kill(pid: int) -> None:

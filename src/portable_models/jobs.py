@@ -193,6 +193,8 @@ def test_job(payload: dict[str, Any]) -> dict[str, Any]:
 
         return {"pid": os.getpid(), "session": os.getsid(0),
                 "loaded": [m for m in payload.get("modules") or [] if m in sys.modules]}
+    elif action == "read":  # what a (sandboxed) worker can read
+        return {"read": len(Path(payload["path"]).read_bytes())}
     elif action == "print":  # as a converter or a runtime's thread would
         print(payload.get("text"), flush=True)
     elif action == "cwd":

@@ -21,7 +21,9 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption("--pm-bundle", action="append", default=[], metavar="DIR",
                     help="verify this portable_models bundle: one test per artifact x output")
     group.addoption("--pm-allow-unverified", action="append", default=[], metavar="TARGET",
-                    help="let TARGET pass while unverified (e.g. coreml off macOS)")
+                    help="let TARGET pass while unverified or skipped (e.g. coreml off macOS)")
+    group.addoption("--pm-trust-bundle", action="store_true", default=False,
+                    help="run artifacts whose loading runs code (TorchScript) even without an OS sandbox")
 
 
 class ParityFailure(Exception):
@@ -40,7 +42,7 @@ class BundleCollector(pytest.Collector):
         if self._report is None:
             from portable_models.api import verify
 
-            self._report = verify(self.bundle)
+            self._report = verify(self.bundle, trust_bundle=bool(self.config.getoption("pm_trust_bundle")))
         return self._report
 
     def collect(self) -> Iterator[pytest.Item]:
@@ -71,11 +73,11 @@ class ParityItem(pytest.Item):
         if art is None:
             raise ParityFailure(f"{self.key}: not in the bundle")
         res = (art.parity.get("outputs") or {}).get(self.output)
-        if art.status == "unverified":
+        if art.status in ("unverified", "skipped"):
             why = (art.parity.get("error") or {}).get("message", "no runtime here")
             if art.target in allowed:
-                pytest.skip(f"unverified (allowed): {why}")
-            raise ParityFailure(f"{self.key}: unverified — {why} (allow with --pm-allow-unverified {art.target})")
+                pytest.skip(f"{art.status} (allowed): {why}")
+            raise ParityFailure(f"{self.key}: {art.status} — {why} (allow with --pm-allow-unverified {art.target})")
         if res is None:
             reason = art.parity.get("reason") or (art.parity.get("error") or {}).get("message") or art.status
             raise ParityFailure(f"{self.key}: {art.status}: {reason}")

@@ -16,11 +16,13 @@ class ParityAssertionError(AssertionError):
 
 
 def assert_parity(bundle: str | Path, *, targets: Sequence[str] | None = None,
-                  allow_unverified: Sequence[str] = ()) -> None:
-    """Re-verify ``bundle`` and raise :class:`ParityAssertionError` unless every chosen
-    artifact passes (``unverified`` only passes for targets in ``allow_unverified``)."""
+                  allow_unverified: Sequence[str] = (), trust_bundle: bool = False) -> None:
+    """Re-verify ``bundle`` (a relative path is taken from the current working directory)
+    and raise :class:`ParityAssertionError` unless every chosen artifact passes
+    (``unverified``/``skipped`` only pass for targets in ``allow_unverified``).
+    ``trust_bundle``: as for :func:`portable_models.verify`."""
     from portable_models.api import verify
 
-    report = verify(bundle, targets=targets, allow_unverified=allow_unverified)
+    report = verify(bundle, targets=targets, allow_unverified=allow_unverified, trust_bundle=trust_bundle)
     if not report.ok:
         raise ParityAssertionError(f"parity failed for {bundle}:\n{report.table()}")
