@@ -445,7 +445,7 @@ def _golden(root: Path, contract: Contract) -> tuple[Path, golden.Cases]:
     outputs read under a bound derived from the shapes and cases the contract declares."""
     golden_in = bundle_path(root, contract.golden["inputs"], what="golden inputs")
     golden_out = bundle_path(root, contract.golden["outputs"], what="golden outputs")
-    return golden_in, golden.read_only_cases(golden_out)
+    return golden_in, golden.read_only_cases(golden_out, max_bytes=contract.golden_max_bytes("outputs"))
 
 
 def _owns(art: Artifact, path: str) -> bool:
@@ -469,6 +469,7 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
                          cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
                          options={**runner_options(contract.inputs, contract.outputs, contract.dims,
                                                    art.precision), **extra},
+                         inputs_max_bytes=contract.golden_max_bytes("inputs"),
                          files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)),
                          run_ms=_run_ms(art), file_format=info.file_format)
 

@@ -69,7 +69,7 @@ def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup
     payload = {"runtime": runtime, "format": info.file_format, "artifact": str(root / art.file),
                "io": art.io.to_dict(),
                "inputs": str(root / contract.golden["inputs"]), "runs": runs, "warmup": warmup,
-               "threads": threads,
+               "threads": threads, "inputs_max_bytes": contract.golden_max_bytes("inputs"),
                "options": runner_options(contract.inputs, contract.outputs, contract.dims, art.precision)}
     try:
         result, _ = pool.call(kind="bench", payload=payload, framework=runtime_info(runtime).framework,

@@ -44,9 +44,18 @@ def checking_runtime(runtime: str) -> str:
     return runtime
 
 
+#: the most characters of an error message a contract records (a converter's message can be
+#: megabytes; the contract's schema caps a message).
+MESSAGE_MAX = 64 * 1024
+
+
 def error_dict(exc: PortableModelsError) -> dict[str, Any]:
-    """A typed error as a record, without its empty fields."""
-    return {k: v for k, v in exc.to_dict().items() if v}
+    """A typed error as a record, without its empty fields, its message cut at :data:`MESSAGE_MAX`."""
+    record = {k: v for k, v in exc.to_dict().items() if v}
+    message = record.get("message")
+    if isinstance(message, str) and len(message) > MESSAGE_MAX:
+        record["message"] = message[:MESSAGE_MAX] + f" … ({len(message) - MESSAGE_MAX} more characters)"
+    return record
 
 
 def fixed_shape_cases(golden_inputs: Path) -> list[int]:
@@ -123,7 +132,7 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
                   options: dict[str, Any] | None = None,
                   files: tuple[Path, Sequence[dict[str, Any]]] | None = None,
                   name: str = "", cost_hint: float = 0.0, run_ms: float = 0.0,
-                  file_format: str | None = None) -> PlannedRun:
+                  file_format: str | None = None, inputs_max_bytes: int | None = None) -> PlannedRun:
     """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
     the bundle folder and the contract's entries for the artifact's files, which the worker
     hashes right before each run (a changed or missing one fails the run, unloaded).
@@ -132,12 +141,13 @@ def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden
     are expected to take (the contract's timings), to balance a verify's lanes; ``run_ms``:
     the milliseconds one case's run took when the artifact was exported (0: not known), which
     tells a compute-bound check (:data:`lanes.COMPUTE_BOUND_MS`). ``file_format``: what the
-    worker checks the artifact's bytes against before loading it (:mod:`formats`)."""
+    worker checks the artifact's bytes against before loading it (:mod:`formats`);
+    ``inputs_max_bytes``: the most the golden inputs may inflate to (a bundle's contract says)."""
     job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
                   golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
                   work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
                   options=options or {}, files=files, name=name, cost_hint=cost_hint, run_ms=run_ms,
-                  file_format=file_format)
+                  file_format=file_format, inputs_max_bytes=inputs_max_bytes)
     return PlannedRun(job=job, plan=_plan(runtime, cases))
 
 
@@ -311,6 +321,8 @@ class _RunJob:
     run_ms: float = 0.0
     #: the format the worker checks the artifact's bytes against before loading it
     file_format: str | None = None
+    #: the most bytes the golden inputs may inflate to (None: the general ceiling)
+    inputs_max_bytes: int | None = None
 
     def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]:
         """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all),
@@ -325,6 +337,8 @@ class _RunJob:
             payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
         if self.file_format is not None:
             payload["format"] = self.file_format
+        if self.inputs_max_bytes is not None:
+            payload["inputs_max_bytes"] = self.inputs_max_bytes
         return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": None if self.log is None else str(self.log),
                 "work_dir": str(self.work_dir)}
 

@@ -200,6 +200,8 @@ def _verify_summary(report: Any, args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from portable_models.benchmark import bench
     from portable_models.checks import checking_runtime
+    from portable_models.targets import TARGET_INFO
+    from portable_models.text import escape
 
     contract = bench(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads,
                      targets=args.targets, write=not args.no_write, timeout_s=args.timeout,
@@ -208,44 +210,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failed = False
     for a in contract.artifacts:
         b = a.timings.get("bench")
-        if not b and a.runtime is not None and checking_runtime(a.runtime) != a.runtime:
-            print(f"{a.key:<14} {a.runtime:<28} n/a off macOS (the MIL reference executor's time "
+        runtime = TARGET_INFO[a.target].runtime
+        if not b and a.file is not None and checking_runtime(runtime) != runtime:
+            print(f"{escape(a.key):<14} {runtime:<28} n/a off macOS (the MIL reference executor's time "
                   "says nothing about Apple's runtime)")
             continue
         if not b:
             continue
         if "error" in b:
             failed = True
-            print(f"{a.key:<14} {b['runtime']:<28} error: {b['error']}")
+            print(f"{escape(a.key):<14} {escape(b['runtime']):<28} error: {escape(b['error'], limit=500)}")
             continue
-        print(f"{a.key:<14} {b['runtime']:<28} {b['load_s'] * 1000:7.1f} ms {b['p50_ms']:7.3f} ms "
-              f"{b['p90_ms']:7.3f} ms {b['min_ms']:7.3f} ms {b['threads']}"
-              + (f"  ({b['note']})" if b.get("note") else ""))
+        print(f"{escape(a.key):<14} {escape(b['runtime']):<28} {b['load_s'] * 1000:7.1f} ms {b['p50_ms']:7.3f} ms "
+              f"{b['p90_ms']:7.3f} ms {b['min_ms']:7.3f} ms {b['threads']}")
     return 1 if failed else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from portable_models.contract import load_contract
+    from portable_models.text import escape as e
 
     c = load_contract(args.bundle)
-    print(f"{c.name}: {c.source['framework']} {c.source['version']}, {c.golden['cases']} golden cases")
+    print(f"{e(c.name)}: {e(c.source['framework'])} {e(c.source['version'])}, {c.golden['cases']} golden cases")
     for label, specs in (("inputs", c.inputs), ("outputs", c.outputs)):
         print(f"{label}:")
         for s in specs:
             rng = f" range {list(s.range)}" if s.range else ""
-            print(f"  {s.name}: {s.dtype} {list(s.shape)} {s.layout or ''}{rng}".rstrip())
+            print(f"  {e(s.name)}: {s.dtype} {e(str(list(s.shape)))} {s.layout or ''}{rng}".rstrip())
     for a in c.artifacts:
-        print(f"\n[{a.key}] {a.status} via {a.route_name or '-'}: {a.file or 'no artifact kept'}")
+        print(f"\n[{e(a.key)}] {e(a.status)} via {e(a.route_name or '-')}: {e(a.file or 'no artifact kept')}")
         if a.io:
             for kind, binds in (("feed", a.io.inputs), ("read", a.io.outputs)):
                 for logical, b in binds.items():
                     perm = f" perm {list(b.perm)}" if b.perm else ""
-                    layout = f" layout {b.layout}" if b.layout else ""
-                    print(f"  {kind} {logical} as {b.name!r}{layout}{perm}")
+                    layout = f" layout {e(b.layout)}" if b.layout else ""
+                    print(f"  {kind} {e(logical)} as '{e(b.name)}'{layout}{perm}")
         for att in a.attempts:
-            msg = (att.error or {}).get("message", "")
-            print(f"  attempt {att.route}: {att.status}{' at ' + att.stage if att.stage else ''}"
-                  f"{': ' + msg.splitlines()[0][:160] if msg else ''}")
+            msg = str((att.error or {}).get("message", ""))
+            print(f"  attempt {e(att.route)}: {e(att.status)}{' at ' + e(att.stage) if att.stage else ''}"
+                  f"{': ' + e(msg.splitlines()[0][:160]) if msg else ''}")
     return 0
 
 

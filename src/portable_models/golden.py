@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import copy
 import functools
 import hashlib
 import io
@@ -25,7 +26,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from portable_models.errors import GoldenSetError, InputError, UsageError
+from portable_models.errors import (
+    ContractError,
+    GoldenSetError,
+    InputError,
+    PortableModelsError,
+    UsageError,
+)
 from portable_models.spec import DimSpec, TensorSpec, concrete_shape
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "check_outputs",
     "draw",
     "load_samples",
+    "golden_max_bytes",
     "MAX_NPZ_BYTES",
 ]
 
@@ -217,39 +225,214 @@ def cases_digest(cases: Sequence[Mapping[str, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
-def _read_archive(path: Path) -> list[tuple[str, np.ndarray]]:
-    """Every ``.npy`` member of an archive, in order, read in one pass (never with pickle).
-    Declared sizes are checked before anything is allocated: the zip directory's first,
-    then each member's own header before its data is read."""
+#: what a golden archive may hold per element (float64/int64: the widest dtype a spec names)
+#: and per member beyond its data (the .npy header), when its cap comes from a contract.
+_ELEMENT_BYTES = 8
+_MEMBER_OVERHEAD = 4096
+#: allowance on top of a contract-derived cap: small golden sets are never refused by it
+#: (expression dims, overheads), a bomb still is.
+_CAP_SLACK = 16 * 2**20
+#: how much of a member is read (and inflated) at a time.
+_READ_CHUNK = 1 << 20
+
+
+def golden_max_bytes(specs: Sequence[TensorSpec], dims: Mapping[str, DimSpec], cases: int) -> int:
+    """The most bytes a golden archive of ``cases`` cases of ``specs`` may declare, inflated:
+    every named dim at its declared maximum (a dim expression such as ``2*batch`` bounded
+    from its names; a name without bounds at the largest size declared anywhere, at least
+    64), every element 8 bytes, plus a fixed allowance. Pass it to :func:`load_cases` /
+    :func:`read_only_cases` as ``max_bytes`` when the archive belongs to a bundle."""
+    unknown = max([64, *(d.max for d in dims.values()),
+                   *(d for s in specs for d in s.shape if isinstance(d, int))])
+    per_case = 0
+    for spec in specs:
+        elements = 1
+        for d in spec.shape:
+            elements *= d if isinstance(d, int) else _dim_bound(d, dims, unknown)
+        per_case += elements * _ELEMENT_BYTES + _MEMBER_OVERHEAD
+    return max(1, cases) * per_case + _CAP_SLACK
+
+
+_BOUND_CALLS = {"max", "min", "Max", "Min", "CeilToInt", "FloorToInt", "ceiling", "floor", "FloorDiv",
+                "CeilDiv", "IntTrueDiv", "TruncToInt", "RoundToInt", "Mod", "PythonMod", "abs", "Abs"}
+
+
+def _dim_bound(expr: str, dims: Mapping[str, DimSpec], unknown: int) -> int:
+    """An upper bound on the size of a named or symbolic dim (``batch``, ``2*s0 + 1``,
+    ``Max(1, seq)``): its names at their maxima, ``unknown`` where it cannot be read."""
+    if expr in dims:
+        return dims[expr].max
     try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return unknown
+
+    def bound(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return bound(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return abs(node.value)
+        if isinstance(node, ast.Name):
+            dim = dims.get(node.id)
+            return dim.max if dim is not None else unknown
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.UAdd | ast.USub):
+            return bound(node.operand)
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.op, ast.Add | ast.Sub):
+                return bound(node.left) + bound(node.right)
+            if isinstance(node.op, ast.Mult):
+                return bound(node.left) * bound(node.right)
+            if isinstance(node.op, ast.FloorDiv | ast.Div | ast.Mod):
+                return bound(node.left)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _BOUND_CALLS
+                and node.args and not node.keywords):
+            return max(bound(a) for a in node.args)
+        return unknown
+
+    try:
+        return bound(tree)
+    except RecursionError:
+        return unknown
+
+
+class _Bounds:
+    """What reading one archive may take: the error to raise (:class:`ContractError` for a
+    bundle's golden file, :class:`InputError` for a user's samples), the total inflated
+    bytes, and whether only numeric dtypes are accepted."""
+
+    def __init__(self, path: Path, max_bytes: int | None) -> None:
+        self.path = path
+        self.bundle = max_bytes is not None
+        self.error: type[PortableModelsError] = ContractError if self.bundle else InputError
+        self.total = min(MAX_NPZ_BYTES, max_bytes) if max_bytes is not None else MAX_NPZ_BYTES
+        self.array = min(MAX_ARRAY_BYTES, self.total)
+
+    def refuse(self, message: str, fix: str) -> PortableModelsError:
+        return self.error(f"{self.path.name}: {message}", file=str(self.path), stage="load", fix=fix)
+
+
+_ARCHIVE_FIX = "the archive is larger than its contract allows: re-export the bundle"
+
+
+def _read_archive(path: Path, max_bytes: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """Every ``.npy`` member of an archive, in order, read in one pass (never with pickle).
+    Declared sizes are checked before anything is inflated or allocated: the file's size
+    and the zip directory's first, then each member's own header before its data is read;
+    the data is inflated a chunk at a time and never past the size the directory declares."""
+    bounds = _Bounds(path, max_bytes)
+    try:
+        if bounds.bundle and os.stat(path).st_size > bounds.total:
+            raise bounds.refuse(f"the file holds {os.stat(path).st_size} bytes, more than the "
+                                f"{bounds.total} its contract's shapes allow", _ARCHIVE_FIX)
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
-            total = 0
-            for info in infos:
-                total += info.file_size
-                if info.file_size > MAX_ARRAY_BYTES or total > MAX_NPZ_BYTES:
-                    raise InputError(
-                        f"{path.name}: member {info.filename} declares {info.file_size} bytes",
-                        file=str(path), stage="load",
-                        fix="golden and sample archives are limited to 2 GiB per array",
-                    )
+            _check_directory(infos, bounds)
             members = []
             for info in infos:
-                with zf.open(info) as member:
+                with _open_member(zf, info) as member:
                     name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                    members.append((name, _read_npy(member, path, info.filename)))
+                    members.append((name, _read_npy(member, path, info, bounds)))
             return members
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"{path.name} is not an .npz archive: {exc}", file=str(path),
-                         stage="load", fix="write it with numpy.savez") from exc
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+            zipfile.LargeZipFile) as exc:
+        raise bounds.refuse(f"not an .npz archive (or a damaged one): {exc}",
+                            "write it with numpy.savez") from exc
+    except OSError as exc:
+        raise bounds.refuse(f"cannot be read: {exc.strerror or exc}", "check the file") from exc
 
 
-def _read_npy(member: IO[bytes], path: Path, name: str) -> np.ndarray:
-    """One ``.npy`` member: header checked (no objects, at most 2 GiB), then the data."""
+class _Member:
+    """A member's data as the zip module reads it (stored members; other methods)."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+
+    def read(self, n: int) -> bytes:
+        return self.stream.read(n)
+
+    def finish(self) -> bool:
+        """Whether the data ended where the directory said (reading to the end checks the CRC)."""
+        return not self.stream.read(1)
+
+    def __enter__(self) -> _Member:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+
+class _Inflating(_Member):
+    """A deflated member, inflated here a bounded chunk at a time: never more than the
+    directory's ``file_size`` comes out, and a stream that holds more, ends early or does
+    not match its CRC is caught (the zip module would stop at the declared size and let
+    the rest pass unread)."""
+
+    def __init__(self, raw: IO[bytes], info: zipfile.ZipInfo) -> None:
+        super().__init__(raw)
+        self.left, self.expected_crc, self.crc = info.file_size, info.CRC, 0
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.pending = b""
+
+    def _input(self) -> bytes:
+        if not self.pending and not self.inflater.eof:
+            self.pending = self.stream.read(1 << 16)
+        return self.pending
+
+    def read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n and self.left > 0 and self._input():
+            data = self.inflater.decompress(self.pending, min(n - len(out), self.left))
+            self.pending = self.inflater.unconsumed_tail
+            self.left -= len(data)
+            self.crc = zlib.crc32(data, self.crc)
+            out += data
+        return bytes(out)
+
+    def finish(self) -> bool:
+        while not self.inflater.eof and self._input():
+            if self.inflater.decompress(self.pending, 1):
+                return False  # more data than the directory declares
+            self.pending = self.inflater.unconsumed_tail
+        return self.inflater.eof and self.left == 0 and self.crc == self.expected_crc
+
+
+def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
+    if info.compress_type != zipfile.ZIP_DEFLATED:
+        return _Member(zf.open(info))
+    raw = copy.copy(info)  # the compressed bytes as they are: inflated by _Inflating
+    raw.compress_type, raw.file_size = zipfile.ZIP_STORED, info.compress_size
+    del raw.CRC  # checked over the inflated data instead
+    return _Inflating(zf.open(raw), info)
+
+
+def _check_directory(infos: list[zipfile.ZipInfo], bounds: _Bounds) -> None:
+    """The zip directory against the bounds, before any member is opened."""
+    total = 0
+    seen: set[str] = set()
+    for info in infos:
+        total += info.file_size
+        if info.file_size > bounds.array or total > bounds.total:
+            limit = "its contract's shapes allow" if bounds.bundle else "2 GiB per array"
+            raise bounds.refuse(
+                f"member {info.filename} declares {info.file_size} bytes",
+                _ARCHIVE_FIX if bounds.bundle else f"golden and sample archives are limited to {limit}",
+            )
+        if bounds.bundle:
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
+                raise bounds.refuse(f"member {info.filename} is encrypted or compressed with method "
+                                    f"{info.compress_type}", "write the archive with numpy.savez")
+            if info.filename in seen:
+                raise bounds.refuse(f"member {info.filename} appears twice", _ARCHIVE_FIX)
+            seen.add(info.filename)
+
+
+def _read_npy(member: _Member, path: Path, info: zipfile.ZipInfo, bounds: _Bounds) -> np.ndarray:
+    """One ``.npy`` member: header checked (no objects, within the bounds, as long as the
+    directory says), then the data, a chunk at a time, then the end (the CRC check)."""
+    name = info.filename
     magic = member.read(8)
     if not magic.startswith(b"\x93NUMPY") or len(magic) < 8:
-        raise InputError(f"{path.name}: member {name} is not a .npy array", file=str(path),
-                         stage="load", fix="write the archive with numpy.savez")
+        raise bounds.refuse(f"member {name} is not a .npy array", "write the archive with numpy.savez")
     try:
         size_bytes = 2 if magic[6] == 1 else 4 if magic[6] in (2, 3) else 0
         size = int.from_bytes(member.read(size_bytes), "little") if size_bytes else -1
@@ -259,27 +442,38 @@ def _read_npy(member: IO[bytes], path: Path, name: str) -> np.ndarray:
         shape, fortran, dtype = _npy_header(text)
     except (ValueError, SyntaxError, KeyError, TypeError, UnicodeDecodeError, MemoryError,
             RecursionError) as exc:
-        raise InputError(f"{path.name}: member {name} has an unreadable header",
-                         file=str(path), stage="load", fix="rewrite it with numpy.savez") from exc
+        raise bounds.refuse(f"member {name} has an unreadable header", "rewrite it with numpy.savez") from exc
     count = math.prod(shape)
     if dtype.hasobject:
-        raise InputError(f"{path.name}: member {name} holds Python objects (pickle)",
-                         file=str(path), stage="load",
-                         fix="store plain numeric arrays; object arrays are never loaded")
-    if count * dtype.itemsize > MAX_ARRAY_BYTES:
-        raise InputError(
-            f"{path.name}: member {name} declares a {count * dtype.itemsize / 2**30:.0f} GiB array",
-            file=str(path), stage="load", fix="golden and sample arrays are limited to 2 GiB",
+        raise bounds.refuse(f"member {name} holds Python objects (pickle)",
+                            "store plain numeric arrays; object arrays are never loaded")
+    if bounds.bundle and dtype.kind not in "biufc":
+        raise bounds.refuse(f"member {name} has dtype {dtype.str}, not a numeric one",
+                            "golden arrays are numeric; re-export the bundle")
+    nbytes = count * dtype.itemsize
+    if nbytes > bounds.array:
+        raise bounds.refuse(
+            f"member {name} declares a {nbytes / 2**30:.0f} GiB array",
+            _ARCHIVE_FIX if bounds.bundle else "golden and sample arrays are limited to 2 GiB",
         )
+    declared = info.file_size - 8 - size_bytes - size
+    if declared != nbytes:
+        how = "shorter" if declared < nbytes else "longer"
+        raise bounds.refuse(f"member {name} is {how} than its header declares "
+                            f"({declared} bytes of data for {nbytes})", "the archive is damaged; rewrite it")
     flat = np.empty(count, dtype)
     view = flat.view(np.uint8).data if flat.nbytes else memoryview(b"")
     done = 0
     while done < len(view):
-        got = member.readinto(view[done:])  # type: ignore[attr-defined]
+        got = member.read(min(_READ_CHUNK, len(view) - done))
         if not got:
-            raise InputError(f"{path.name}: member {name} is shorter than its header declares",
-                             file=str(path), stage="load", fix="the archive is truncated; rewrite it")
-        done += got
+            raise bounds.refuse(f"member {name} is shorter than its header declares",
+                                "the archive is truncated; rewrite it")
+        view[done:done + len(got)] = got
+        done += len(got)
+    if not member.finish():  # the data ends where the directory says, with its CRC
+        raise bounds.refuse(f"member {name}'s data does not end where the zip directory says, "
+                            "or fails its CRC", "the archive is damaged; rewrite it")
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
@@ -301,13 +495,21 @@ def _npy_header(text: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     return shape, fortran, np.lib.format.descr_to_dtype(header["descr"])
 
 
-def load_cases(path: Path) -> Cases:
-    """Read an archive written by :func:`save_cases` (never with pickle)."""
+def load_cases(path: Path, *, max_bytes: int | None = None) -> Cases:
+    """Read an archive written by :func:`save_cases` (never with pickle).
+
+    ``max_bytes``: the archive belongs to a bundle and may hold at most that many bytes,
+    inflated (:func:`golden_max_bytes` of what its contract declares). The file's size,
+    the zip directory and every member's header are checked against it before anything is
+    inflated or allocated; only numeric dtypes, stored or deflated members are read; any
+    problem is a :class:`ContractError` naming the file. Without it: the general limits
+    (2 GiB an array, 8 GiB an archive) and :class:`InputError`."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path} is missing or not a file", file=str(path), stage="load",
-                         fix="point at the bundle's golden/*.npz")
-    return _group(path, _read_archive(path))
+        error = ContractError if max_bytes is not None else InputError
+        raise error(f"{path} is missing or not a file", file=str(path), stage="load",
+                    fix="point at the bundle's golden/*.npz")
+    return _group(path, _read_archive(path, max_bytes), ContractError if max_bytes is not None else InputError)
 
 
 #: archives read last, by file identity (see :func:`read_only_cases`).
@@ -318,20 +520,23 @@ _READ_KEPT = 4
 _SETTLED_NS = 2_000_000_000
 
 
-def read_only_cases(path: Path) -> Cases:
-    """``load_cases(path)``, remembered while the file is unchanged (same device, inode, size,
-    modification and status-change times; the last cannot be set back; a file changed in the
-    last 2 s is read afresh every time): a verify reads the same golden files every time, and
-    a worker runs every artifact of a bundle on the same inputs. The arrays are read-only
-    (shared between callers): copy one to write into it."""
+def read_only_cases(path: Path, *, max_bytes: int | None = None) -> Cases:
+    """``load_cases(path, max_bytes=max_bytes)``, remembered while the file is unchanged (same
+    device, inode, size, modification and status-change times; the last cannot be set back; a
+    file changed in the last 2 s is read afresh every time): a verify reads the same golden
+    files every time, and a worker runs every artifact of a bundle on the same inputs. The
+    arrays are read-only (shared between callers): copy one to write into it. A remembered
+    read is handed out under ``max_bytes`` only when its archive declared no more."""
     try:
         st = os.stat(path)
     except OSError:
-        return load_cases(path)  # its own clear error
+        return load_cases(path, max_bytes=max_bytes)  # its own clear error
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # the file, by any path
     cases = _READ.get(key)
+    if cases is not None and max_bytes is not None and not _within(cases, max_bytes):
+        cases = None  # remembered from a read without a cap: read again, under this one
     if cases is None:
-        cases = load_cases(path)
+        cases = load_cases(path, max_bytes=max_bytes)
         for case in cases:
             for arr in case.values():
                 arr.setflags(write=False)
@@ -342,13 +547,20 @@ def read_only_cases(path: Path) -> Cases:
     return [dict(case) for case in cases]
 
 
-def _group(path: Path, members: list[tuple[str, np.ndarray]]) -> Cases:
+def _within(cases: Cases, max_bytes: int) -> bool:
+    """Whether remembered ``cases`` pass what a read under ``max_bytes`` checks of the data."""
+    arrays = [arr for case in cases for arr in case.values()]
+    return sum(a.nbytes for a in arrays) <= max_bytes and all(a.dtype.kind in "biufc" for a in arrays)
+
+
+def _group(path: Path, members: list[tuple[str, np.ndarray]],
+           error: type[PortableModelsError] = InputError) -> Cases:
     by_case: dict[int, dict[str, np.ndarray]] = {}
     for key, arr in members:
         case, _, name = key.partition("/")
-        if not case.isdigit() or not name:
-            raise InputError(f"{path.name}: unexpected member {key!r}", file=str(path),
-                             stage="load", fix="members are named <case>/<tensor>")
+        if not case.isdigit() or not name or len(case) > 9:
+            raise error(f"{path.name}: unexpected member {key!r}", file=str(path),
+                        stage="load", fix="members are named <case>/<tensor>")
         by_case.setdefault(int(case), {})[name] = arr
     return [by_case[i] for i in sorted(by_case)]
 

@@ -74,10 +74,11 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def golden_inputs(path: Path) -> list[dict[str, np.ndarray]]:
+def golden_inputs(path: Path, max_bytes: int | None = None) -> list[dict[str, np.ndarray]]:
     """The golden inputs at ``path`` (read once while the file is unchanged), each array a
-    copy, so that a runtime writing into its feeds cannot change what the next job reads."""
-    return [{k: v.copy() for k, v in case.items()} for case in read_only_cases(path)]
+    copy, so that a runtime writing into its feeds cannot change what the next job reads.
+    ``max_bytes``: what a bundle's contract lets them inflate to."""
+    return [{k: v.copy() for k, v in case.items()} for case in read_only_cases(path, max_bytes=max_bytes)]
 
 
 def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[s
         if checked is not None:
             checked.append(files)
     _check_format(payload)
-    cases = golden_inputs(Path(payload["inputs"]))
+    cases = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"))
     if payload.get("cases") is not None:
         cases = [cases[int(i)] for i in payload["cases"]]
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
@@ -138,7 +139,7 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     cls = load_impl(runtime_info(payload["runtime"]).impl)
     _check_format(payload)
-    case = golden_inputs(Path(payload["inputs"]))[0]
+    case = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"))[0]
     threads = payload.get("threads")
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
                  RunnerOptions(threads=threads, extra=dict(payload.get("options") or {})))

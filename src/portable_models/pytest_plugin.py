@@ -62,11 +62,13 @@ class ParityItem(pytest.Item):
         self.key, self.output = key, output
 
     def runtest(self) -> None:
+        from portable_models.text import escape
+
         assert isinstance(self.parent, BundleCollector)
         report = self.parent.report()
         if self.key is None:
             if report.problems:
-                raise ParityFailure("; ".join(report.problems))
+                raise ParityFailure(escape("; ".join(report.problems)))
             return
         art = report.contract.artifact(self.key)
         allowed = self.config.getoption("pm_allow_unverified") or []
@@ -77,12 +79,12 @@ class ParityItem(pytest.Item):
             why = (art.parity.get("error") or {}).get("message", "no runtime here")
             if art.target in allowed:
                 pytest.skip(f"{art.status} (allowed): {why}")
-            raise ParityFailure(f"{self.key}: {art.status} — {why} (allow with --pm-allow-unverified {art.target})")
+            raise ParityFailure(f"{self.key}: {art.status} — {escape(why)} (allow with --pm-allow-unverified {art.target})")
         if res is None:
             reason = art.parity.get("reason") or (art.parity.get("error") or {}).get("message") or art.status
-            raise ParityFailure(f"{self.key}: {art.status}: {reason}")
+            raise ParityFailure(f"{self.key}: {art.status}: {escape(reason)}")
         if res.get("status") != "pass":
-            raise ParityFailure(f"{self.key}/{self.output}: {res.get('reason')} {_metrics(res)}")
+            raise ParityFailure(f"{self.key}/{escape(self.output)}: {escape(res.get('reason'))} {_metrics(res)}")
 
     def repr_failure(self, excinfo: Any, style: Any = None) -> str:
         if isinstance(excinfo.value, ParityFailure):

@@ -8,12 +8,20 @@ runtime when ``bench`` has run.
 from __future__ import annotations
 
 import math
-from html import escape
 from typing import Any
 
 from portable_models.contract import Artifact, Contract
-from portable_models.parity import format_float
-from portable_models.reports.table import HEADERS, next_steps, rows
+from portable_models.reports.table import (
+    HEADERS,
+    NOTE_MAX,
+    fmt,
+    message,
+    next_steps,
+    number,
+    outputs_of,
+    rows,
+)
+from portable_models.text import escape_html as escape
 
 __all__ = ["to_html"]
 
@@ -32,8 +40,25 @@ text-align:left;white-space:nowrap}th{background:#f6f8fa}
 """
 
 
-def _badge(status: str) -> str:
-    return f'<span class="badge" style="background:{_COLORS.get(status, "#57606a")}">{escape(status)}</span>'
+def _badge(status: Any) -> str:
+    color = _COLORS.get(status, "#57606a") if isinstance(status, str) else "#57606a"
+    return f'<span class="badge" style="background:{color}">{escape(status, limit=32)}</span>'
+
+
+def _histogram_ok(hist: Any) -> bool:
+    """Whether a recorded error histogram can be drawn: decades and counts of one length,
+    numbers throughout (a contract's records are not trusted to be well formed)."""
+    if not isinstance(hist, dict):
+        return False
+    decades, counts = hist.get("decades"), hist.get("counts")
+    return (isinstance(decades, list) and isinstance(counts, list) and 0 < len(decades) == len(counts) <= 64
+            and all(_finite(d) and abs(d) < 400 for d in decades)
+            and all(_finite(c) and c >= 0 for c in [*counts, hist.get("zeros", 0)]))
+
+
+def _finite(value: Any) -> bool:
+    n = number(value)
+    return n is not None and math.isfinite(n)
 
 
 def _histogram_svg(hist: dict[str, Any], atol: float | None, max_abs: float | None) -> str:
@@ -55,7 +80,7 @@ def _histogram_svg(hist: dict[str, Any], atol: float | None, max_abs: float | No
             parts.append(f'<text x="{x + bw / 2:.1f}" y="{h - bottom + 12}" font-size="9" text-anchor="middle" '
                          f'fill="#57606a">{label}</text>')
     for value, color, name in ((atol, "#cf222e", "atol"), (max_abs, "#1f2328", "max")):
-        if value and value > 0:
+        if value and value > 0 and math.isfinite(value):
             pos = min(max(math.log10(value), decades[0]), decades[-1] + 1)
             x = left + (1 + pos - decades[0]) * bw
             parts.append(f'<line x1="{x:.1f}" y1="8" x2="{x:.1f}" y2="{h - bottom}" stroke="{color}" '
@@ -68,79 +93,99 @@ def _histogram_svg(hist: dict[str, Any], atol: float | None, max_abs: float | No
     return "".join(parts)
 
 
-def _gauge_svg(max_abs: float | None, atol: float | None, status: str) -> str:
+def _gauge_svg(max_abs: float | None, atol: float | None, status: Any) -> str:
     """Max error as a fraction of atol, on a log scale from 1e-6 to 1e2 x atol."""
     w, h = 360, 34
     ratio = (max_abs or 0.0) / atol if atol else 0.0
+    ratio = ratio if math.isfinite(ratio) else 0.0
     pos = 0.0 if ratio <= 0 else min(max((math.log10(ratio) + 6) / 8, 0.0), 1.0)
     mark = 6 / 8 * (w - 20) + 10
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">'
             f'<rect x="10" y="10" width="{w - 20}" height="10" fill="#eaeef2" rx="5"/>'
-            f'<rect x="10" y="10" width="{pos * (w - 20):.1f}" height="10" fill="{_COLORS.get(status, "#57606a")}" rx="5"/>'
+            f'<rect x="10" y="10" width="{pos * (w - 20):.1f}" height="10" fill="{_color(status)}" rx="5"/>'
             f'<line x1="{mark:.1f}" y1="5" x2="{mark:.1f}" y2="25" stroke="#cf222e"/>'
             f'<text x="{mark + 3:.1f}" y="32" font-size="9" fill="#cf222e">atol</text>'
             f'<text x="10" y="32" font-size="9" fill="#57606a">max abs / atol = {ratio:.2g}</text></svg>')
 
 
+def _color(status: Any) -> str:
+    return _COLORS.get(status, "#57606a") if isinstance(status, str) else "#57606a"
+
+
 def _artifact_section(art: Artifact) -> str:
+    by = art.parity.get("checked_by") or art.parity.get("runtime") or ""
     parts = [f'<h2>{escape(art.key)} {_badge(art.status)} <span class="muted">'
-             f'{escape(art.route_name or "no artifact")} · {escape(str(art.parity.get("checked_by") or art.parity.get("runtime") or ""))}'
+             f'{escape(art.route_name or "no artifact", limit=200)} · {escape(by, limit=200)}'
              "</span></h2>"]
-    outputs = art.parity.get("outputs") or {}
+    outputs = outputs_of(art)
     if not outputs:
-        err = (art.parity.get("error") or {}).get("message") or art.parity.get("reason") or "not checked"
-        parts.append(f"<p>{escape(str(err))}</p>")
+        err = message(art.parity.get("error")) or art.parity.get("reason") or "not checked"
+        parts.append(f"<p>{escape(err, limit=NOTE_MAX)}</p>")
     parts.append('<div class="plots">')
     for name, res in outputs.items():
-        tol = res.get("tolerance") or {}
-        parts.append(f'<div class="plot"><h3>{escape(name)} {_badge(res.get("status", "?"))}</h3>'
-                     f'<div class="muted">max abs {format_float(res.get("max_abs"))} · max rel '
-                     f'{format_float(res.get("max_rel"))} · cosine {format_float(res.get("cosine"))} · '
-                     f'atol {format_float(tol.get("atol"))} rtol {format_float(tol.get("rtol"))}</div>')
+        recorded = res.get("tolerance")
+        tol: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+        atol, max_abs = number(tol.get("atol")), number(res.get("max_abs"))
+        parts.append(f'<div class="plot"><h3>{escape(name, limit=200)} {_badge(res.get("status", "?"))}</h3>'
+                     f'<div class="muted">max abs {fmt(max_abs)} · max rel '
+                     f'{fmt(res.get("max_rel"))} · cosine {fmt(res.get("cosine"))} · '
+                     f'atol {fmt(atol)} rtol {fmt(tol.get("rtol"))}</div>')
         if res.get("reason"):
-            parts.append(f"<div>{escape(str(res['reason']))}</div>")
-        if res.get("abs_error_hist"):
-            parts.append(_histogram_svg(res["abs_error_hist"], tol.get("atol"), res.get("max_abs")))
-        if res.get("max_abs") is not None:
-            parts.append(_gauge_svg(res.get("max_abs"), tol.get("atol"), res.get("status", "")))
+            parts.append(f"<div>{escape(res['reason'], limit=NOTE_MAX)}</div>")
+        if _histogram_ok(res.get("abs_error_hist")):
+            parts.append(_histogram_svg(res["abs_error_hist"], atol, max_abs))
+        if max_abs is not None:
+            parts.append(_gauge_svg(max_abs, atol, res.get("status", "")))
         parts.append("</div>")
     parts.append("</div>")
     return "".join(parts)
 
 
 def _latency_section(contract: Contract) -> str:
-    bench = [(a.key, a.timings["bench"]) for a in contract.artifacts if isinstance(a.timings.get("bench"), dict)]
+    bench = [(a.key, {k: _ms(a.timings["bench"].get(k)) for k in ("p50_ms", "p90_ms")})
+             for a in contract.artifacts if isinstance(a.timings.get("bench"), dict)]
     if not bench:
         return ""
-    top = max(b.get("p90_ms", 0.0) for _, b in bench) or 1.0
+    top = max(b["p90_ms"] for _, b in bench) or 1.0
     rows_svg = []
     for i, (key, b) in enumerate(bench):
         y = 8 + i * 22
         for field, color in (("p90_ms", "#8c959f"), ("p50_ms", "#0969da")):
-            width = 300 * b.get(field, 0.0) / top
+            width = 300 * b[field] / top
             rows_svg.append(f'<rect x="110" y="{y}" width="{width:.1f}" height="14" fill="{color}"/>')
         rows_svg.append(f'<text x="4" y="{y + 11}" font-size="11">{escape(key)}</text>'
-                        f'<text x="{114 + 300 * b.get("p90_ms", 0.0) / top:.1f}" y="{y + 11}" font-size="10">'
-                        f'p50 {b.get("p50_ms", 0):.3g} ms · p90 {b.get("p90_ms", 0):.3g} ms</text>')
+                        f'<text x="{114 + 300 * b["p90_ms"] / top:.1f}" y="{y + 11}" font-size="10">'
+                        f'p50 {b["p50_ms"]:.3g} ms · p90 {b["p90_ms"]:.3g} ms</text>')
     height = 16 + 22 * len(bench)
     return (f'<h2>Latency per runtime</h2><svg xmlns="http://www.w3.org/2000/svg" width="640" height="{height}">'
             + "".join(rows_svg) + "</svg>")
 
 
+def _ms(value: Any) -> float:
+    """A recorded latency, or 0 when it is not a finite number >= 0."""
+    ms = number(value)
+    return ms if ms is not None and math.isfinite(ms) and ms >= 0 else 0.0
+
+
 def to_html(contract: Contract, *, problems: list[str] | None = None) -> str:
+    """The report page. Every string from the contract goes through
+    :func:`text.escape_html` (controls made visible, then HTML's entities)."""
     ok = not problems and bool(contract.artifacts) and all(a.status == "pass" for a in contract.artifacts)
-    table = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows(contract))
+    table = "".join("<tr>" + "".join(f"<td>{escape(c, limit=200)}</td>" for c in r) + "</tr>"
+                    for r in rows(contract))
     notes = (problems or []) + next_steps(contract)
     src = contract.source
     return "".join([
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>portable_models parity: {escape(contract.name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Parity report: {escape(contract.name)} {_badge('pass' if ok else 'fail')}</h1>",
-        f'<p class="muted">source {escape(src["framework"])} {escape(src["version"])} · '
-        f'{contract.golden["cases"]} golden cases · portable_models {escape(contract.created["portable_models"])}'
-        f' · {escape(contract.created["platform"])}</p>',
+        f"<title>portable_models parity: {escape(contract.name, limit=200)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Parity report: {escape(contract.name, limit=200)} {_badge('pass' if ok else 'fail')}</h1>",
+        f'<p class="muted">source {escape(src.get("framework"))} {escape(src.get("version"), limit=64)} · '
+        f'{escape(contract.golden.get("cases"))} golden cases · portable_models '
+        f'{escape(contract.created.get("portable_models"), limit=64)}'
+        f' · {escape(contract.created.get("platform"), limit=64)}</p>',
         "<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in HEADERS) + f"</tr>{table}</table>",
-        ('<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>") if notes else "",
+        ('<ul class="notes">' + "".join(f"<li>{escape(n, limit=NOTE_MAX)}</li>" for n in notes) + "</ul>")
+        if notes else "",
         *(_artifact_section(a) for a in contract.artifacts),
         _latency_section(contract),
         '<p class="muted">Verdicts: |artifact − reference| ≤ atol + rtol·|reference| per element (float64), '

@@ -7,8 +7,10 @@ from typing import Any
 
 from portable_models.contract import Artifact, Contract
 from portable_models.parity import format_float
+from portable_models.text import escape
 
-__all__ = ["render_table", "rows", "worst_output", "next_steps"]
+__all__ = ["render_table", "rows", "worst_output", "next_steps", "number", "fmt", "outputs_of", "message",
+           "NOTE_MAX"]
 
 HEADERS = ("target", "route", "precision", "status", "worst output", "max abs", "max rel",
            "tolerance", "convert", "size")
@@ -24,14 +26,34 @@ def _size(n: int | None) -> str:
     return "-"
 
 
+def number(value: Any) -> float | None:
+    """``value`` when it is a number (a report never trusts a contract's field types)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def fmt(value: Any) -> str:
+    """A metric for a report: :func:`format_float` of a number, ``n/a`` for anything else."""
+    return format_float(number(value))
+
+
+def outputs_of(art: Artifact) -> dict[str, dict[str, Any]]:
+    """The artifact's per-output parity records (those that are records at all)."""
+    outs = art.parity.get("outputs")
+    if not isinstance(outs, dict):
+        return {}
+    return {str(k): v for k, v in outs.items() if isinstance(v, dict)}
+
+
 def worst_output(art: Artifact) -> tuple[str, dict[str, Any]] | None:
     """The output that failed, or else the one with the largest error."""
-    outs = art.parity.get("outputs") or {}
+    outs = outputs_of(art)
     if not outs:
         return None
     failing = [(k, v) for k, v in outs.items() if v.get("status") != "pass"]
     pool = failing or list(outs.items())
-    return max(pool, key=lambda kv: kv[1].get("max_abs") or 0.0)
+    return max(pool, key=lambda kv: number(kv[1].get("max_abs")) or 0.0)
 
 
 def status_text(art: Artifact) -> str:
@@ -41,19 +63,26 @@ def status_text(art: Artifact) -> str:
     return art.status
 
 
+def message(record: Any, default: str = "") -> str:
+    """The ``message`` of an error record (a dict), else ``default``."""
+    msg = record.get("message") if isinstance(record, dict) else None
+    return msg if isinstance(msg, str) and msg else default
+
+
 def rows(contract: Contract) -> list[tuple[str, ...]]:
+    """The table's cells, as the contract has them: each format escapes them its own way."""
     out: list[tuple[str, ...]] = []
     for art in contract.artifacts:
         w = worst_output(art)
         name, res = (w[0], w[1]) if w else ("-", {})
-        tol = res.get("tolerance") or {}
-        tol_text = f"{format_float(tol.get('atol'))}/{format_float(tol.get('rtol'))}" if tol else "-"
-        conv = art.timings.get("convert_s")
+        tol = res.get("tolerance")
+        tol_text = f"{fmt(tol.get('atol'))}/{fmt(tol.get('rtol'))}" if isinstance(tol, dict) and tol else "-"
+        conv = number(art.timings.get("convert_s"))
         conv_text = f"{conv:.1f} s" if conv is not None else "-"
         if art.meta.get("cache") == "hit":
             conv_text += " (cached)"
         out.append((art.target, art.route_name or "-", art.precision, status_text(art), name,
-                    format_float(res.get("max_abs")), format_float(res.get("max_rel")), tol_text,
+                    fmt(res.get("max_abs")), fmt(res.get("max_rel")), tol_text,
                     conv_text, _size(art.bytes)))
     return out
 
@@ -65,8 +94,9 @@ def next_steps(contract: Contract) -> list[str]:
         for att in art.attempts:
             if att.status == "pass" or (att.route == art.route_name and att.status == art.status):
                 continue
-            err = att.error or {}
-            msg = (err.get("message") or (att.parity or {}).get("reason") or att.status).splitlines()[0]
+            reason = (att.parity or {}).get("reason")
+            msg = message(att.error) or (reason if isinstance(reason, str) else "") or att.status
+            msg = (msg.splitlines() or [""])[0]
             then = f"; then {art.route_name} {art.status}" if art.status in ("pass", "unverified") else ""
             lines.append(f"{art.key}: {att.route} {att.status} at {att.stage or '?'}: {msg[:200]}"
                          f" (log: logs/{art.key}.log){then}")
@@ -76,11 +106,12 @@ def next_steps(contract: Contract) -> list[str]:
                          f"checked on golden cases {checked} only")
         if art.status == "unverified":
             checked = art.parity.get("checked") or []
-            lines.append(f"{art.key}: unverified — {(art.parity.get('error') or {}).get('message', '')}"
-                         + (f"; checked: {', '.join(checked)}" if checked else ""))
+            listed = ", ".join(str(c) for c in checked) if isinstance(checked, list) else str(checked)
+            lines.append(f"{art.key}: unverified — {message(art.parity.get('error'))}"
+                         + (f"; checked: {listed}" if checked else ""))
         elif art.status in ("fail", "error", "skipped") and (
                 not art.attempts or art.attempts[-1].status == "pass"):  # e.g. failed again in verify
-            reason = art.parity.get("reason") or (art.parity.get("error") or {}).get("message", "")
+            reason = art.parity.get("reason") or message(art.parity.get("error"))
             lines.append(f"{art.key}: {art.status}: {reason}")
     by_reference = [a.key for a in contract.artifacts
                     if a.parity.get("checker") == "mil-reference" and a.status in ("pass", "fail")]
@@ -97,7 +128,9 @@ REFERENCE_CAVEAT = ("numbers checked by the MIL reference executor (numpy), whic
 
 
 def render_table(contract: Contract, *, problems: Sequence[str] = ()) -> str:
-    body = rows(contract)
+    """The parity table for a terminal: every cell and note escaped (:func:`text.escape`), so
+    a contract's strings cannot move the cursor, clear the screen or add lines."""
+    body = [tuple(escape(c, limit=_CELL_MAX) for c in r) for r in rows(contract)]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(HEADERS)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
     text = [line(HEADERS), line(tuple("-" * w for w in widths))]
@@ -105,5 +138,10 @@ def render_table(contract: Contract, *, problems: Sequence[str] = ()) -> str:
     notes = list(problems) + next_steps(contract)
     if notes:
         text.append("")
-        text += notes
+        text += [escape(n, limit=NOTE_MAX) for n in notes]
     return "\n".join(text)
+
+
+#: longest cell and note a report shows (a contract's strings are bounded, not short).
+_CELL_MAX = 120
+NOTE_MAX = 2000
