@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portable_models.checks import checking_runtime, runner_options
-from portable_models.contract import Contract, load_contract
-from portable_models.golden import load_cases
-from portable_models.iomap import IoMap
-from portable_models.runtimes import runtime_info
-from portable_models.runtimes.base import RunnerOptions
-from portable_models.targets import route_by_name
-from portable_models.targets.base import ConvertJob, load_impl
+from portable_models.compare.check import checking_runtime, runner_options
+from portable_models.contract.model import Contract, load_contract
+from portable_models.convert.base import ConvertJob, load_impl
+from portable_models.convert.registry import route_by_name
+from portable_models.core.golden import load_cases
+from portable_models.core.iomap import IoMap
+from portable_models.run.base import RunnerOptions
+from portable_models.run.registry import runtime_info
 
 
 def capture_s() -> float:
@@ -179,7 +179,7 @@ def verify_vs_runtimes(bundle: Path, pairs: int, jobs: int | None = None) -> dic
 def verify_sets(bundle: Path, pairs: int, jobs: list[int | None]) -> list[dict[str, Any]]:
     """:func:`verify_vs_runtimes` for each of ``jobs`` in turn, each with workers of its own
     (one set's workers would be another's warm ones, on other thread counts)."""
-    from portable_models.workers import shutdown_workers
+    from portable_models.isolation.pool import shutdown_workers
 
     results = []
     for j in jobs:

@@ -207,7 +207,7 @@ def _warm(w: dict[str, Any]) -> str:
 
 def main() -> int:
     import portable_models as pm
-    from portable_models.workers import shutdown_workers
+    from portable_models.isolation.pool import shutdown_workers
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pm-bench-"))

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from portable_models.convert.base import ConvertJob, ConvertResult, RouteInfo
 from portable_models.errors import ConversionError
-from portable_models.targets.base import ConvertJob, ConvertResult, RouteInfo
 
 
 def fail_convert(job: ConvertJob) -> ConvertResult:
@@ -24,7 +24,7 @@ def drift_onnx(job: ConvertJob) -> ConvertResult:
     import onnx
     from onnx import numpy_helper
 
-    from portable_models.targets.onnx import convert_torch_onnx
+    from portable_models.convert.onnx import convert_torch_onnx
 
     result = convert_torch_onnx(job)
     path = job.out_dir / result.file

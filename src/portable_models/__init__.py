@@ -13,11 +13,11 @@ from portable_models._version import __version__
 
 if TYPE_CHECKING:
     from portable_models.api import Bundle, ExportOptions, VerifyReport, export, verify
-    from portable_models.contract import Contract, load_contract
+    from portable_models.compare.parity import Tolerance, TolerancePolicy
+    from portable_models.contract.model import Contract, load_contract
+    from portable_models.core.spec import DimSpec, TensorSpec
     from portable_models.errors import PortableModelsError
-    from portable_models.parity import Tolerance, TolerancePolicy
-    from portable_models.spec import DimSpec, TensorSpec
-    from portable_models.workers import shutdown_workers
+    from portable_models.isolation.pool import shutdown_workers
 
 __all__ = [
     "__version__",
@@ -43,14 +43,14 @@ _LAZY = {
     "Bundle": "portable_models.api",
     "VerifyReport": "portable_models.api",
     "ExportOptions": "portable_models.api",
-    "load_contract": "portable_models.contract",
-    "Contract": "portable_models.contract",
-    "Tolerance": "portable_models.parity",
-    "TolerancePolicy": "portable_models.parity",
-    "TensorSpec": "portable_models.spec",
-    "DimSpec": "portable_models.spec",
+    "load_contract": "portable_models.contract.model",
+    "Contract": "portable_models.contract.model",
+    "Tolerance": "portable_models.compare.parity",
+    "TolerancePolicy": "portable_models.compare.parity",
+    "TensorSpec": "portable_models.core.spec",
+    "DimSpec": "portable_models.core.spec",
     "PortableModelsError": "portable_models.errors",
-    "shutdown_workers": "portable_models.workers",
+    "shutdown_workers": "portable_models.isolation.pool",
 }
 
 

@@ -19,16 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from portable_models import golden
-from portable_models.bundle import (
-    Staging,
-    check_file,
-    list_files,
-    scan_bundle,
-    sha256_path,
-    writing,
-)
-from portable_models.checks import (
+from portable_models.capture import Captured, framework_of
+from portable_models.compare.check import (
     Judge,
     PlannedRun,
     checking_runtime,
@@ -36,19 +28,27 @@ from portable_models.checks import (
     run_planned,
     runner_options,
 )
-from portable_models.contract import Artifact, Contract, load_contract
+from portable_models.compare.parity import TolerancePolicy
+from portable_models.contract.bundle import (
+    Staging,
+    check_file,
+    list_files,
+    scan_bundle,
+    sha256_path,
+    writing,
+)
+from portable_models.contract.model import Artifact, Contract, load_contract
+from portable_models.contract.reports import write_reports
+from portable_models.contract.reports.table import render_table
+from portable_models.contract.trust import confinement, refusal, sandbox_reason
+from portable_models.convert.build import Progress, TargetContext, build_target
+from portable_models.convert.registry import TARGET_INFO, TARGETS, routes_for
+from portable_models.core import golden
+from portable_models.core.paths import bundle_path, user_path
 from portable_models.errors import UsageError
-from portable_models.parity import TolerancePolicy
-from portable_models.paths import bundle_path, user_path
-from portable_models.pipeline import Progress, TargetContext, build_target
-from portable_models.reports import write_reports
-from portable_models.reports.table import render_table
-from portable_models.runtimes.base import COMPUTE_UNITS
-from portable_models.sources import Captured, framework_of
-from portable_models.targets import TARGET_INFO, TARGETS, routes_for
-from portable_models.trust import confinement, refusal, sandbox_reason
+from portable_models.isolation.pool import LimitedPool, Pool, WorkerLimits, shared_pool
+from portable_models.run.base import COMPUTE_UNITS
 from portable_models.verify_kept import helper, scratch_done, scratch_folder
-from portable_models.workers import LimitedPool, Pool, WorkerLimits, shared_pool
 
 __all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
 
@@ -79,7 +79,7 @@ class ExportOptions:
     progress: Progress | None = None
     #: how the source file was loaded ("safe" or "trusted"); set by export_file.
     source_trust: str = "safe"
-    #: reuse the outcome of unchanged attempts (see portable_models.cache).
+    #: reuse the outcome of unchanged attempts (see portable_models.convert.cache).
     cache: bool = True
     #: allow loading that can run code (a Keras Lambda layer): only for models you trust.
     trust_model: bool = False
@@ -172,20 +172,20 @@ class VerifyReport:
 
 
 def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: Path) -> Captured:
-    from portable_models.sources.torch import CaptureOptions
+    from portable_models.capture.torch import CaptureOptions
 
     framework = framework_of(model)
     copts = CaptureOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(CaptureOptions)})
     if framework == "torch":
-        from portable_models.sources.torch import capture_torch
+        from portable_models.capture.torch import capture_torch
 
         return capture_torch(model, example_inputs, copts, source_dir)
     if framework == "keras":
-        from portable_models.sources.keras import capture_keras
+        from portable_models.capture.keras import capture_keras
 
         return capture_keras(model, example_inputs, copts, source_dir)
     if framework == "onnx":
-        from portable_models.sources.onnx import capture_onnx
+        from portable_models.capture.onnx import capture_onnx
 
         return capture_onnx(model, example_inputs, copts, source_dir)
     raise UsageError(f"cannot export a {type(model).__module__}.{type(model).__name__}",

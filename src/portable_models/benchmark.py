@@ -15,15 +15,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from portable_models.bundle import check_files, list_files, raise_on_problems, scan_bundle, writing
-from portable_models.checks import checking_runtime, runner_options
-from portable_models.contract import Contract, load_contract
-from portable_models.paths import bundle_path, user_path
-from portable_models.reports import write_reports
-from portable_models.runtimes import runtime_info
-from portable_models.targets import TARGET_INFO
-from portable_models.trust import confinement, refusal, sandbox_reason
-from portable_models.workers import JobFailed, Pool, WorkerLimits, shared_pool
+from portable_models.compare.check import checking_runtime, runner_options
+from portable_models.contract.bundle import (
+    check_files,
+    list_files,
+    raise_on_problems,
+    scan_bundle,
+    writing,
+)
+from portable_models.contract.model import Contract, load_contract
+from portable_models.contract.reports import write_reports
+from portable_models.contract.trust import confinement, refusal, sandbox_reason
+from portable_models.convert.registry import TARGET_INFO
+from portable_models.core.paths import bundle_path, user_path
+from portable_models.isolation.pool import JobFailed, Pool, WorkerLimits, shared_pool
+from portable_models.run.registry import runtime_info
 
 __all__ = ["bench"]
 
@@ -83,7 +89,7 @@ def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup
 def _rewrite(root: Path, contract: Contract) -> None:
     """New reports, new file list, then the contract, each written whole into a new file and
     renamed into place: a rename replaces a link instead of writing through it, and a folder
-    reached through a link is refused (:func:`portable_models.paths.bundle_path`)."""
+    reached through a link is refused (:func:`portable_models.core.paths.bundle_path`)."""
     with writing("the bench results", root):
         reports = bundle_path(root, "reports", what="reports folder")
         staged = Path(tempfile.mkdtemp(prefix=".bench-reports-", dir=root))

@@ -102,7 +102,7 @@ def _show_logs(bundle_dir: Any, stream: TextIO) -> None:
 
 
 def _report(obj: Any, fmt: str, problems: list[str] | None = None) -> str:
-    from portable_models.reports import render
+    from portable_models.contract.reports import render
 
     return render(obj.contract, fmt, problems=problems)
 
@@ -129,8 +129,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from portable_models.compare.parity import DEFAULT_TOLERANCES
     from portable_models.fromfile import tolerance_overrides
-    from portable_models.parity import DEFAULT_TOLERANCES
 
     tol = tolerance_overrides({"atol": args.atol or [], "rtol": args.rtol or []})
     defaults = dict(DEFAULT_TOLERANCES)
@@ -159,9 +159,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _export_file(args: argparse.Namespace, tol: dict[str, Any], defaults: dict[str, Any],
                  routes: dict[str, str], progress: Progress) -> Any:
+    from portable_models.compare.parity import TolerancePolicy
+    from portable_models.core.spec import parse_dynamic_option, parse_input_option
     from portable_models.fromfile import export_file
-    from portable_models.parity import TolerancePolicy
-    from portable_models.spec import parse_dynamic_option, parse_input_option
 
     return export_file(
         args.src, out=args.out, inputs=[parse_input_option(t) for t in args.input or []],
@@ -188,7 +188,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify_summary(report: Any, args: argparse.Namespace) -> None:
     """How many artifacts ran, where, and what fails nothing but is worth knowing (stderr:
     stdout may be a report file)."""
-    from portable_models.text import escape
+    from portable_models.core.text import escape
 
     if getattr(args, "quiet", False):
         return
@@ -199,9 +199,9 @@ def _verify_summary(report: Any, args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from portable_models.benchmark import bench
-    from portable_models.checks import checking_runtime
-    from portable_models.targets import TARGET_INFO
-    from portable_models.text import escape
+    from portable_models.compare.check import checking_runtime
+    from portable_models.convert.registry import TARGET_INFO
+    from portable_models.core.text import escape
 
     contract = bench(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads,
                      targets=args.targets, write=not args.no_write, timeout_s=args.timeout,
@@ -227,8 +227,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from portable_models.contract import load_contract
-    from portable_models.text import escape as e
+    from portable_models.contract.model import load_contract
+    from portable_models.core.text import escape as e
 
     c = load_contract(args.bundle)
     print(f"{e(c.name)}: {e(c.source['framework'])} {e(c.source['version'])}, {c.golden['cases']} golden cases")
@@ -291,7 +291,7 @@ class _ListAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from portable_models.runtimes.base import COMPUTE_UNITS
+    from portable_models.run.base import COMPUTE_UNITS
 
     p = argparse.ArgumentParser(prog="portable-models", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -406,7 +406,7 @@ _PATH_ARGS = ("src", "out", "bundle", "samples")
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:
-    from portable_models.paths import user_path
+    from portable_models.core.paths import user_path
 
     for name in _PATH_ARGS:
         value = getattr(args, name, None)
@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("terminated: workers stopped, nothing written", file=sys.stderr)
         return 143
     finally:
-        workers = sys.modules.get("portable_models.workers")
+        workers = sys.modules.get("portable_models.isolation.pool")
         if workers is not None:  # the command is over: its warm workers go now, not at exit
             workers.shutdown_workers()
 

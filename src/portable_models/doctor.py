@@ -3,9 +3,9 @@ tested matrix. Looks up versions without importing the heavy packages."""
 
 from __future__ import annotations
 
-from portable_models.runtimes import RUNTIMES
-from portable_models.targets import ROUTES
-from portable_models.targets.base import package_version
+from portable_models.convert.base import package_version
+from portable_models.convert.registry import ROUTES
+from portable_models.run.registry import RUNTIMES
 
 __all__ = ["TESTED", "render_doctor"]
 
@@ -35,7 +35,7 @@ def render_doctor() -> tuple[str, bool]:
     for name, info in RUNTIMES.items():
         missing = [d for d in info.requires if not package_version(d)]
         lines.append(f"  {name:<14} {'ready' if not missing else 'missing ' + ', '.join(missing)}")
-    from portable_models.sandbox import status
+    from portable_models.isolation.sandbox import status
 
     sandbox = status()
     lines.append("\nsandbox for verify/bench: " + (f"active ({sandbox.reason})" if sandbox.available else

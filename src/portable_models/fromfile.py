@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from portable_models.core.golden import draw, load_samples
+from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.errors import UsageError
-from portable_models.golden import draw, load_samples
-from portable_models.spec import DimSpec, TensorSpec
 
 __all__ = ["export_file"]
 
@@ -75,9 +75,9 @@ def export_file(src: str | Path, *, out: str | Path, inputs: Sequence[TensorSpec
                 **options: Any) -> Any:
     """Load a saved model safely and export it like :func:`portable_models.export`."""
     from portable_models.api import export
-    from portable_models.paths import user_path
-    from portable_models.sources import framework_of
-    from portable_models.sources.files import load_source
+    from portable_models.capture import framework_of
+    from portable_models.capture.files import load_source
+    from portable_models.core.paths import user_path
 
     src, out = user_path(src), user_path(out)
     loaded = load_source(src, trust=trust, model_class=model_class)

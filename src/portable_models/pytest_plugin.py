@@ -46,7 +46,7 @@ class BundleCollector(pytest.Collector):
         return self._report
 
     def collect(self) -> Iterator[pytest.Item]:
-        from portable_models.contract import load_contract
+        from portable_models.contract.model import load_contract
 
         contract = load_contract(self.bundle)
         yield ParityItem.from_parent(self, name="test_integrity", key=None, output=None)
@@ -62,7 +62,7 @@ class ParityItem(pytest.Item):
         self.key, self.output = key, output
 
     def runtest(self) -> None:
-        from portable_models.text import escape
+        from portable_models.core.text import escape
 
         assert isinstance(self.parent, BundleCollector)
         report = self.parent.report()
@@ -102,7 +102,7 @@ def _metrics(res: dict[str, Any]) -> str:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: Any, items: list[pytest.Item]) -> None:
-    from portable_models.paths import user_path
+    from portable_models.core.paths import user_path
 
     here = Path(config.invocation_params.dir)  # relative to where pytest was started
     for folder in config.getoption("pm_bundle") or []:

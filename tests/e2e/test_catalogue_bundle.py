@@ -21,8 +21,8 @@ from xml.etree import ElementTree as ET
 import pytest
 from clihelp import cli_env
 
-from portable_models.bundle import list_files, sha256_path
-from portable_models.sandbox import status
+from portable_models.contract.bundle import list_files, sha256_path
+from portable_models.isolation.sandbox import status
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"
 pytestmark = pytest.mark.slow
@@ -273,8 +273,8 @@ def test_bench_never_writes_through_a_link(tmp_path: Path) -> None:
 def test_a_sandboxed_worker_cannot_read_outside_the_bundle(tmp_path: Path) -> None:
     """What the sandbox promises, asked of a real verify worker: the process that loads the
     artifacts cannot read a file outside the bundle and the Python installation."""
-    from portable_models.trust import confinement
-    from portable_models.workers import JobFailed, WorkerLimits, WorkerPool
+    from portable_models.contract.trust import confinement
+    from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
 
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cret")

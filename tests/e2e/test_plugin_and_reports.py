@@ -52,9 +52,9 @@ def test_json_report_validates_against_its_schema() -> None:
     import jsonschema
 
     from portable_models.api import verify
-    from portable_models.reports import to_json
+    from portable_models.contract.reports import to_json
 
-    schema = json.loads(resources.files("portable_models").joinpath("schema/report-v1.json").read_text())
+    schema = json.loads(resources.files("portable_models").joinpath("contract/schema/report-v1.json").read_text())
     report = verify(TINY)
     jsonschema.validate(json.loads(to_json(report.contract, problems=report.problems)), schema)
     jsonschema.validate(json.loads((TINY / "reports" / "parity.json").read_text()), schema)
@@ -92,7 +92,7 @@ def test_html_report_renders_in_a_real_browser(tmp_path: Path) -> None:
 def test_bench_writes_latency_into_contract_and_reports(tmp_path: Path) -> None:
     from clihelp import cli
 
-    from portable_models.contract import load_contract
+    from portable_models.contract.model import load_contract
 
     bundle = tmp_path / "tiny"
     shutil.copytree(TINY, bundle)

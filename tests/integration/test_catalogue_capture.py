@@ -49,7 +49,7 @@ def test_bad_outputs_are_refused(tmp_path: Path, fn: Any, error: type, match: st
 
 
 def test_nested_tuple_is_flattened_and_none_entries_refused(tmp_path: Path) -> None:
-    from portable_models.sources.torch import flatten_outputs
+    from portable_models.capture.torch import flatten_outputs
 
     h = torch.rand(2, 3)
     names, tensors = flatten_outputs((h, (h + 1, h - 1), {"z": h * 2}), None)
@@ -137,7 +137,7 @@ def test_read_only_output_folder_simulated(tmp_path: Path, monkeypatch: pytest.M
     read-only, as it would to any other user."""
     import os
 
-    from portable_models import bundle
+    from portable_models.contract import bundle
 
     ro = tmp_path / "ro"
     ro.mkdir()

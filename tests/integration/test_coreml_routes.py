@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from portable_models.convert.base import ConvertJob, ConvertResult, ensure_artifact, load_impl
+from portable_models.convert.registry import routes_for
+from portable_models.core.iomap import Binding, IoMap
+from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.errors import ConversionError, RuntimeLoadError, UnverifiedError
-from portable_models.iomap import Binding, IoMap
-from portable_models.runtimes.base import RunnerOptions
-from portable_models.runtimes.coreml import CoreMLRunner, structural_check
-from portable_models.spec import DimSpec, TensorSpec
-from portable_models.targets import routes_for
-from portable_models.targets.base import ConvertJob, ConvertResult, ensure_artifact, load_impl
+from portable_models.run.base import RunnerOptions
+from portable_models.run.coreml import CoreMLRunner, structural_check
 
 pytestmark = pytest.mark.slow
 ON_MACOS = sys.platform == "darwin"
@@ -355,7 +355,7 @@ def test_structural_mismatch_is_caught(converted: Callable[[str], Converted]) ->
 def test_trace_route_converts_every_model(name: str, tmp_path: Path) -> None:
     """The fallback route must stand on its own, not only where the first one fails."""
     job = _job(name, tmp_path)
-    result = load_impl("portable_models.targets.coreml:convert_from_trace")(job)
+    result = load_impl("portable_models.convert.coreml:convert_from_trace")(job)
     checked = structural_check(job.out_dir / result.file, result.io, job.inputs, job.outputs,
                                "float32", dims=job.dims)
     assert result.meta["frontend"] == "TorchScript"
@@ -367,7 +367,7 @@ def test_trace_route_keeps_dynamic_sizes(tmp_path: Path) -> None:
     and probes the trace at other sizes."""
     job = _job("encoder", tmp_path)
     job.route = "coremltools-trace"
-    result = load_impl("portable_models.targets.coreml:convert_from_trace")(job)
+    result = load_impl("portable_models.convert.coreml:convert_from_trace")(job)
     trace = next(s for s in result.steps if s.step == "torch.jit.trace")
     assert trace.detail["probed_sizes"] == {"batch": 3, "seq": 8}
     assert "view" in trace.detail["rebound_ops"]
@@ -379,13 +379,13 @@ def test_trace_route_keeps_dynamic_sizes(tmp_path: Path) -> None:
 def test_export_route_error_names_the_op(tmp_path: Path) -> None:
     job = _job("lstm", tmp_path)
     with pytest.raises(ConversionError, match="lstm"):
-        load_impl("portable_models.targets.coreml:convert_from_export")(job)
+        load_impl("portable_models.convert.coreml:convert_from_export")(job)
     assert not (job.out_dir / "model.mlpackage").exists()
 
 
 def test_deployment_target_option(tmp_path: Path) -> None:
     job = _job("upsample_dw", tmp_path / "a", minimum_deployment_target="iOS17")
-    result = load_impl("portable_models.targets.coreml:convert_from_export")(job)
+    result = load_impl("portable_models.convert.coreml:convert_from_export")(job)
     assert result.meta["minimum_deployment_target"] == "iOS17"
     assert result.meta["specification_version"] == 8
     checked = structural_check(job.out_dir / result.file, result.io, job.inputs, job.outputs,
@@ -393,7 +393,7 @@ def test_deployment_target_option(tmp_path: Path) -> None:
     assert any("iOS17/macOS14" in x for x in checked)
     bad = _job("upsample_dw", tmp_path / "b", minimum_deployment_target="iOS99")
     with pytest.raises(ConversionError, match="unknown Core ML deployment target"):
-        load_impl("portable_models.targets.coreml:convert_from_export")(bad)
+        load_impl("portable_models.convert.coreml:convert_from_export")(bad)
 
 
 @pytest.mark.parametrize("impl", ["convert_from_export", "convert_from_trace"])
@@ -401,7 +401,7 @@ def test_unsupported_ops_are_decomposed(impl: str, tmp_path: Path) -> None:
     """Both routes decompose ``new_ones`` and ``diff`` first; the trace route keeps the
     dynamic slice end (checked by its probe)."""
     job = _job("slice_ones_diff", tmp_path)
-    result = load_impl(f"portable_models.targets.coreml:{impl}")(job)
+    result = load_impl(f"portable_models.convert.coreml:{impl}")(job)
     first = result.steps[0]
     assert first.detail["decomposed"] == ["aten.diff.default", "aten.new_ones.default"]
     if impl == "convert_from_trace":

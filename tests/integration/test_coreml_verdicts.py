@@ -16,8 +16,8 @@ import pytest
 
 import portable_models as pm
 from models import CORE_ML_CHECKER
+from portable_models.contract.reports.table import REFERENCE_CAVEAT
 from portable_models.errors import UsageError
-from portable_models.reports.table import REFERENCE_CAVEAT
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_report_names_the_checker_and_its_limits(fp16_bundle: Any) -> None:
 
 
 def test_verify_rechecks_both_from_the_bundle(fp16_bundle: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models.workers import WorkerPool
+    from portable_models.isolation.pool import WorkerPool
 
     kinds: list[str] = []
     real = WorkerPool.call

@@ -21,12 +21,12 @@ pytest.importorskip("executorch.exir", reason="executorch is not installed")
 
 import torch
 
+from portable_models.convert.base import ConvertJob, ConvertResult, ensure_artifact
+from portable_models.convert.executorch import convert_portable, convert_xnnpack
+from portable_models.core.iomap import IoMap
+from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.errors import RuntimeLoadError, RuntimeRunError
-from portable_models.iomap import IoMap
-from portable_models.runtimes.executorch import ExecuTorchRunner
-from portable_models.spec import DimSpec, TensorSpec
-from portable_models.targets.base import ConvertJob, ConvertResult, ensure_artifact
-from portable_models.targets.executorch import convert_portable, convert_xnnpack
+from portable_models.run.executorch import ExecuTorchRunner
 
 ATOL, RTOL = 1e-4, 1e-3
 BATCH = DimSpec(name="batch", min=1, max=64)
@@ -249,7 +249,7 @@ def test_a_runs_thread_count_is_put_back_after_it(two_io: tuple[Any, ConvertJob,
     # the threadpool is the worker's: a verify's one-thread run must not leave it at one
     import executorch.extension.pybindings.portable_lib as lib
 
-    from portable_models.runtimes.base import RunnerOptions
+    from portable_models.run.base import RunnerOptions
 
     _, job, result = two_io
     path = ensure_artifact(job, result)

@@ -13,7 +13,7 @@ import pytest
 
 import portable_models as pm
 from models import CORE_ML_CHECKER, ZOO
-from portable_models.golden import load_cases
+from portable_models.core.golden import load_cases
 
 pytestmark = pytest.mark.slow
 CORE = ["onnx", "torchscript", "executorch"]
@@ -78,7 +78,7 @@ def test_golden_cases_cover_two_sizes_of_dynamic_dims(exported: tuple[str, Any])
 
 def test_dict_outputs_are_named_by_key() -> None:
     case = ZOO["two_in_dict_out"]()
-    from portable_models.sources.torch import flatten_outputs
+    from portable_models.capture.torch import flatten_outputs
 
     names, _ = flatten_outputs(case.model(*case.example), None)
     assert names == ["label", "value"]
@@ -91,7 +91,7 @@ def _swap_artifact(bundle_dir: Path, target: str, replacement: Path) -> None:
     data = json.loads(contract_path.read_text())
     art = next(a for a in data["artifacts"] if a["target"] == target)
     shutil.copyfile(replacement, bundle_dir / art["file"])
-    from portable_models.bundle import sha256_path
+    from portable_models.contract.bundle import sha256_path
 
     digest = sha256_path(bundle_dir / art["file"])
     art["sha256"], art["bytes"] = digest, (bundle_dir / art["file"]).stat().st_size

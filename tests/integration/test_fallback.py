@@ -12,7 +12,7 @@ import pytest
 
 import portable_models as pm
 from models import ZOO
-from portable_models.targets import EXTRA_ROUTES_ENV
+from portable_models.convert.registry import EXTRA_ROUTES_ENV
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent.parent
@@ -51,8 +51,8 @@ def test_failing_first_route_is_recorded_and_the_next_taken(tmp_path: Path,
 
 def test_fixed_shape_fallback_runs_when_no_later_route_keeps_the_dims(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models import pipeline
-    from portable_models.targets import route_by_name
+    from portable_models.convert import build as pipeline
+    from portable_models.convert.registry import route_by_name
 
     _inject(monkeypatch, "FAIL_TFLITE")
     order = [route_by_name("litert-torch"), route_by_name("test-fail-convert")]

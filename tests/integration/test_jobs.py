@@ -39,7 +39,7 @@ def test_two_jobs_overlap_and_give_the_same_bundle(tmp_path: Path) -> None:
         assert a.route_name == b.route_name
     assert _max_concurrent(events) == 2, events
     if sys.platform.startswith("linux"):  # lane 1's worker was forked from lane 0's warm one
-        from portable_models.workers import shared_pool
+        from portable_models.isolation.pool import shared_pool
 
         pool = shared_pool().pool
         assert any(w.lane == 1 and w.cloned for w in pool._idle), [(w.lane, w.cloned) for w in pool._idle]

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from portable_models.core.iomap import IoMap
 from portable_models.errors import RuntimeRunError, UnverifiedError
-from portable_models.iomap import IoMap
-from portable_models.runtimes.mil_reference import MilReferenceRunner
+from portable_models.run.mil_reference import MilReferenceRunner
 
 pytestmark = pytest.mark.slow
 
@@ -240,7 +240,7 @@ def test_scaled_weight_fails_parity(tmp_path: Path) -> None:
 
 
 def test_op_without_kernel_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, encoder_package: Path) -> None:
-    from portable_models.runtimes.mil import kernels
+    from portable_models.run.mil import kernels
 
     monkeypatch.delitem(kernels.KERNELS, "softmax")
     runner = MilReferenceRunner(encoder_package, IoMap.identity(["x"], output_names(encoder_package)))
@@ -250,7 +250,7 @@ def test_op_without_kernel_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, e
 
 
 def test_run_mlpackage_and_supported_ops(encoder_package: Path) -> None:
-    from portable_models.runtimes.mil import run_mlpackage, supported_ops
+    from portable_models.run.mil import run_mlpackage, supported_ops
 
     ops = supported_ops()
     assert {"conv", "lstm", "softmax", "layer_norm", "gelu", "while_loop", "cond"} <= ops

@@ -23,13 +23,13 @@ pytest.importorskip("onnxruntime")
 
 from torch import nn  # noqa: E402
 
-from portable_models.iomap import IoMap  # noqa: E402
-from portable_models.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
-from portable_models.runtimes.torchscript import TorchScriptRunner  # noqa: E402
-from portable_models.spec import DimSpec, TensorSpec  # noqa: E402
-from portable_models.targets.base import ConvertJob, ConvertResult, ensure_artifact  # noqa: E402
-from portable_models.targets.onnx import convert_torch_onnx  # noqa: E402
-from portable_models.targets.torchscript import convert_trace  # noqa: E402
+from portable_models.convert.base import ConvertJob, ConvertResult, ensure_artifact  # noqa: E402
+from portable_models.convert.onnx import convert_torch_onnx  # noqa: E402
+from portable_models.convert.torchscript import convert_trace  # noqa: E402
+from portable_models.core.iomap import IoMap  # noqa: E402
+from portable_models.core.spec import DimSpec, TensorSpec  # noqa: E402
+from portable_models.run.onnxruntime import OnnxRuntimeRunner  # noqa: E402
+from portable_models.run.torchscript import TorchScriptRunner  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -299,7 +299,7 @@ def test_perturbed_torchscript_weights_fail_parity(tmp_path: Path) -> None:
 def test_a_torchscript_runs_thread_count_is_put_back_after_it(tmp_path: Path) -> None:
     # torch's thread count is the worker's: a verify's one-thread run must not leave it at one
     from portable_models.errors import RuntimeLoadError
-    from portable_models.runtimes.base import RunnerOptions
+    from portable_models.run.base import RunnerOptions
 
     path = tmp_path / "m.pt"
     torch.jit.trace(nn.Linear(4, 2).eval(), torch.rand(1, 4)).save(str(path))

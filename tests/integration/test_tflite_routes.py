@@ -21,12 +21,12 @@ pytest.importorskip("ai_edge_litert")
 
 import torch
 
-from portable_models.runtimes.base import Runner
-from portable_models.runtimes.litert import LiteRTRunner
-from portable_models.spec import DimSpec, TensorSpec
-from portable_models.targets.base import ConvertJob, ConvertResult, ensure_artifact
-from portable_models.targets.onnx2tf import convert_onnx2tf
-from portable_models.targets.tflite import convert_litert_torch
+from portable_models.convert.base import ConvertJob, ConvertResult, ensure_artifact
+from portable_models.convert.onnx2tf import convert_onnx2tf
+from portable_models.convert.tflite import convert_litert_torch
+from portable_models.core.spec import DimSpec, TensorSpec
+from portable_models.run.base import Runner
+from portable_models.run.litert import LiteRTRunner
 
 pytestmark = pytest.mark.slow
 
@@ -236,7 +236,7 @@ def test_fixed_shape_mismatch_is_reported(tmp_path: Path) -> None:
 
 def test_output_matching_is_by_content_not_position() -> None:
     """Two same-shape outputs listed in the other order are still told apart."""
-    from portable_models.targets.onnx2tf import _match_outputs
+    from portable_models.convert.onnx2tf import _match_outputs
 
     x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
     ref = [x * 2.0, x + 1.0]  # logical order: zeta, alpha

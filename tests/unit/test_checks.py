@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from portable_models import golden
-from portable_models.checks import Ask, Judge, PlannedRun, plan_artifact, run_planned
-from portable_models.contract import load_contract
-from portable_models.parity import TolerancePolicy
-from portable_models.workers import WorkerPool
+from portable_models.compare.check import Ask, Judge, PlannedRun, plan_artifact, run_planned
+from portable_models.compare.parity import TolerancePolicy
+from portable_models.contract.model import load_contract
+from portable_models.core import golden
+from portable_models.isolation.pool import WorkerPool
 
 pytest.importorskip("onnxruntime")
 
@@ -80,7 +80,7 @@ def test_two_checks_run_side_by_side_in_two_workers_each_run_on_one_thread(tmp_p
 def test_a_round_with_a_compute_bound_check_runs_in_one_worker_on_the_runtimes_own_threads(tmp_path: Path) -> None:
     """Two one-thread runs of a compute-bound model side by side take as long as one after the
     other on both cores: such a round is not split (lanes.COMPUTE_BOUND_MS)."""
-    from portable_models.lanes import COMPUTE_BOUND_MS
+    from portable_models.isolation.lanes import COMPUTE_BOUND_MS
 
     with WorkerPool(scratch=tmp_path / "s") as pool:
         calls, _ = _trace(pool)
@@ -100,7 +100,7 @@ def test_a_round_with_a_compute_bound_check_runs_in_one_worker_on_the_runtimes_o
 
 def test_verify_tells_the_lanes_what_each_check_took_a_case_at_export(monkeypatch: pytest.MonkeyPatch) -> None:
     import portable_models as pm
-    from portable_models import lanes
+    from portable_models.isolation import lanes
 
     seen: list[float] = []
     real = lanes.split
@@ -109,7 +109,7 @@ def test_verify_tells_the_lanes_what_each_check_took_a_case_at_export(monkeypatc
         seen.extend(job.run_ms for _, job, _, _ in runs)
         return real(pool, runs, n)
 
-    monkeypatch.setattr("portable_models.checks.split", split)
+    monkeypatch.setattr("portable_models.compare.check.split", split)
     assert pm.verify(TINY).ok
     assert seen == [load_contract(TINY).artifacts[0].timings["run_ms_p50"]] and seen[0] > 0
 
@@ -143,7 +143,7 @@ def test_a_jobs2_exports_one_thread_workers_serve_a_verify_side_by_side(tmp_path
 
 def test_lanes_are_balanced_by_the_last_runs_seconds_else_by_the_contracts_timings(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models import lanes
+    from portable_models.isolation import lanes
 
     class Free:
         def side_by_side(self, framework: str, lanes: Any) -> tuple[bool, int | None]:
@@ -266,7 +266,8 @@ def test_a_many_job_hashes_an_artifacts_files_once_unless_they_failed(tmp_path: 
     # structural check loads files the first run hashed; a failed hash is made again
     import shutil
 
-    from portable_models import _worker, bundle
+    from portable_models.contract import bundle
+    from portable_models.isolation import child as _worker
 
     root = tmp_path / "b"
     shutil.copytree(TINY, root)

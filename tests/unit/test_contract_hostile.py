@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from portable_models import golden
-from portable_models.bundle import list_files, sha256_path
-from portable_models.contract import MAX_CONTRACT_BYTES, MAX_DEPTH, load_contract
+from portable_models.compare.parity import TolerancePolicy
+from portable_models.contract.bundle import list_files, sha256_path
+from portable_models.contract.model import MAX_CONTRACT_BYTES, MAX_DEPTH, load_contract
+from portable_models.core import golden
+from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.errors import ContractError
-from portable_models.parity import TolerancePolicy
-from portable_models.spec import DimSpec, TensorSpec
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"
 
@@ -319,8 +319,8 @@ def test_golden_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import resource, sys
         from pathlib import Path
-        from portable_models import golden
-        from portable_models.contract import load_contract
+        from portable_models.core import golden
+        from portable_models.contract.model import load_contract
         from portable_models.errors import ContractError
         bundle = Path({str(bundle)!r})
         contract = load_contract(bundle)

@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from portable_models import golden
-from portable_models.bundle import Staging, check_files, list_files
-from portable_models.contract import Artifact, Attempt, Contract, load_contract
+from portable_models.compare.parity import TolerancePolicy, compare_outputs
+from portable_models.contract.bundle import Staging, check_files, list_files
+from portable_models.contract.model import Artifact, Attempt, Contract, load_contract
+from portable_models.contract.reports import render, to_junit
+from portable_models.core import golden
+from portable_models.core.iomap import Binding, IoMap
+from portable_models.core.spec import DimSpec, TensorSpec, parse_dynamic_option, parse_input_option
 from portable_models.errors import (
     BundleWriteError,
     ContractError,
@@ -19,10 +23,6 @@ from portable_models.errors import (
     InputError,
     UsageError,
 )
-from portable_models.iomap import Binding, IoMap
-from portable_models.parity import TolerancePolicy, compare_outputs
-from portable_models.reports import render, to_junit
-from portable_models.spec import DimSpec, TensorSpec, parse_dynamic_option, parse_input_option
 
 
 def test_parse_input_option() -> None:
@@ -156,7 +156,7 @@ def test_small_run_outputs_travel_in_the_answer_and_large_ones_through_a_file(tm
 
 def test_worker_reads_golden_inputs_once_while_unchanged_and_hands_out_copies(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models import jobs
+    from portable_models.isolation import jobs
 
     path = tmp_path / "inputs.npz"
     golden.save_cases(path, [{"x": np.arange(4, dtype=np.float32)}])
@@ -311,7 +311,7 @@ def test_a_file_larger_than_one_read_hashes_the_same_in_chunks(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from portable_models import bundle
+    from portable_models.contract import bundle
 
     data = os.urandom(10_000)
     (tmp_path / "x.bin").write_bytes(data)
@@ -321,7 +321,7 @@ def test_a_file_larger_than_one_read_hashes_the_same_in_chunks(tmp_path: Path,
 
 
 def test_error_histogram_counts_each_decade_from_its_power_of_ten() -> None:
-    from portable_models.checks import error_histogram
+    from portable_models.compare.check import error_histogram
 
     errors = np.array([0.0, 1e-13, 1e-12, 9.9e-12, 1e-5, 0.5, 1.0, 99.0, 100.0, 5e3, np.nan, np.inf])
     hist = error_histogram([{"y": np.zeros(errors.size)}], [{"y": errors}], "y")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from portable_models.workers import WorkerLimits, WorkerPool
+from portable_models.isolation.pool import WorkerLimits, WorkerPool
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("coremltools", "tensorflow")),

@@ -18,7 +18,7 @@ from models import ZOO
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from portable_models.sources.fingerprint import Unfingerprintable, model_fingerprint  # noqa: E402
+from portable_models.capture.fingerprint import Unfingerprintable, model_fingerprint  # noqa: E402
 
 SCALE = 2.0
 
@@ -47,7 +47,7 @@ def _fp(model: Any) -> str:
 def code_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the fx graph (which bakes in the constants of the path the example takes),
     so that the code hash alone must see the change."""
-    from portable_models.sources import fingerprint
+    from portable_models.capture import fingerprint
 
     monkeypatch.setattr(fingerprint, "_fx_code", lambda model, h: "")
 
@@ -161,7 +161,7 @@ def test_what_cannot_be_hashed_is_refused_by_name() -> None:
 
 
 def test_the_fx_graph_sees_what_the_example_path_computes() -> None:
-    from portable_models.sources import fingerprint
+    from portable_models.capture import fingerprint
 
     h = fingerprint._Hasher()
     assert "mul" in fingerprint._fx_code(Scaled().eval(), h) or "2.0" in fingerprint._fx_code(Scaled().eval(), h)

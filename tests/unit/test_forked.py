@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from portable_models.capture.fork import CAPTURE_ENV, fork_unavailable, run_forked
 from portable_models.errors import CaptureError, UsageError
-from portable_models.forked import CAPTURE_ENV, fork_unavailable, run_forked
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked capture is Linux-only")
 

@@ -16,11 +16,11 @@ MODULES = [
     "portable_models.testing",
     "portable_models.cli",
     "portable_models.api",
-    "portable_models.targets",
-    "portable_models.runtimes",
-    "portable_models.parity",
-    "portable_models.contract",
-    "portable_models.reports",
+    "portable_models.convert.registry",
+    "portable_models.run.registry",
+    "portable_models.compare.parity",
+    "portable_models.contract.model",
+    "portable_models.contract.reports",
     "portable_models.doctor",
 ]
 

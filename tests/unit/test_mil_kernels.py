@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from portable_models.runtimes.mil import kernels_misc as km
-from portable_models.runtimes.mil import kernels_nn as kn
-from portable_models.runtimes.mil import kernels_resize as kr
-from portable_models.runtimes.mil import kernels_rnn as krnn
-from portable_models.runtimes.mil import kernels_sample as ks
+from portable_models.run.mil import kernels_misc as km
+from portable_models.run.mil import kernels_nn as kn
+from portable_models.run.mil import kernels_resize as kr
+from portable_models.run.mil import kernels_rnn as krnn
+from portable_models.run.mil import kernels_sample as ks
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -11,9 +11,9 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from portable_models.contract import Contract, load_contract
-from portable_models.reports import FORMATS, render, write_reports
-from portable_models.text import escape, escape_html, escape_md
+from portable_models.contract.model import Contract, load_contract
+from portable_models.contract.reports import FORMATS, render, write_reports
+from portable_models.core.text import escape, escape_html, escape_md
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"
 

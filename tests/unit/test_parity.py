@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from portable_models.errors import UsageError
-from portable_models.parity import (
+from portable_models.compare.parity import (
     DEFAULT_TOLERANCES,
     OutputParity,
     Tolerance,
@@ -19,6 +18,7 @@ from portable_models.parity import (
     format_float,
     verdict,
 )
+from portable_models.errors import UsageError
 
 RNG = np.random.default_rng(0)
 
@@ -351,7 +351,7 @@ def test_format_float():
 
 
 def test_importing_parity_stays_light():
-    code = ("import sys, portable_models.parity; "
+    code = ("import sys, portable_models.compare.parity; "
             "heavy = {'torch', 'tensorflow', 'onnx', 'onnxruntime', 'keras'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

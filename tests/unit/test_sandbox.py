@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from portable_models.sandbox import SandboxError, confine, status
+from portable_models.isolation.sandbox import SandboxError, confine, status
 
 STATE = status()
 needs_landlock = pytest.mark.skipif(not STATE.available, reason=f"no sandbox: {STATE.reason}")
@@ -22,7 +22,7 @@ needs_landlock = pytest.mark.skipif(not STATE.available, reason=f"no sandbox: {S
 # the case's body, which records outcomes with attempt(); prints them as JSON.
 PRELUDE = """
 import json, os, subprocess, sys
-from portable_models import sandbox
+from portable_models.isolation import sandbox
 bundle, scratch, outside = sys.argv[1:4]
 sandbox.confine(read=[bundle, *sandbox.default_read_paths()],
                 write=[scratch, *sandbox.default_write_paths()],
@@ -177,7 +177,7 @@ def test_every_capability_is_dropped(dirs: dict[str, Path]) -> None:
 @needs_landlock
 def test_refuses_a_multithreaded_process(dirs: dict[str, Path]) -> None:
     code = ("import threading, time; threading.Thread(target=time.sleep, args=(5,), daemon=True)"
-            ".start()\nfrom portable_models import sandbox\ntry:\n    sandbox.confine()\n"
+            ".start()\nfrom portable_models.isolation import sandbox\ntry:\n    sandbox.confine()\n"
             "except sandbox.SandboxError as exc:\n    print(exc.code)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "sandbox_failed", out.stderr
@@ -195,7 +195,7 @@ def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_import_is_light() -> None:
     heavy = ("numpy", "torch", "tensorflow", "onnxruntime", "onnx", "coremltools", "jax")
-    code = (f"import sys, portable_models.sandbox; "
+    code = (f"import sys, portable_models.isolation.sandbox; "
             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -17,7 +17,7 @@ from portable_models.errors import (
     WorkerOutOfMemory,
     WorkerTimeout,
 )
-from portable_models.workers import JobFailed, WorkerLimits, WorkerPool
+from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_lanes_warmed_one_by_one_import_one_after_the_other(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Two workers importing torch at once each take about twice as long: a lane warmed
     ``one_by_one`` starts importing when the previous lane's worker is ready."""
-    from portable_models.workers import LimitedPool
+    from portable_models.isolation.pool import LimitedPool
 
     (tmp_path / "pm_slow_import.py").write_text(
         "import os, time\n"
@@ -140,8 +140,8 @@ def test_a_lane_cloned_from_a_warm_worker_imports_nothing_again_and_lives_on_its
     """Lane 1's worker is forked from lane 0's once that one is warm: one import for both;
     then a worker of its own (process, session, scratch folder, memory account), whose crash
     is reported like any worker's and leaves lane 0's working; closing the pool stops both."""
-    from portable_models.worker_process import _group_rss_mb
-    from portable_models.workers import LimitedPool
+    from portable_models.isolation.pool import LimitedPool
+    from portable_models.isolation.process import _group_rss_mb
 
     (tmp_path / "pm_counted_import.py").write_text(
         "import os\n"
@@ -184,7 +184,7 @@ def test_a_clone_that_cannot_set_itself_up_fails_fast_and_its_source_works_on(tm
     import time
 
     from portable_models.errors import WorkerError
-    from portable_models.worker_process import Worker
+    from portable_models.isolation.process import Worker
 
     with WorkerPool(scratch=tmp_path / "s") as pool:
         pid = pool.call(kind="ping", payload={}, framework="none", step="p")[0]["pid"]
@@ -221,9 +221,10 @@ def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_pa
 def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run(tmp_path: Path) -> None:
     """verify runs a bundle's artifacts in one worker job; one that crashes its worker fails
     alone (stage: its runtime), and the ones after it run in a new worker."""
-    from portable_models import checks, lanes
-    from portable_models.iomap import IoMap
-    from portable_models.parity import TolerancePolicy
+    from portable_models.compare import check as checks
+    from portable_models.compare.parity import TolerancePolicy
+    from portable_models.core.iomap import IoMap
+    from portable_models.isolation import lanes
 
     class Scripted(checks._RunJob):
         action = ""
@@ -262,7 +263,7 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
 
 # -- one pool per process -------------------------------------------------------------
 def test_shared_pool_keeps_warm_workers_between_calls_until_shutdown() -> None:
-    from portable_models.workers import shared_pool, shutdown_workers
+    from portable_models.isolation.pool import shared_pool, shutdown_workers
 
     shutdown_workers()
     first, _ = shared_pool().call(kind="ping", payload={}, framework="torch", step="ping")
@@ -276,7 +277,7 @@ def test_shared_pool_keeps_warm_workers_between_calls_until_shutdown() -> None:
 
 
 def test_each_view_applies_its_own_limits(tmp_path: Path) -> None:
-    from portable_models.workers import shared_pool, shutdown_workers
+    from portable_models.isolation.pool import shared_pool, shutdown_workers
 
     strict = shared_pool(WorkerLimits(timeout_s=1, memory_mb=None))
     with pytest.raises(JobFailed) as info:
@@ -330,7 +331,7 @@ def test_a_changed_environment_gets_a_fresh_worker(tmp_path: Path, monkeypatch: 
 
 
 def test_prewarm_starts_one_worker_per_lane_that_jobs_then_reuse(tmp_path: Path) -> None:
-    from portable_models.workers import LimitedPool
+    from portable_models.isolation.pool import LimitedPool
 
     with WorkerPool(scratch=tmp_path / "s") as pool:
         view = LimitedPool(pool, WorkerLimits())

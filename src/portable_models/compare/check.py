@@ -1,0 +1,420 @@
+"""Check an artifact: run it in its real runtime, in a worker, on the golden cases, and
+compare its outputs with the golden ones. ``export`` checks each new artifact this way
+(:func:`check_artifact`, one worker job per run); ``verify`` checks a whole bundle with one
+worker job per round (:func:`plan_artifact` and :func:`run_planned`).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portable_models.compare.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
+from portable_models.core.golden import Cases, load_cases, unpack_outputs
+from portable_models.core.iomap import IoMap
+from portable_models.core.spec import DimSpec, TensorSpec
+from portable_models.errors import PortableModelsError, UnverifiedError
+from portable_models.isolation.lanes import Runs, run_many, side_by_side, split
+from portable_models.isolation.pool import JobFailed, Pool
+from portable_models.isolation.process import worker_kind
+from portable_models.run.registry import RUNTIMES, runtime_info
+
+__all__ = ["Ask", "Judge", "PlannedRun", "check_artifact", "checking_runtime", "error_histogram", "error_dict",
+           "fixed_shape_cases", "plan_artifact", "run_planned", "runner_options"]
+
+
+def runner_options(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                   dims: dict[str, DimSpec], precision: str) -> dict[str, Any]:
+    """What a runner may check an artifact against: the contract's specs."""
+    return {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs],
+            "dims": {k: v.to_dict() for k, v in dims.items()}, "precision": precision}
+
+
+def checking_runtime(runtime: str) -> str:
+    """The runtime that checks an artifact here: Core ML off macOS goes to the MIL
+    reference executor when it is installed."""
+    if runtime == "coreml" and sys.platform != "darwin" and "mil-reference" in RUNTIMES:
+        return "mil-reference"
+    return runtime
+
+
+#: the most characters of an error message a contract records (a converter's message can be
+#: megabytes; the contract's schema caps a message).
+MESSAGE_MAX = 64 * 1024
+
+
+def error_dict(exc: PortableModelsError) -> dict[str, Any]:
+    """A typed error as a record, without its empty fields, its message cut at :data:`MESSAGE_MAX`."""
+    record = {k: v for k, v in exc.to_dict().items() if v}
+    message = record.get("message")
+    if isinstance(message, str) and len(message) > MESSAGE_MAX:
+        record["message"] = message[:MESSAGE_MAX] + f" … ({len(message) - MESSAGE_MAX} more characters)"
+    return record
+
+
+def fixed_shape_cases(golden_inputs: Path) -> list[int]:
+    """The golden cases a fixed-shape artifact can take: those shaped like case 0 (the
+    sample it was converted with)."""
+    cases = load_cases(golden_inputs)
+    first = {k: v.shape for k, v in cases[0].items()}
+    return [i for i, c in enumerate(cases) if {k: v.shape for k, v in c.items()} == first]
+
+
+#: compares a finished run with the golden outputs: (parity record, timings).
+Judge = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def check_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
+                   golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
+                   work_dir: Path, timeout_s: float | None = None,
+                   output_names: Sequence[str] | None = None,
+                   cases: Sequence[int] | None = None,
+                   options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``artifact`` on the golden cases (all, or the ``cases`` a fixed-shape artifact
+    accepts) in a worker and compare. Returns the parity record and the timings.
+    Load/run failures become an ``error`` record, not an exception. Core ML off macOS is
+    checked structurally by its own runner first, then numerically by the MIL reference."""
+    return plan_artifact(pool, artifact=artifact, runtime=runtime, io=io, golden_inputs=golden_inputs,
+                         golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
+                         work_dir=work_dir, timeout_s=timeout_s, output_names=output_names, cases=cases,
+                         options=options).alone()()
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A run an artifact's check asks for: ``runtime`` on ``cases`` (None: all of them).
+    ``then``: the run it will ask for next unless this one settles the verdict, which a
+    batched driver makes in the same worker job, ahead of the ask (:func:`run_planned`)."""
+
+    runtime: str
+    cases: Sequence[int] | None = None
+    then: Ask | None = None
+
+    def key(self) -> tuple[str, tuple[int, ...] | None]:
+        return self.runtime, None if self.cases is None else tuple(self.cases)
+
+
+#: one artifact's check as the runs it asks for, one at a time: it yields an :class:`Ask`,
+#: is sent what that run gave, and returns the comparison still to be made.
+Plan = Generator[Ask, "_Ran", Judge]
+
+
+@dataclass
+class PlannedRun:
+    """An artifact's check, not yet started: driven alone (:meth:`alone`, one worker job per
+    run, as ``export`` checks each new artifact) or with others in one worker job per round
+    (:func:`run_planned`, as ``verify`` checks a bundle)."""
+
+    job: _RunJob
+    plan: Plan
+
+    def alone(self) -> Judge:
+        """Make the runs one by one; the comparison still to be made in the caller."""
+        try:
+            ask = next(self.plan)
+            while True:
+                ask = self.plan.send(self.job.run(ask.runtime, ask.cases))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+
+def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
+                  golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path | None,
+                  work_dir: Path, timeout_s: float | None = None,
+                  output_names: Sequence[str] | None = None,
+                  cases: Sequence[int] | None = None,
+                  options: dict[str, Any] | None = None,
+                  files: tuple[Path, Sequence[dict[str, Any]]] | None = None,
+                  name: str = "", cost_hint: float = 0.0, run_ms: float = 0.0,
+                  file_format: str | None = None, inputs_max_bytes: int | None = None) -> PlannedRun:
+    """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
+    the bundle folder and the contract's entries for the artifact's files, which the worker
+    hashes right before each run (a changed or missing one fails the run, unloaded).
+    ``name`` tells the check's files in ``work_dir`` from other checks' there. ``log``: where
+    the runs' output goes (None: the worker's own log). ``cost_hint``: the seconds its runs
+    are expected to take (the contract's timings), to balance a verify's lanes; ``run_ms``:
+    the milliseconds one case's run took when the artifact was exported (0: not known), which
+    tells a compute-bound check (:data:`lanes.COMPUTE_BOUND_MS`). ``file_format``: what the
+    worker checks the artifact's bytes against before loading it (:mod:`formats`);
+    ``inputs_max_bytes``: the most the golden inputs may inflate to (a bundle's contract says)."""
+    job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
+                  golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
+                  work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
+                  options=options or {}, files=files, name=name, cost_hint=cost_hint, run_ms=run_ms,
+                  file_format=file_format, inputs_max_bytes=inputs_max_bytes)
+    return PlannedRun(job=job, plan=_plan(runtime, cases))
+
+
+def _plan(runtime: str, cases: Sequence[int] | None) -> Plan:
+    """Which runs check an artifact of ``runtime``. Core ML off macOS: its own runner checks
+    the package structurally on one case, then the MIL reference executor numerically."""
+    checker = checking_runtime(runtime)
+    if runtime == "coreml" and sys.platform == "darwin" and "mil-reference" in RUNTIMES:
+        real = yield Ask("coreml", cases)
+        ref = yield Ask("mil-reference", cases)
+        return _coreml_on_macos(real, ref)
+    if checker == runtime:
+        ran = yield Ask(runtime, cases)
+        return ran.judge
+    first = yield Ask(runtime, [0], then=Ask(checker, cases))  # the checker's run: almost always next
+    if first.failure is None or first.failure["status"] != "unverified":
+        return lambda: (first.judge()[0], {})
+    structural = list(first.failure.get("checked") or [])
+    checked = yield Ask(checker, cases)
+
+    def judge() -> tuple[dict[str, Any], dict[str, Any]]:
+        record, timings = checked.judge()
+        record["structural"] = structural
+        if record["status"] == "unverified":
+            record["checked"] = structural + list(record.get("checked") or [])
+        return record, timings
+
+    return judge
+
+
+def _coreml_on_macos(real: _Ran, ref: _Ran) -> Judge:
+    """On macOS: the real Core ML runtime gives the verdict; the MIL reference executor runs
+    too, and a disagreement between them (either failing) fails the artifact."""
+
+    def judge() -> tuple[dict[str, Any], dict[str, Any]]:
+        record, timings = real.judge()
+        reference, _ = ref.judge()
+        record["reference"] = {k: v for k, v in reference.items() if k != "outputs"}
+        if record["status"] == "pass" and reference["status"] == "fail":
+            record["status"] = "fail"
+            record["reason"] = f"MIL reference: {reference.get('reason')}"
+        return record, timings
+
+    return judge
+
+
+def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, Judge], None],
+                timeout_s: float | None = None, meanwhile: Callable[[], None] | None = None,
+                lanes: int = 1) -> None:
+    """Drive many artifacts' checks with one worker job per round and worker kind (a verify
+    runs a whole bundle in one round trip instead of one per artifact; an ask's ``then`` run
+    goes in the same job, so Core ML's MIL-reference check needs no second round).
+    ``done(i, judge)`` is called as soon as check ``i`` has made its last run, so that its
+    comparison can start while the worker runs the next. A run that kills its worker (crash,
+    timeout, memory) fails that run alone; the runs after it go to a new worker.
+    ``meanwhile``: the caller's own work, done in this thread once, as soon as the worker
+    has the first job (or now, when no run is needed). ``lanes`` > 1: a round's checks may
+    be split between two workers of the kind that run side by side (:func:`lanes.split`); ``done``
+    is then called from either thread, never from both at once."""
+    asked: dict[int, Ask] = {}
+    lock = threading.Lock()  # got() and done() from two lanes
+    pending = [meanwhile] if meanwhile is not None else []
+
+    def on_sent() -> None:
+        if pending and _YIELD is not None:
+            # the worker was just woken by the job: let it have this CPU before the caller's
+            # own work (else it waits for another one to come free: ~0.5 ms on a 2-vCPU VM)
+            _YIELD()
+        while pending:
+            pending.pop()()
+    #: runs made ahead of their ask, by (check, ask key): None while in flight
+    ahead: dict[tuple[int, Any], _Ran | None] = {}
+    waiting: set[tuple[int, Any]] = set()  # asked for while in flight
+
+    def advance(i: int, ran: _Ran | None) -> None:
+        try:
+            ask = next(planned[i].plan) if ran is None else planned[i].plan.send(ran)
+            while (i, ask.key()) in ahead:
+                made = ahead[(i, ask.key())]
+                if made is None:
+                    waiting.add((i, ask.key()))
+                    return
+                del ahead[(i, ask.key())]
+                ask = planned[i].plan.send(made)
+            asked[i] = ask
+        except StopIteration as stop:
+            done(i, stop.value)
+
+    def got(key: tuple[int, Any], ran: _Ran) -> None:
+        with lock:
+            _got(key, ran)
+
+    def _got(key: tuple[int, Any], ran: _Ran) -> None:
+        i, early = key
+        if early is None:
+            advance(i, ran)
+        elif (i, early) in waiting:
+            waiting.discard((i, early))
+            del ahead[(i, early)]
+            advance(i, ran)
+        else:
+            ahead[(i, early)] = ran
+
+    for i in range(len(planned)):
+        advance(i, None)
+    while asked:
+        by_kind: dict[str, Runs] = {}
+        for i, ask in sorted(asked.items()):
+            for run, key in ((ask, None), (ask.then, None if ask.then is None else ask.then.key())):
+                if run is None:
+                    continue
+                if key is not None:
+                    ahead[(i, key)] = None
+                kind = worker_kind(runtime_info(run.runtime).framework)
+                by_kind.setdefault(kind, []).append(((i, key), planned[i].job, run.runtime, run.cases))
+        asked = {}
+        for kind in sorted(by_kind):
+            groups = split(pool, by_kind[kind], lanes)
+            if len(groups) == 1:  # on its lane, on the runtimes' own thread counts
+                run_many(pool, groups[0][1], got, timeout_s, on_sent, lane=groups[0][0])
+            else:
+                side_by_side(pool, groups, got, timeout_s, on_sent)
+        ahead.clear()  # made ahead but not asked for: the check settled without them
+    on_sent()
+
+
+_YIELD = getattr(os, "sched_yield", None)
+
+@dataclass(kw_only=True)
+class _Ran:
+    """One worker run: its failure record, or what the comparison needs."""
+
+    job: _RunJob
+    runtime: str
+    cases: Sequence[int] | None
+    failure: dict[str, Any] | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+
+    def judge(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.failure is not None or self.out is None:
+            return dict(self.failure or {}), {}
+        golden_outputs = self.job.golden_outputs
+        if self.cases is not None:
+            golden_outputs = [golden_outputs[i] for i in self.cases]
+        record, timings = self.job.compare(self.result, unpack_outputs(self.result, self.out), golden_outputs, self.cases)
+        record["checker"] = self.runtime
+        return record, timings
+
+
+@dataclass(kw_only=True)
+class _RunJob:
+    pool: Pool
+    artifact: Path
+    io: IoMap
+    golden_inputs: Path
+    golden_outputs: Cases
+    policy: TolerancePolicy
+    precision: str
+    log: Path | None
+    work_dir: Path
+    timeout_s: float | None
+    output_names: Sequence[str] | None
+    options: dict[str, Any]
+    files: tuple[Path, Sequence[dict[str, Any]]] | None = None
+    name: str = ""
+    #: seconds the check's runs are expected to take (how :func:`lanes.split` balances lanes)
+    cost_hint: float = 0.0
+    #: milliseconds one case's run took at export (0: not known; how :func:`lanes.split` tells a
+    #: compute-bound check)
+    run_ms: float = 0.0
+    #: the format the worker checks the artifact's bytes against before loading it
+    file_format: str | None = None
+    #: the most bytes the golden inputs may inflate to (None: the general ceiling)
+    inputs_max_bytes: int | None = None
+
+    def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]:
+        """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all),
+        on ``threads`` threads (None: the runtime's own count)."""
+        payload: dict[str, Any] = {
+            "runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
+            "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
+            "out": str(self._out(runtime)), "options": self.options}
+        if threads is not None:
+            payload["threads"] = threads
+        if self.files is not None:
+            payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
+        if self.file_format is not None:
+            payload["format"] = self.file_format
+        if self.inputs_max_bytes is not None:
+            payload["inputs_max_bytes"] = self.inputs_max_bytes
+        return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": None if self.log is None else str(self.log),
+                "work_dir": str(self.work_dir)}
+
+    def _out(self, runtime: str) -> Path:
+        prefix = f"{self.name}-" if self.name else ""
+        return self.work_dir / f"{prefix}outputs-{runtime}.bin"  # the worker makes the folder
+
+    def run(self, runtime: str, cases: Sequence[int] | None) -> _Ran:
+        sub = self.sub_job(runtime, cases)
+        try:
+            result, _ = self.pool.call(kind="run", payload=sub["payload"], framework=runtime_info(runtime).framework,
+                                       step=sub["step"], log=self.log, work_dir=self.work_dir,
+                                       timeout_s=self.timeout_s)
+        except JobFailed as failed:
+            return self.failed(runtime, cases, failed.error)
+        return self.ran(runtime, cases, result)
+
+    def ran(self, runtime: str, cases: Sequence[int] | None, result: dict[str, Any]) -> _Ran:
+        return _Ran(job=self, runtime=runtime, cases=cases, result=result, out=self._out(runtime))
+
+    def failed(self, runtime: str, cases: Sequence[int] | None, error: PortableModelsError) -> _Ran:
+        status = "unverified" if isinstance(error, UnverifiedError) else "error"
+        record: dict[str, Any] = {"status": status, "runtime": runtime, "checker": runtime,
+                                  "stage": error.stage or f"run:{runtime}", "error": error_dict(error)}
+        if isinstance(error, UnverifiedError):
+            record["checked"] = error.checked
+        return _Ran(job=self, runtime=runtime, cases=cases, failure=record)
+
+    def compare(self, result: dict[str, Any], actual: Cases, golden_outputs: Cases,
+                cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        results = compare_outputs(golden_outputs, actual, precision=self.precision, policy=self.policy,
+                                  output_names=self.output_names)
+        record = {"status": verdict(results), "runtime": result["runtime"], "checked_by": result["label"],
+                  "outputs": {r.name: r.to_dict() for r in results}}
+        for name, res in record["outputs"].items():
+            hist = error_histogram(golden_outputs, actual, name)
+            if hist is not None:
+                res["abs_error_hist"] = hist
+        worst = _worst(results)
+        if worst is not None and worst.status != "pass":
+            record["reason"] = f"{worst.name}: {worst.reason}"
+        if cases is not None:
+            record["cases_checked"] = list(cases)
+        runs = result.get("run_ms") or [0.0]
+        timings = {"load_s": round(float(result["load_s"]), 4),
+                   "run_ms_p50": round(statistics.median(runs), 3)}
+        return record, timings
+
+
+#: decades of |artifact - reference| that the error histogram counts (plus exact zeros).
+HIST_DECADES = tuple(range(-12, 3))
+
+
+def error_histogram(reference: Cases, actual: Cases, name: str) -> dict[str, Any] | None:
+    """Counts of absolute errors per decade (1e-12 … 1e2) for one float output, for the
+    plots of the HTML report. None when shapes or dtypes make it meaningless."""
+    import numpy as np
+
+    diffs = []
+    for ref, got in zip(reference, actual, strict=False):
+        g, a = ref.get(name), got.get(name)
+        if g is None or a is None or g.shape != a.shape or g.dtype.kind != "f" or a.dtype.kind not in "fc":
+            return None
+        diffs.append((a.astype(np.float64) - g.astype(np.float64)).ravel())
+    if not diffs:
+        return None
+    d = np.abs(np.concatenate(diffs))
+    d = d[np.isfinite(d)]
+    zeros = int(d.size - np.count_nonzero(d))
+    edges = [float(e) for e in HIST_DECADES]
+    # decade e counts [1e(e), 1e(e+1)); below 1e-12 counts in the first, 1e2 and above in the last
+    decade = np.floor(np.clip(np.log10(d[d > 0]), edges[0], edges[-1]))
+    counts = np.bincount((decade - edges[0]).astype(np.intp), minlength=len(edges))
+    return {"decades": edges, "counts": [int(c) for c in counts], "zeros": zeros}
+
+
+def _worst(results: Sequence[OutputParity]) -> OutputParity | None:
+    failing = [r for r in results if r.status != "pass"]
+    return failing[0] if failing else (results[0] if results else None)

@@ -1,0 +1,268 @@
+"""One target, end to end: try its routes in order — convert, run, compare — and keep
+the first artifact that passes parity. Every attempt is recorded, so a user sees
+"litert-torch failed at convert: …; onnx2tf passed". Running and comparing an artifact is
+:mod:`portable_models.compare.check`, which ``verify`` shares.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portable_models.compare.check import (
+    check_artifact,
+    checking_runtime,
+    error_dict,
+    fixed_shape_cases,
+    runner_options,
+)
+from portable_models.compare.parity import TolerancePolicy
+from portable_models.contract.bundle import path_bytes, sha256_path
+from portable_models.contract.model import Artifact, Attempt
+from portable_models.convert.base import RouteInfo, check_requires
+from portable_models.convert.registry import routes_for
+from portable_models.core.golden import Cases
+from portable_models.core.iomap import IoMap
+from portable_models.core.spec import DimSpec, TensorSpec
+from portable_models.errors import DynamicDimsRefused, PortableModelsError
+from portable_models.isolation.pool import JobFailed, Pool
+from portable_models.run.registry import runtime_info
+
+__all__ = ["TargetContext", "build_target", "Progress"]
+
+#: progress callback: (target key, state, detail)
+Progress = Callable[[str, str, str], None]
+
+
+def _no_progress(key: str, state: str, detail: str) -> None:
+    return None
+
+
+@dataclass(kw_only=True)
+class TargetContext:
+    """What every target of one export shares."""
+
+    pool: Pool
+    root: Path
+    source_framework: str
+    source_file: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, DimSpec]
+    golden_inputs: Path
+    golden_outputs: Cases
+    policy: TolerancePolicy
+    options: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
+    prior: dict[str, Path] = field(default_factory=dict)
+    progress: Progress = _no_progress
+    cache: bool = True
+    _inputs_digest: str = ""
+
+    def runner_options(self, precision: str) -> dict[str, Any]:
+        return runner_options(self.inputs, self.outputs, self.dims, precision)
+
+    def cache_key(self, route: RouteInfo, precision: str, fixed_fallback: bool = True) -> str:
+        """Everything an attempt's outcome depends on (see :mod:`portable_models.convert.cache`)."""
+        from portable_models.convert import cache
+
+        if not self._inputs_digest:
+            golden_out = self.golden_inputs.parent / "outputs.npz"
+            self._inputs_digest = "|".join(cache.content_digest(p) for p in
+                                           (self.source_file, self.golden_inputs, golden_out))
+        runtime = runtime_info(route.runtime)
+        parts = {"inputs": self._inputs_digest, "route": route.name, "impl": route.impl,
+                 "precision": precision, "options": self.options, "tolerance": self.policy.to_dict(),
+                 "specs": self.runner_options(precision), "runtime": checking_runtime(route.runtime),
+                 "prior": {k: cache.content_digest(v) for k, v in sorted(self.prior.items())},
+                 **({} if fixed_fallback else {"fixed_shape_fallback": False})}
+        return cache.attempt_key(parts=parts, packages=route.requires + runtime.requires)
+
+
+def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: Path,
+             fixed_fallback: bool = True) -> tuple[Attempt, Artifact | None]:
+    """Convert with one route and check the result. Never raises for a converter's failure.
+    ``fixed_fallback``: False asks a route that would fall back to fixed shapes to refuse."""
+    key = route.target if precision == "float32" else f"{route.target}-{precision}"
+    log = ctx.root / "logs" / f"{key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    try:
+        check_requires(route)
+    except PortableModelsError as exc:
+        return Attempt(route=route.name, status="skipped", stage="requires", error=error_dict(exc)), None
+    out_dir = attempt_dir / "out"
+    cache_key = ctx.cache_key(route, precision, fixed_fallback) if ctx.cache else None
+    if cache_key is not None:
+        hit = _from_cache(cache_key, out_dir)
+        if hit is not None:
+            return hit
+    ctx.progress(key, "converting", route.name)
+    payload = {"route": route.name, "source_file": str(ctx.source_file), "out_dir": str(out_dir),
+               "work_dir": str(attempt_dir / "work"), "inputs": [s.to_dict() for s in ctx.inputs],
+               "outputs": [s.to_dict() for s in ctx.outputs],
+               "dims": {k: v.to_dict() for k, v in ctx.dims.items()}, "samples": str(ctx.golden_inputs),
+               "precision": precision, "options": ctx.options,
+               "prior": {k: str(v) for k, v in _private_copies(ctx.prior, attempt_dir / "prior").items()},
+               "fixed_shape_fallback": fixed_fallback}
+    try:
+        conv, _ = ctx.pool.call(kind="convert", payload=payload, framework=route.framework,
+                                step=f"convert:{route.target} ({route.name})", log=log,
+                                work_dir=attempt_dir / "work", timeout_s=ctx.timeout_s)
+    except JobFailed as failed:
+        attempt = Attempt(route=route.name, status="error", stage="convert",
+                          error=error_dict(failed.error), seconds=time.monotonic() - start)
+        if cache_key is not None:
+            from portable_models.convert import cache
+
+            cache.store(cache_key, {"attempt": attempt.to_dict(), "artifact": None,
+                                    "error": attempt.error}, None)
+        return attempt, None
+    io = IoMap.from_dict(conv["io"])
+    meta = dict(conv.get("meta") or {})
+    cases = None
+    if meta.get("dynamic") is False and ctx.dims:
+        cases = fixed_shape_cases(ctx.golden_inputs)
+        meta["fixed_shape"] = True
+        meta["cases_checked"] = cases
+    ctx.progress(key, "running", route.name)
+    parity, timings = check_artifact(
+        ctx.pool, artifact=out_dir / conv["file"], runtime=route.runtime, io=io,
+        golden_inputs=ctx.golden_inputs, golden_outputs=ctx.golden_outputs, policy=ctx.policy,
+        precision=precision, log=log, work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s,
+        cases=cases, options=ctx.runner_options(precision))
+    attempt = Attempt(route=route.name, status=parity["status"], seconds=time.monotonic() - start,
+                      stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
+                      error=parity.get("error"),
+                      parity={k: v for k, v in parity.items() if k not in ("outputs", "error")})
+    art = Artifact(target=route.target, status=parity["status"], precision=conv["precision"],
+                   route_name=route.name, file=f"artifacts/{conv['file']}", runtime=route.runtime,
+                   route=conv["steps"], io=io, parity=parity,
+                   timings={"convert_s": round(float(conv["convert_s"]), 3), **timings},
+                   meta=meta)
+    if cache_key is not None:
+        from portable_models.convert import cache
+
+        cache.store(cache_key, {"attempt": attempt.to_dict(), "artifact": art.to_dict(), "file": conv["file"]},
+                    out_dir)
+    art.meta["_staged"] = str(out_dir / conv["file"])
+    return attempt, art
+
+
+def _private_copies(prior: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Routes get copies of other targets' artifacts: a converter that rewrites its input
+    (onnx2tf does) must never change an artifact already hashed into the bundle."""
+    copies: dict[str, Path] = {}
+    for key, path in prior.items():
+        dest = folder / key / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, dest, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(path, dest)
+        copies[key] = dest
+    return copies
+
+
+def _from_cache(key: str, out_dir: Path) -> tuple[Attempt, Artifact | None] | None:
+    from portable_models.convert import cache
+
+    hit = cache.load(key, out_dir)
+    if hit is None:
+        return None
+    attempt = Attempt.from_dict(hit["attempt"])
+    art = Artifact.from_dict(hit["artifact"]) if hit.get("artifact") else None
+    if art is not None:
+        if not (out_dir / hit["file"]).exists():
+            return None
+        art.meta["_staged"] = str(out_dir / hit["file"])
+        art.meta["cache"] = "hit"
+    return attempt, art
+
+
+def _rank(status: str) -> int:
+    return {"pass": 0, "unverified": 1, "fail": 2, "error": 3, "skipped": 4}.get(status, 5)
+
+
+def _art_rank(art: Artifact) -> tuple[int, bool]:
+    """Full passes beat passes of a fixed-shape artifact (which ignores dynamic dims)."""
+    return _rank(art.status), bool(art.meta.get("fixed_shape"))
+
+
+def build_target(ctx: TargetContext, target: str, precision: str = "float32",
+                 force_route: str | None = None) -> Artifact:
+    """Try the target's routes in order; keep the first that passes (or, failing that, the
+    best unverified one). Failed artifacts are not kept; their attempts are recorded.
+    A route that would fall back to fixed shapes when its converter refuses the dynamic
+    dims does so only after the later routes: one of them may keep the dims (and the
+    fixed-shape conversion, seconds of work, is then not needed)."""
+    key = target if precision == "float32" else f"{target}-{precision}"
+    routes = routes_for(target, ctx.source_framework)
+    if force_route:
+        routes = [r for r in routes if r.name == force_route]
+    attempts: list[Attempt] = []
+    best: Artifact | None = None
+    deferred: list[tuple[int, RouteInfo]] = []
+    for n, route in enumerate(routes):
+        defer = route.fixed_fallback and bool(ctx.dims) and n + 1 < len(routes)
+        attempt, art = _attempt(ctx, route, precision, ctx.root / ".attempts" / f"{key}-{n}-{route.name}",
+                                fixed_fallback=not defer)
+        attempts.append(attempt)
+        if (attempt.error or {}).get("code") == DynamicDimsRefused.code:
+            deferred.append((n, route))
+            continue
+        if art is not None and (best is None or _art_rank(art) < _art_rank(best)):
+            best = art
+        if attempt.status == "pass" and not (art and art.meta.get("fixed_shape")):
+            break
+        rest = routes[n + 1:]
+        if attempt.status == "unverified" and all(checking_runtime(r.runtime) == r.runtime == route.runtime
+                                                 for r in rest):
+            break  # no runtime here can run this target: another route cannot do better
+    else:  # no route kept the dims: the fixed-shape conversions put off, in route order
+        for n, route in deferred:
+            attempt, art = _attempt(ctx, route, precision,
+                                    ctx.root / ".attempts" / f"{key}-{n}-{route.name}-fixed")
+            attempts.append(attempt)
+            if art is not None and (best is None or _art_rank(art) < _art_rank(best)):
+                best = art
+            if attempt.status == "pass":
+                break
+    if best is None or best.status not in ("pass", "unverified"):
+        status = min((a.status for a in attempts), key=_rank, default="skipped")
+        parity = dict(best.parity) if best else {}
+        if not routes:
+            parity = {"status": "skipped", "error": {
+                "code": "no_route", "message": f"no route reaches {target} from a {ctx.source_framework} source"
+                + (f" named {force_route!r}" if force_route else "")}}
+        failed = Artifact(target=target, status=status, precision=precision, attempts=attempts,
+                          parity=parity)
+        ctx.progress(key, status, attempts[-1].route if attempts else "no route")
+        return failed
+    _keep(ctx, best, key)
+    best.attempts = attempts
+    ctx.progress(key, best.status, best.route_name or "")
+    return best
+
+
+def _keep(ctx: TargetContext, art: Artifact, key: str) -> None:
+    """Move the winning artifact (and any external data files beside it) into artifacts/."""
+    staged = Path(art.meta.pop("_staged"))
+    dest = ctx.root / "artifacts" / staged.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    extra = art.meta.get("external_data") or []
+    for name in [staged.name, *([extra] if isinstance(extra, str) else extra)]:
+        source, target = staged.parent / name, dest.parent / name
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), target)
+    art.file = dest.relative_to(ctx.root).as_posix()
+    art.sha256 = sha256_path(dest)
+    art.bytes = path_bytes(dest)
+    if art.target == "onnx" and art.precision == "float32":
+        ctx.prior["onnx"] = dest

@@ -1,0 +1,183 @@
+"""The ``tflite`` target's ``litert-torch`` route, and the helpers both TFLite routes share.
+
+``litert-torch``: ``litert_torch.convert`` of the program's module, wrapped to take
+keyword inputs and return a dict, so the signature carries the logical names (a name
+that is not an identifier is sanitised; the io map says so). Dynamic dims are tried,
+else the artifact is fixed-shape (``meta["dynamic"]``) — or, when the job says so, the
+route refuses (:class:`DynamicDimsRefused`) and the pipeline tries the later routes first. int64/float64 io become 32-bit
+(``enable_x64=False``): ``meta["io_dtypes"]`` has the physical dtypes.
+
+The second route, ``onnx2tf``, is in :mod:`portable_models.convert.onnx2tf`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from portable_models.convert.base import ConvertJob, ConvertResult, Step, package_version
+from portable_models.core.iomap import Binding, IoMap
+from portable_models.errors import ConversionError, DynamicDimsRefused, PortableModelsError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["convert_litert_torch"]
+
+
+# -- shared helpers ------------------------------------------------------------------
+def _artifact_name(job: ConvertJob) -> str:
+    if job.precision == "float16":
+        return "model_fp16.tflite"
+    if job.precision != "float32":
+        raise ConversionError(f"tflite routes make float32 or float16, not {job.precision!r}",
+                              stage="convert:tflite")
+    return "model.tflite"
+
+
+def _fail(job: ConvertJob, what: str, exc: BaseException) -> ConversionError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConversionError(f"{what} failed: {type(exc).__name__}: {first}",
+                           file=str(job.source_file), stage=f"convert:{job.route}")
+
+
+def _load_program(job: ConvertJob) -> Any:
+    import torch
+
+    try:
+        return torch.export.load(str(job.source_file))
+    except Exception as exc:
+        raise _fail(job, "torch.export.load", exc) from exc
+
+
+def _torch_samples(job: ConvertJob) -> list[torch.Tensor]:
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(job.sample_inputs[n])) for n in job.input_names]
+
+
+def _dynamic_shapes(job: ConvertJob, names: list[str]) -> dict[str, dict[int, Any]] | None:
+    """``torch.export`` dynamic shapes keyed by ``names`` (None: all fixed)."""
+    import torch
+
+    dims: dict[str, Any] = {}
+    out: dict[str, dict[int, Any]] = {}
+    for spec, name in zip(job.inputs, names, strict=True):
+        for axis, label in spec.dynamic_axes.items():
+            d = job.dims.get(label)
+            lo, hi = (d.min, d.max) if d is not None else (1, 64)
+            dims.setdefault(label, torch.export.Dim(label, min=lo, max=hi))
+            out.setdefault(name, {})[axis] = dims[label]
+    return out or None
+
+
+# -- route 1: litert-torch --------------------------------------------------------------
+def _identifiers(names: Sequence[str]) -> list[str]:
+    """Keyword-usable names: a name that is not an identifier gets '_' for bad chars."""
+    out: list[str] = []
+    for name in names:
+        safe = re.sub(r"\W", "_", name)
+        if not safe.isidentifier() or safe in out or safe == "self":
+            safe = f"in_{len(out)}_{safe}"
+        out.append(safe)
+    return out
+
+
+def _named_module(inner: Any, in_names: list[str], out_names: list[str]) -> Any:
+    """Wrap the program's module: keyword inputs, dict outputs (the signature's names)."""
+    import inspect
+
+    import torch
+    import torch.utils._pytree as pytree
+
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+            flat, _ = pytree.tree_flatten(self.inner(*[kwargs[n] for n in in_names]))
+            return dict(zip(out_names, flat, strict=True))  # ValueError if counts differ
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in in_names]
+    Named.forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapped = Named()
+    wrapped.training = False  # the program's module refuses .eval(); nothing trains here
+    return wrapped
+
+
+def _litert_convert(job: ConvertJob, module: Any, kwargs: dict[str, Any],
+                    dyn: dict[str, Any] | None) -> tuple[Any, bool, str]:
+    """Convert with dynamic dims, falling back to fixed shapes. -> (model, dynamic, note)."""
+    import litert_torch
+    from litert_torch.generative.quantize import quant_recipes
+
+    quant = quant_recipes.full_fp16_recipe() if job.precision == "float16" else None
+    note = ""
+    if dyn:
+        try:
+            model = litert_torch.convert(module, sample_kwargs=kwargs, dynamic_shapes=dyn,
+                                         quant_config=quant)
+            return model, True, note
+        except Exception as exc:
+            if not job.fixed_shape_fallback:
+                raise DynamicDimsRefused(
+                    f"litert_torch.convert refused the dynamic dims ({type(exc).__name__}: {exc})"[:400],
+                    stage="convert", fix="the dims stay dynamic in another route; a fixed-shape "
+                    "conversion is tried if none keeps them") from exc
+            note = f"dynamic dims refused, fixed shape used: {type(exc).__name__}: {exc}"[:400]
+    try:
+        model = litert_torch.convert(module, sample_kwargs=kwargs, quant_config=quant)
+    except PortableModelsError:
+        raise
+    except Exception as exc:
+        raise _fail(job, "litert_torch.convert", exc) from exc
+    return model, False, note
+
+
+def convert_litert_torch(job: ConvertJob) -> ConvertResult:
+    """``litert_torch.convert`` of the captured program -> ``model.tflite``."""
+    name = _artifact_name(job)
+    inner = _load_program(job).module()
+    phys_in = _identifiers(job.input_names)
+    module = _named_module(inner, phys_in, job.output_names)
+    kwargs = dict(zip(phys_in, _torch_samples(job), strict=True))
+    model, dynamic, note = _litert_convert(job, module, kwargs, _dynamic_shapes(job, phys_in))
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    dest = job.out_dir / name
+    try:
+        model.export(str(dest))
+    except Exception as exc:
+        raise _fail(job, "writing the .tflite", exc) from exc
+    io_dtypes = _check_signature(job, dest, phys_in, job.output_names)
+    io = IoMap(inputs={k: Binding(name=p) for k, p in zip(job.input_names, phys_in, strict=True)},
+               outputs={k: Binding(name=k) for k in job.output_names})
+    fp16 = job.precision == "float16"
+    meta: dict[str, Any] = {"dynamic": dynamic, "signature": "serving_default",
+                            "io_dtypes": io_dtypes, "weights": job.precision,
+                            **({"note": note} if note else {})}
+    detail = {"dynamic_shapes": dynamic, "enable_x64": False,
+              "quant_config": "full_fp16_recipe (fp16 weights)" if fp16 else None}
+    steps = [Step(step="litert_torch.convert", version=package_version("litert-torch"),
+                  detail=detail)]
+    return ConvertResult(file=name, io=io, steps=steps, precision=job.precision, meta=meta)
+
+
+def _check_signature(job: ConvertJob, path: Path, ins: list[str],
+                     outs: list[str]) -> dict[str, str]:
+    """``ensures``: the signature names exactly what the io map will say."""
+    from portable_models.run.litert import signature_details
+
+    in_details, out_details = signature_details(path)
+    if set(in_details) != set(ins) or set(out_details) != set(outs):
+        raise ConversionError(
+            f"signature of {path.name} names inputs {sorted(in_details)} and outputs "
+            f"{sorted(out_details)}, expected {sorted(ins)} and {sorted(outs)}",
+            file=str(path), stage=f"convert:{job.route}")
+    details = {**in_details, **out_details}
+    return {k: np.dtype(v["dtype"]).name for k, v in details.items()}
