@@ -29,9 +29,10 @@ from typing import Any
 
 from portable_models.compare.check import checking_runtime, runner_options
 from portable_models.contract.model import Contract, load_contract
-from portable_models.convert.base import ConvertJob, load_impl
+from portable_models.convert.base import ConvertJob
 from portable_models.convert.registry import route_by_name
 from portable_models.core.golden import load_cases
+from portable_models.core.imports import load_impl
 from portable_models.core.iomap import IoMap
 from portable_models.run.base import RunnerOptions
 from portable_models.run.registry import runtime_info

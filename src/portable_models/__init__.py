@@ -13,9 +13,9 @@ from portable_models._version import __version__
 
 if TYPE_CHECKING:
     from portable_models.api import Bundle, ExportOptions, VerifyReport, export, verify
-    from portable_models.compare.parity import Tolerance, TolerancePolicy
     from portable_models.contract.model import Contract, load_contract
     from portable_models.core.spec import DimSpec, TensorSpec
+    from portable_models.core.tolerance import Tolerance, TolerancePolicy
     from portable_models.errors import PortableModelsError
     from portable_models.isolation.pool import shutdown_workers
 
@@ -45,8 +45,8 @@ _LAZY = {
     "ExportOptions": "portable_models.api",
     "load_contract": "portable_models.contract.model",
     "Contract": "portable_models.contract.model",
-    "Tolerance": "portable_models.compare.parity",
-    "TolerancePolicy": "portable_models.compare.parity",
+    "Tolerance": "portable_models.core.tolerance",
+    "TolerancePolicy": "portable_models.core.tolerance",
     "TensorSpec": "portable_models.core.spec",
     "DimSpec": "portable_models.core.spec",
     "PortableModelsError": "portable_models.errors",

@@ -28,23 +28,18 @@ from portable_models.compare.check import (
     run_planned,
     runner_options,
 )
-from portable_models.compare.parity import TolerancePolicy
-from portable_models.contract.bundle import (
-    Staging,
-    check_file,
-    list_files,
-    scan_bundle,
-    sha256_path,
-    writing,
-)
+from portable_models.contract.bundle import Staging, check_file, list_files, scan_bundle, writing
 from portable_models.contract.model import Artifact, Contract, load_contract
 from portable_models.contract.reports import write_reports
 from portable_models.contract.reports.table import render_table
 from portable_models.contract.trust import confinement, refusal, sandbox_reason
 from portable_models.convert.build import Progress, TargetContext, build_target
-from portable_models.convert.registry import TARGET_INFO, TARGETS, routes_for
+from portable_models.convert.registry import routes_for
 from portable_models.core import golden
+from portable_models.core.hashing import sha256_path
 from portable_models.core.paths import bundle_path, user_path
+from portable_models.core.targets import TARGET_INFO, TARGETS
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import UsageError
 from portable_models.isolation.pool import LimitedPool, Pool, WorkerLimits, shared_pool
 from portable_models.run.base import COMPUTE_UNITS
@@ -79,7 +74,7 @@ class ExportOptions:
     progress: Progress | None = None
     #: how the source file was loaded ("safe" or "trusted"); set by export_file.
     source_trust: str = "safe"
-    #: reuse the outcome of unchanged attempts (see portable_models.convert.cache).
+    #: reuse the outcome of unchanged attempts (see portable_models.core.cache).
     cache: bool = True
     #: allow loading that can run code (a Keras Lambda layer): only for models you trust.
     trust_model: bool = False
@@ -239,26 +234,20 @@ def _check_artifact_hashes(root: Path, artifacts: list[Artifact]) -> None:
             assert now == art.sha256, f"{art.file} changed after it was checked"
 
 
-#: rough relative cost of a target's conversion (the demo's, measured by `make bench`), and
-#: the targets that share converters and so the imports of one worker.
-_TARGET_COST = {"tflite": 10.7, "executorch": 8.0, "onnx": 4.8, "coreml": 3.2, "torchscript": 0.2}
-_FAMILIES = (("onnx", "tflite"), ("torchscript", "executorch", "coreml"))
-
-
 def lanes(targets: list[str], n: int) -> list[list[int]]:
     """Split the jobs (their targets, in order) into at most ``n`` lanes: targets of one
     family stay together (onnx before tflite, which reuses the ONNX artifact) unless that
     leaves a lane idle; groups go to the least-loaded lane, largest first. Indices keep
     their order within a lane."""
     groups: list[list[int]] = []
-    for family in _FAMILIES:
-        idx = [i for i, t in enumerate(targets) if t in family]
+    for family in dict.fromkeys(info.family for info in TARGET_INFO.values() if info.family):
+        idx = [i for i, t in enumerate(targets) if TARGET_INFO[t].family == family]
         if idx:
             groups.append(idx)
-    groups += [[i] for i, t in enumerate(targets) if not any(t in f for f in _FAMILIES)]
+    groups += [[i] for i, t in enumerate(targets) if not TARGET_INFO[t].family]
     if len(groups) < n:  # too few families to fill the lanes: every job on its own
         groups = [[i] for i in range(len(targets))]
-    cost = lambda g: sum(_TARGET_COST.get(targets[i], 5.0) for i in g)  # noqa: E731
+    cost = lambda g: sum(TARGET_INFO[targets[i]].cost for i in g)  # noqa: E731
     plan: list[list[int]] = [[] for _ in range(min(n, len(groups)))]
     load = [0.0] * len(plan)
     for g in sorted(groups, key=cost, reverse=True):
@@ -309,7 +298,7 @@ def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: Export
             ctx.progress = opts.progress
         if opts.targets == "all":  # "all" means every target this source has a route to
             targets = [t for t in targets if routes_for(t, captured.framework)]
-        jobs = [(t, p) for p in precisions for t in targets if p == "float32" or t in ("tflite", "coreml")]
+        jobs = [(t, p) for p in precisions for t in targets if p in TARGET_INFO[t].precisions]
         for t, p in jobs:
             ctx.progress(t if p == "float32" else f"{t}-{p}", "waiting", "")
 

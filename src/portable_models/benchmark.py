@@ -26,8 +26,8 @@ from portable_models.contract.bundle import (
 from portable_models.contract.model import Contract, load_contract
 from portable_models.contract.reports import write_reports
 from portable_models.contract.trust import confinement, refusal, sandbox_reason
-from portable_models.convert.registry import TARGET_INFO
 from portable_models.core.paths import bundle_path, user_path
+from portable_models.core.targets import TARGET_INFO
 from portable_models.isolation.pool import JobFailed, Pool, WorkerLimits, shared_pool
 from portable_models.run.registry import runtime_info
 

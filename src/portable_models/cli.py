@@ -129,7 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from portable_models.compare.parity import DEFAULT_TOLERANCES
+    from portable_models.core.tolerance import DEFAULT_TOLERANCES
     from portable_models.fromfile import tolerance_overrides
 
     tol = tolerance_overrides({"atol": args.atol or [], "rtol": args.rtol or []})
@@ -159,8 +159,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _export_file(args: argparse.Namespace, tol: dict[str, Any], defaults: dict[str, Any],
                  routes: dict[str, str], progress: Progress) -> Any:
-    from portable_models.compare.parity import TolerancePolicy
     from portable_models.core.spec import parse_dynamic_option, parse_input_option
+    from portable_models.core.tolerance import TolerancePolicy
     from portable_models.fromfile import export_file
 
     return export_file(
@@ -200,7 +200,7 @@ def _verify_summary(report: Any, args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from portable_models.benchmark import bench
     from portable_models.compare.check import checking_runtime
-    from portable_models.convert.registry import TARGET_INFO
+    from portable_models.core.targets import TARGET_INFO
     from portable_models.core.text import escape
 
     contract = bench(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads,

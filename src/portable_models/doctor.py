@@ -3,8 +3,8 @@ tested matrix. Looks up versions without importing the heavy packages."""
 
 from __future__ import annotations
 
-from portable_models.convert.base import package_version
 from portable_models.convert.registry import ROUTES
+from portable_models.core.imports import package_version
 from portable_models.run.registry import RUNTIMES
 
 __all__ = ["TESTED", "render_doctor"]

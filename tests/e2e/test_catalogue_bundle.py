@@ -21,7 +21,8 @@ from xml.etree import ElementTree as ET
 import pytest
 from clihelp import cli_env
 
-from portable_models.contract.bundle import list_files, sha256_path
+from portable_models.contract.bundle import list_files
+from portable_models.core.hashing import sha256_path
 from portable_models.isolation.sandbox import status
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"

@@ -94,7 +94,7 @@ def test_a_cached_capture_skips_torch_export_and_a_damaged_one_is_redone(
 
 
 def test_converter_version_is_part_of_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models.convert import cache
+    from portable_models.core import cache
 
     key = cache.attempt_key(parts={"x": 1}, packages=("torch",))
     monkeypatch.setattr(cache, "package_version", lambda d: "9.9.9" if d == "torch" else "1")

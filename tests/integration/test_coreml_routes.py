@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from portable_models.convert.base import ConvertJob, ConvertResult, ensure_artifact, load_impl
+from portable_models.convert.base import ConvertJob, ConvertResult, ensure_artifact
 from portable_models.convert.registry import routes_for
+from portable_models.core.imports import load_impl
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.errors import ConversionError, RuntimeLoadError, UnverifiedError

@@ -91,7 +91,7 @@ def _swap_artifact(bundle_dir: Path, target: str, replacement: Path) -> None:
     data = json.loads(contract_path.read_text())
     art = next(a for a in data["artifacts"] if a["target"] == target)
     shutil.copyfile(replacement, bundle_dir / art["file"])
-    from portable_models.contract.bundle import sha256_path
+    from portable_models.core.hashing import sha256_path
 
     digest = sha256_path(bundle_dir / art["file"])
     art["sha256"], art["bytes"] = digest, (bundle_dir / art["file"]).stat().st_size

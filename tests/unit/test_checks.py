@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from portable_models.compare.check import Ask, Judge, PlannedRun, plan_artifact, run_planned
-from portable_models.compare.parity import TolerancePolicy
 from portable_models.contract.model import load_contract
 from portable_models.core import golden
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.isolation.pool import WorkerPool
 
 pytest.importorskip("onnxruntime")

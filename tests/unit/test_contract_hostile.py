@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from portable_models.compare.parity import TolerancePolicy
-from portable_models.contract.bundle import list_files, sha256_path
+from portable_models.contract.bundle import list_files
 from portable_models.contract.model import MAX_CONTRACT_BYTES, MAX_DEPTH, load_contract
 from portable_models.core import golden
+from portable_models.core.hashing import sha256_path
 from portable_models.core.spec import DimSpec, TensorSpec
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import ContractError
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"

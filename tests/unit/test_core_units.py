@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from portable_models.compare.parity import TolerancePolicy, compare_outputs
+from portable_models.compare.parity import compare_outputs
 from portable_models.contract.bundle import Staging, check_files, list_files
 from portable_models.contract.model import Artifact, Attempt, Contract, load_contract
 from portable_models.contract.reports import render, to_junit
 from portable_models.core import golden
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.core.spec import DimSpec, TensorSpec, parse_dynamic_option, parse_input_option
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import (
     BundleWriteError,
     ContractError,
@@ -311,13 +312,13 @@ def test_a_file_larger_than_one_read_hashes_the_same_in_chunks(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from portable_models.contract import bundle
+    from portable_models.core import hashing
 
     data = os.urandom(10_000)
     (tmp_path / "x.bin").write_bytes(data)
-    whole = bundle.sha256_path(tmp_path / "x.bin")
-    monkeypatch.setattr(bundle, "_WHOLE", 4096)  # three chunks, the last a short one
-    assert bundle.sha256_path(tmp_path / "x.bin") == whole == hashlib.sha256(data).hexdigest()
+    whole = hashing.sha256_path(tmp_path / "x.bin")
+    monkeypatch.setattr(hashing, "_WHOLE", 4096)  # three chunks, the last a short one
+    assert hashing.sha256_path(tmp_path / "x.bin") == whole == hashlib.sha256(data).hexdigest()
 
 
 def test_error_histogram_counts_each_decade_from_its_power_of_ten() -> None:

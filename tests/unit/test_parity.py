@@ -9,14 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from portable_models.compare.parity import (
+from portable_models.compare.parity import OutputParity, compare_outputs, verdict
+from portable_models.core.tolerance import (
     DEFAULT_TOLERANCES,
-    OutputParity,
     Tolerance,
     TolerancePolicy,
-    compare_outputs,
     format_float,
-    verdict,
 )
 from portable_models.errors import UsageError
 

@@ -222,8 +222,8 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
     """verify runs a bundle's artifacts in one worker job; one that crashes its worker fails
     alone (stage: its runtime), and the ones after it run in a new worker."""
     from portable_models.compare import check as checks
-    from portable_models.compare.parity import TolerancePolicy
     from portable_models.core.iomap import IoMap
+    from portable_models.core.tolerance import TolerancePolicy
     from portable_models.isolation import lanes
 
     class Scripted(checks._RunJob):

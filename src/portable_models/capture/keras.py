@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from portable_models.capture import Captured
-from portable_models.convert.base import package_version
 from portable_models.core import golden
+from portable_models.core.imports import package_version
 from portable_models.core.spec import DTYPES, DimSpec, TensorSpec, normalise_dynamic_dims
 from portable_models.errors import (
     CaptureError,

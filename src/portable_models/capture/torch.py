@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from portable_models.capture import Captured
-from portable_models.convert.base import package_version
 from portable_models.core import golden
+from portable_models.core.imports import package_version
 from portable_models.core.spec import DimSpec, TensorSpec, normalise_dynamic_dims
 from portable_models.errors import CaptureError, UsageError
 
@@ -274,8 +274,8 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
     torch.export.save(ep, str(path))
     out_specs = _output_specs(ep, out_names, outputs[0], in_specs, axes)
     if key is not None:
-        from portable_models.contract.bundle import sha256_path
-        from portable_models.convert import cache
+        from portable_models.core import cache
+        from portable_models.core.hashing import sha256_path
 
         cache.store(key, {"outputs": [s.to_dict() for s in out_specs], "sha256": sha256_path(path)}, source_dir)
     return Captured(
@@ -292,7 +292,7 @@ def _capture_key(model: Any, opts: CaptureOptions, in_specs: list[TensorSpec], d
     if not opts.cache:
         return None, "off"
     from portable_models.capture.fingerprint import Unfingerprintable, model_fingerprint
-    from portable_models.convert import cache
+    from portable_models.core import cache
 
     try:
         fingerprint = model_fingerprint(model)
@@ -308,8 +308,8 @@ def _capture_key(model: Any, opts: CaptureOptions, in_specs: list[TensorSpec], d
 def _cached_capture(key: str, source_dir: Path) -> list[TensorSpec] | None:
     """The output specs of a stored capture, its ``model.pt2`` copied into ``source_dir``;
     None on a miss (a damaged entry is one)."""
-    from portable_models.contract.bundle import sha256_path
-    from portable_models.convert import cache
+    from portable_models.core import cache
+    from portable_models.core.hashing import sha256_path
 
     record = cache.load(key, source_dir)
     if record is None:

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portable_models.compare.parity import OutputParity, TolerancePolicy, compare_outputs, verdict
+from portable_models.compare.parity import OutputParity, compare_outputs, verdict
 from portable_models.core.golden import Cases, load_cases, unpack_outputs
 from portable_models.core.iomap import IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
+from portable_models.core.targets import checker_for
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import PortableModelsError, UnverifiedError
 from portable_models.isolation.lanes import Runs, run_many, side_by_side, split
 from portable_models.isolation.pool import JobFailed, Pool
@@ -39,9 +41,8 @@ def runner_options(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
 def checking_runtime(runtime: str) -> str:
     """The runtime that checks an artifact here: Core ML off macOS goes to the MIL
     reference executor when it is installed."""
-    if runtime == "coreml" and sys.platform != "darwin" and "mil-reference" in RUNTIMES:
-        return "mil-reference"
-    return runtime
+    checker = checker_for(runtime)
+    return checker if checker is not None and checker in RUNTIMES else runtime
 
 
 #: the most characters of an error message a contract records (a converter's message can be

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from portable_models._version import __version__
-from portable_models.compare.parity import TolerancePolicy
 from portable_models.core.golden import golden_max_bytes
 from portable_models.core.iomap import IoMap
 from portable_models.core.paths import user_path
 from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.core.text import escape
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import ContractError, PortableModelsError
 
 __all__ = [

@@ -13,8 +13,8 @@ from typing import Any
 
 from portable_models.contract.bundle import BundleScan, folder_digest
 from portable_models.contract.model import Artifact
-from portable_models.convert.registry import TARGET_INFO
 from portable_models.core.paths import bundle_path
+from portable_models.core.targets import TARGET_INFO
 from portable_models.errors import ContractError
 from portable_models.isolation.process import Confinement
 

@@ -8,8 +8,6 @@ never compares: parity is the compare engine's job.
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.errors import ConversionError, MissingDependencyError
@@ -27,9 +26,7 @@ __all__ = [
     "ConvertResult",
     "ConvertFn",
     "Step",
-    "package_version",
     "check_requires",
-    "load_impl",
     "ensure_artifact",
 ]
 
@@ -109,14 +106,6 @@ class ConvertFn(Protocol):
     def __call__(self, job: ConvertJob) -> ConvertResult: ...
 
 
-def package_version(dist: str) -> str:
-    """Installed version of a distribution, without importing it ('' if absent)."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
 def check_requires(info: RouteInfo) -> None:
     """``requires``: every package the route needs is installed."""
     missing = [d for d in info.requires if not package_version(d)]
@@ -126,15 +115,6 @@ def check_requires(info: RouteInfo) -> None:
             stage=f"convert:{info.target}",
             fix="pip install 'portable-models[all]' (or the extra for this target)",
         )
-
-
-def load_impl(dotted: str) -> Any:
-    """Import ``module:attr`` lazily."""
-    module, _, attr = dotted.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConversionError(f"cannot load {dotted}: {exc}") from exc
 
 
 def ensure_artifact(job: ConvertJob, result: ConvertResult) -> Path:

@@ -20,14 +20,15 @@ from portable_models.compare.check import (
     fixed_shape_cases,
     runner_options,
 )
-from portable_models.compare.parity import TolerancePolicy
-from portable_models.contract.bundle import path_bytes, sha256_path
 from portable_models.contract.model import Artifact, Attempt
 from portable_models.convert.base import RouteInfo, check_requires
 from portable_models.convert.registry import routes_for
 from portable_models.core.golden import Cases
+from portable_models.core.hashing import path_bytes, sha256_path
 from portable_models.core.iomap import IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
+from portable_models.core.targets import TARGET_INFO
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import DynamicDimsRefused, PortableModelsError
 from portable_models.isolation.pool import JobFailed, Pool
 from portable_models.run.registry import runtime_info
@@ -67,8 +68,8 @@ class TargetContext:
         return runner_options(self.inputs, self.outputs, self.dims, precision)
 
     def cache_key(self, route: RouteInfo, precision: str, fixed_fallback: bool = True) -> str:
-        """Everything an attempt's outcome depends on (see :mod:`portable_models.convert.cache`)."""
-        from portable_models.convert import cache
+        """Everything an attempt's outcome depends on (see :mod:`portable_models.core.cache`)."""
+        from portable_models.core import cache
 
         if not self._inputs_digest:
             golden_out = self.golden_inputs.parent / "outputs.npz"
@@ -117,7 +118,7 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
         attempt = Attempt(route=route.name, status="error", stage="convert",
                           error=error_dict(failed.error), seconds=time.monotonic() - start)
         if cache_key is not None:
-            from portable_models.convert import cache
+            from portable_models.core import cache
 
             cache.store(cache_key, {"attempt": attempt.to_dict(), "artifact": None,
                                     "error": attempt.error}, None)
@@ -145,7 +146,7 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
                    timings={"convert_s": round(float(conv["convert_s"]), 3), **timings},
                    meta=meta)
     if cache_key is not None:
-        from portable_models.convert import cache
+        from portable_models.core import cache
 
         cache.store(cache_key, {"attempt": attempt.to_dict(), "artifact": art.to_dict(), "file": conv["file"]},
                     out_dir)
@@ -169,7 +170,7 @@ def _private_copies(prior: dict[str, Path], folder: Path) -> dict[str, Path]:
 
 
 def _from_cache(key: str, out_dir: Path) -> tuple[Attempt, Artifact | None] | None:
-    from portable_models.convert import cache
+    from portable_models.core import cache
 
     hit = cache.load(key, out_dir)
     if hit is None:
@@ -264,5 +265,5 @@ def _keep(ctx: TargetContext, art: Artifact, key: str) -> None:
     art.file = dest.relative_to(ctx.root).as_posix()
     art.sha256 = sha256_path(dest)
     art.bytes = path_bytes(dest)
-    if art.target == "onnx" and art.precision == "float32":
-        ctx.prior["onnx"] = dest
+    if art.precision == "float32" and any(art.target in t.consumes for t in TARGET_INFO.values()):
+        ctx.prior[art.target] = dest  # a later target converts from it

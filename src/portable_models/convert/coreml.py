@@ -41,8 +41,9 @@ import shutil
 import time
 from typing import Any
 
-from portable_models.convert.base import ConvertJob, ConvertResult, Step, package_version
+from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.core.coremltools_import import import_coremltools
+from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.core.spec import TensorSpec
 from portable_models.errors import ConversionError

@@ -24,7 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from portable_models.convert.base import ConvertJob, ConvertResult, Step, package_version
+from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
 from portable_models.errors import ConversionError, MissingDependencyError
 

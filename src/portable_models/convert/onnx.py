@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from portable_models.convert.base import ConvertJob, ConvertResult, Step, package_version
+from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.core.torch_io import load_program
 from portable_models.errors import ConversionError, MissingDependencyError, PortableModelsError

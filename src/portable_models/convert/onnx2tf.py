@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.convert.base import ConvertJob, ConvertResult, Step, package_version
+from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.convert.tflite import _artifact_name, _fail, _load_program, _torch_samples
+from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.errors import ConversionError, PortableModelsError
 

@@ -9,42 +9,19 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
 from functools import cache
 
 from portable_models.convert.base import RouteInfo
+from portable_models.core.targets import TARGETS
 from portable_models.errors import UsageError
 
-__all__ = ["TARGETS", "TARGET_INFO", "TargetInfo", "ROUTES", "EXTRA_ROUTES_ENV", "all_routes", "routes_for", "route_by_name"]
+__all__ = ["ROUTES", "EXTRA_ROUTES_ENV", "all_routes", "routes_for", "route_by_name"]
 
 #: ``module:attr[,module:attr…]`` naming sequences of extra :class:`RouteInfo` rows (your own
 #: converters, or failing routes injected by tests). They are tried before the built-in
 #: routes of their target. Read in the caller and inherited by every worker.
 EXTRA_ROUTES_ENV = "PORTABLE_MODELS_EXTRA_ROUTES"
 
-#: every target, in the order reports list them.
-TARGETS = ("onnx", "torchscript", "executorch", "tflite", "coreml")
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """What a target's artifacts are, in code: a contract cannot say otherwise."""
-
-    #: the runtime that runs them (:data:`portable_models.run.registry.RUNTIMES`).
-    runtime: str
-    #: the file format they must have, checked before loading (:mod:`portable_models.run.formats`).
-    file_format: str
-    #: loading one can run code it carries: verified only in a sandbox or when trusted.
-    runs_code: bool = False
-
-
-TARGET_INFO: dict[str, TargetInfo] = {
-    "onnx": TargetInfo(runtime="onnxruntime", file_format="onnx"),
-    "torchscript": TargetInfo(runtime="torchscript", file_format="torchscript", runs_code=True),
-    "executorch": TargetInfo(runtime="executorch", file_format="pte"),
-    "tflite": TargetInfo(runtime="litert", file_format="tflite"),
-    "coreml": TargetInfo(runtime="coreml", file_format="mlpackage"),
-}
 
 _TORCH_ONNX = ("torch", "onnx", "onnxscript")
 _TORCH_ET = ("torch", "executorch")

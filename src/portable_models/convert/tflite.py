@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from portable_models.convert.base import ConvertJob, ConvertResult, Step, package_version
+from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.errors import ConversionError, DynamicDimsRefused, PortableModelsError
 

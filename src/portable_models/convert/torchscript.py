@@ -23,7 +23,8 @@ import copy
 import operator
 from typing import TYPE_CHECKING, Any
 
-from portable_models.convert.base import ConvertJob, ConvertResult, Step, package_version
+from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
 from portable_models.core.torch_io import (
     flatten_outputs,

@@ -32,13 +32,9 @@ def warm_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
-    from portable_models.convert.base import (
-        ConvertJob,
-        check_requires,
-        ensure_artifact,
-        load_impl,
-    )
+    from portable_models.convert.base import ConvertJob, check_requires, ensure_artifact
     from portable_models.convert.registry import route_by_name
+    from portable_models.core.imports import load_impl
 
     info = route_by_name(payload["route"])
     check_requires(info)
@@ -86,7 +82,7 @@ def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[s
     outputs, time it all. ``checked``: the file lists an earlier run of the same job (kind
     ``many``) has hashed and found as the contract says: not hashed again (Core ML's MIL
     reference run right after its structural check), and this run's is added."""
-    from portable_models.convert.base import load_impl
+    from portable_models.core.imports import load_impl
     from portable_models.run.base import RunnerOptions
     from portable_models.run.registry import runtime_info
 
@@ -133,7 +129,7 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
     on golden case 0."""
     import statistics
 
-    from portable_models.convert.base import load_impl
+    from portable_models.core.imports import load_impl
     from portable_models.run.base import RunnerOptions
     from portable_models.run.registry import runtime_info
 

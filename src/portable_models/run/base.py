@@ -136,6 +136,6 @@ def _distribution_version(dist: str) -> str:
     """A runtime's version, read once per process: the worker that imported the runtime
     keeps running that version whatever is installed later (reading package metadata
     costs milliseconds on every run job otherwise)."""
-    from portable_models.convert.base import package_version
+    from portable_models.core.imports import package_version
 
     return package_version(dist)

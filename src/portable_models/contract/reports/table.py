@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from portable_models.compare.parity import format_float
 from portable_models.contract.model import Artifact, Contract
 from portable_models.core.text import escape
+from portable_models.core.tolerance import format_float
 
 __all__ = ["render_table", "rows", "worst_output", "next_steps", "number", "fmt", "outputs_of", "message",
            "NOTE_MAX"]

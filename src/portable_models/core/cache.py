@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from portable_models._version import __version__
-from portable_models.convert.base import package_version
+from portable_models.core.imports import package_version
 
 __all__ = ["CACHE_ENV", "cache_root", "content_digest", "attempt_key", "load", "store", "discard",
            "UNCACHED_CODES"]

@@ -1,0 +1,63 @@
+"""The target registry: one row per target, in code, saying what its artifacts are and how
+they are made and checked. A contract cannot say otherwise (the runtime follows the target),
+and the rest of the flow reads a target's facts here rather than keeping lists of its own.
+Adding a target is a row here, its routes (``convert/registry.py``) and its runtime
+(``run/registry.py``)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+__all__ = ["TARGETS", "TARGET_INFO", "TargetInfo", "checker_for"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetInfo:
+    """What a target's artifacts are, in code: a contract cannot say otherwise."""
+
+    #: the runtime that runs them (:data:`portable_models.run.registry.RUNTIMES`).
+    runtime: str
+    #: the file format they must have, checked before loading (:mod:`portable_models.run.formats`).
+    file_format: str
+    #: loading one can run code it carries: verified only in a sandbox or when trusted.
+    runs_code: bool = False
+    #: the precisions it is built at (float32, the reference twin, always first).
+    precisions: tuple[str, ...] = ("float32",)
+    #: relative cost of a conversion (the demo's, measured by ``make bench``): how ``--jobs``
+    #: spreads targets over lanes.
+    cost: float = 5.0
+    #: targets of one family share converters (and a worker's imports): ``--jobs`` keeps them
+    #: in one lane, in registry order.
+    family: str = ""
+    #: earlier targets whose float32 artifact its routes may convert from (onnx2tf reads the
+    #: ONNX artifact): those are built first and handed over.
+    consumes: tuple[str, ...] = ()
+    #: where its runtime cannot run (``runtime_platforms``), the runtime that checks it instead.
+    checker: str | None = None
+    #: the platforms (``sys.platform``) its runtime runs on (empty: every one).
+    runtime_platforms: tuple[str, ...] = ()
+
+
+TARGET_INFO: dict[str, TargetInfo] = {
+    "onnx": TargetInfo(runtime="onnxruntime", file_format="onnx", cost=4.8, family="onnx"),
+    "torchscript": TargetInfo(runtime="torchscript", file_format="torchscript", runs_code=True, cost=0.2,
+                              family="torch"),
+    "executorch": TargetInfo(runtime="executorch", file_format="pte", cost=8.0, family="torch"),
+    "tflite": TargetInfo(runtime="litert", file_format="tflite", precisions=("float32", "float16"), cost=10.7,
+                         family="onnx", consumes=("onnx",)),
+    "coreml": TargetInfo(runtime="coreml", file_format="mlpackage", precisions=("float32", "float16"), cost=3.2,
+                         family="torch", checker="mil-reference", runtime_platforms=("darwin",)),
+}
+
+#: every target, in the order reports list them.
+TARGETS = tuple(TARGET_INFO)
+
+
+def checker_for(runtime: str) -> str | None:
+    """The runtime that checks artifacts of ``runtime`` on this platform instead, when
+    ``runtime`` cannot run here (Core ML off macOS: the MIL reference executor); else None."""
+    for info in TARGET_INFO.values():
+        if info.runtime == runtime and info.runtime_platforms and sys.platform not in info.runtime_platforms:
+            return info.checker
+    return None
