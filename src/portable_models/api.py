@@ -28,11 +28,11 @@ from portable_models.compare.check import (
     run_planned,
     runner_options,
 )
-from portable_models.contract.bundle import Staging, check_file, list_files, scan_bundle, writing
+from portable_models.contract.bundle import Staging, check_file, list_files, writing
 from portable_models.contract.model import Artifact, Contract, load_contract
 from portable_models.contract.reports import write_reports
 from portable_models.contract.reports.table import render_table
-from portable_models.contract.trust import confinement, refusal, sandbox_reason
+from portable_models.contract.trust import admit, confinement, refusal, sandbox_reason
 from portable_models.convert.build import Progress, TargetContext, build_target
 from portable_models.convert.registry import routes_for
 from portable_models.core import golden
@@ -40,7 +40,7 @@ from portable_models.core.hashing import sha256_path
 from portable_models.core.paths import bundle_path, user_path
 from portable_models.core.targets import TARGET_INFO, TARGETS
 from portable_models.core.tolerance import TolerancePolicy
-from portable_models.errors import UsageError
+from portable_models.errors import ContractError, UsageError
 from portable_models.isolation.pool import LimitedPool, Pool, WorkerLimits, shared_pool
 from portable_models.run.base import COMPUTE_UNITS
 from portable_models.verify_kept import helper, scratch_done, scratch_folder
@@ -370,8 +370,8 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     golden_in, golden_out = _golden(root, contract)
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
     missing = sorted(set(targets or ()) - {a.target for a in chosen} - {a.key for a in chosen})
-    scan = scan_bundle(root)
-    entries = {e["path"]: e for e in contract.files}
+    admission = admit(root, contract)
+    scan, entries = admission.scan, admission.entries
     scratch = scratch_folder()
     confine = None if trust_bundle and sandbox_reason() is not None else confinement(root, scratch)
     # the worker runs every artifact in one job, each right after hashing its files; this
@@ -420,12 +420,10 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
             future.cancel()
         helper_thread.submit(scratch_done, scratch)  # beside the caller's next step
     problems += [f"not in the bundle: requested target {t}" for t in missing]
-    problems += [f"link or special file in the bundle: {p} (never followed)" for p in scan.odd]
+    problems += admission.problems
     contract.artifacts = chosen
-    unlisted = sorted(scan.files - set(entries) - {"contract.json"})
     return VerifyReport(path=root, contract=contract, problems=problems,
-                        allow_unverified=tuple(allow_unverified), ran=len(runs),
-                        notes=[f"not in the contract's file list (not checked): {p}" for p in unlisted],
+                        allow_unverified=tuple(allow_unverified), ran=len(runs), notes=admission.notes,
                         sandbox=None if confine is None else "Landlock")
 
 
@@ -434,7 +432,12 @@ def _golden(root: Path, contract: Contract) -> tuple[Path, golden.Cases]:
     outputs read under a bound derived from the shapes and cases the contract declares."""
     golden_in = bundle_path(root, contract.golden["inputs"], what="golden inputs")
     golden_out = bundle_path(root, contract.golden["outputs"], what="golden outputs")
-    return golden_in, golden.read_only_cases(golden_out, max_bytes=contract.golden_max_bytes("outputs"))
+    cases = golden.read_only_cases(golden_out, max_bytes=contract.golden_max_bytes("outputs"))
+    if len(cases) != contract.golden["cases"]:
+        raise ContractError(f"{contract.golden['outputs']} holds {len(cases)} cases, the contract says "
+                            f"{contract.golden['cases']}", file=str(golden_out), stage="load",
+                            fix="the bundle was edited or written by a broken tool: re-export it")
+    return golden_in, cases
 
 
 def _owns(art: Artifact, path: str) -> bool:

@@ -20,14 +20,14 @@ from portable_models.contract.bundle import (
     check_files,
     list_files,
     raise_on_problems,
-    scan_bundle,
     writing,
 )
 from portable_models.contract.model import Contract, load_contract
 from portable_models.contract.reports import write_reports
-from portable_models.contract.trust import confinement, refusal, sandbox_reason
+from portable_models.contract.trust import admit, confinement, refusal, sandbox_reason
 from portable_models.core.paths import bundle_path, user_path
 from portable_models.core.targets import TARGET_INFO
+from portable_models.errors import UsageError
 from portable_models.isolation.pool import JobFailed, Pool, WorkerLimits, shared_pool
 from portable_models.run.registry import runtime_info
 
@@ -42,8 +42,13 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
     before an artifact is loaded, the same sandbox, the same ``trust_bundle``."""
     root = user_path(bundle)
     contract = load_contract(root)
-    raise_on_problems(root, check_files(root, contract.files))
-    scan, entries = scan_bundle(root), {e["path"]: e for e in contract.files}
+    admission = admit(root, contract)
+    raise_on_problems(root, check_files(root, contract.files) + admission.problems)
+    missing = sorted(set(targets or ()) - {a.target for a in contract.artifacts} - {a.key for a in contract.artifacts})
+    if missing:
+        raise UsageError(f"not in the bundle: {', '.join(missing)}", file=str(root / "contract.json"),
+                         fix=f"choose among {', '.join(a.key for a in contract.artifacts)}")
+    scan, entries = admission.scan, admission.entries
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-bench-"))
     confine = None if trust_bundle and sandbox_reason() is not None else confinement(root, scratch)
     try:
@@ -74,8 +79,9 @@ def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup
     runtime = info.runtime
     payload = {"runtime": runtime, "format": info.file_format, "artifact": str(root / art.file),
                "io": art.io.to_dict(),
-               "inputs": str(root / contract.golden["inputs"]), "runs": runs, "warmup": warmup,
-               "threads": threads, "inputs_max_bytes": contract.golden_max_bytes("inputs"),
+               "inputs": str(bundle_path(root, contract.golden["inputs"], what="golden inputs")),
+               "runs": runs, "warmup": warmup, "threads": threads,
+               "inputs_max_bytes": contract.golden_max_bytes("inputs"), "golden_cases": contract.golden["cases"],
                "options": runner_options(contract.inputs, contract.outputs, contract.dims, art.precision)}
     try:
         result, _ = pool.call(kind="bench", payload=payload, framework=runtime_info(runtime).framework,
@@ -87,26 +93,31 @@ def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup
 
 
 def _rewrite(root: Path, contract: Contract) -> None:
-    """New reports, new file list, then the contract, each written whole into a new file and
-    renamed into place: a rename replaces a link instead of writing through it, and a folder
-    reached through a link is refused (:func:`portable_models.core.paths.bundle_path`)."""
+    """New reports, new file list, then the contract, all or nothing: the reports are written
+    into a folder of their own and the new contract built and validated from them before
+    anything of the bundle changes; then each file is renamed into place (a rename replaces a
+    link instead of writing through it; a linked ``reports/`` is refused by
+    :func:`portable_models.core.paths.bundle_path`), the contract last."""
     with writing("the bench results", root):
         reports = bundle_path(root, "reports", what="reports folder")
         staged = Path(tempfile.mkdtemp(prefix=".bench-reports-", dir=root))
         try:
             write_reports(contract, staged)
+            fresh = {f"reports/{e['path']}": e for e in list_files(staged)}
+            # the other files as the contract lists them (checked when bench began): a bench never
+            # seals a file it did not check, nor lists one the contract did not
+            kept = [e for e in contract.files if e["path"] not in fresh]
+            contract.files = sorted([*kept, *({**e, "path": p} for p, e in fresh.items())],
+                                    key=lambda e: tuple(e["path"].split("/")))
+            text = contract.to_json()  # validated before anything is replaced
+            tmp = root / f".contract.json.{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
             reports.mkdir(exist_ok=True)
             for f in sorted(staged.iterdir()):
                 os.replace(f, reports / f.name)
+            os.replace(tmp, root / "contract.json")
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        contract.files = list_files(root)
-        tmp = root / f".contract.json.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(contract.to_json())
-            os.replace(tmp, root / "contract.json")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            Path(root / f".contract.json.{os.getpid()}").unlink(missing_ok=True)

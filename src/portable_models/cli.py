@@ -444,8 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        stage = f" [{exc.stage}]" if exc.stage else ""
-        print(f"error{stage}: {exc}", file=sys.stderr)
+        from portable_models.core.text import escape
+
+        stage = f" [{escape(exc.stage)}]" if exc.stage else ""
+        # one escaped line per line: a message may quote a bundle's names (escape sequences)
+        text = "\n".join(escape(line) for line in str(exc).split("\n"))
+        print(f"error{stage}: {text}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: workers stopped, nothing written", file=sys.stderr)

@@ -41,8 +41,13 @@ class BundleCollector(pytest.Collector):
     def report(self) -> Any:
         if self._report is None:
             from portable_models.api import verify
+            from portable_models.core.text import escape
+            from portable_models.errors import PortableModelsError
 
-            self._report = verify(self.bundle, trust_bundle=bool(self.config.getoption("pm_trust_bundle")))
+            try:
+                self._report = verify(self.bundle, trust_bundle=bool(self.config.getoption("pm_trust_bundle")))
+            except PortableModelsError as exc:  # shown as the tests' failure, escaped
+                raise ParityFailure("\n".join(escape(line) for line in str(exc).split("\n"))) from None
         return self._report
 
     def collect(self) -> Iterator[pytest.Item]:
@@ -69,6 +74,8 @@ class ParityItem(pytest.Item):
         if self.key is None:
             if report.problems:
                 raise ParityFailure(escape("; ".join(report.problems)))
+            if not report.contract.artifacts:
+                raise ParityFailure("the bundle has no artifact: nothing was checked")
             return
         art = report.contract.artifact(self.key)
         allowed = self.config.getoption("pm_allow_unverified") or []

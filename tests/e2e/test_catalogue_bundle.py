@@ -300,3 +300,122 @@ def test_the_payload_is_live_when_the_user_trusts_the_bundle(tmp_path: Path,
     bundle = tampered(tmp_path, lambda b, c: _add_torchscript(b, c, evil_ts(mark)))
     run("verify", str(bundle), "--trust-bundle", env={"PORTABLE_MODELS_SANDBOX": "off"})
     assert mark.exists()
+
+
+def test_bench_never_follows_or_lists_a_planted_link(tmp_path: Path) -> None:
+    """An unlisted link planted in the bundle: bench refuses the bundle before it writes
+    anything, and never hashes what the link names (an oracle on other files)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    bundle = tampered(tmp_path, lambda b, c: None)
+    (bundle / "notes.txt").symlink_to(secret)
+    before = (bundle / "contract.json").read_bytes()
+    r = run("bench", str(bundle), "--runs", "2", "--warmup", "0")
+    assert r.returncode == 1 and "notes.txt" in r.stderr, r.stdout + r.stderr
+    assert (bundle / "contract.json").read_bytes() == before
+    r = run("verify", str(bundle))
+    assert r.returncode == 1 and "link or special file in the bundle: notes.txt" in r.stdout + r.stderr
+
+
+def test_bench_seals_nothing_it_did_not_check(tmp_path: Path) -> None:
+    """bench rewrites the reports and the contract all or nothing, keeping the file list it
+    checked: a file planted beside it stays unlisted, and the bundle still verifies."""
+    bundle = tampered(tmp_path, lambda b, c: None)
+    (bundle / "evil\u202etxt.md").write_text("x")
+    r = run("bench", str(bundle), "--runs", "2", "--warmup", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = {e["path"] for e in json.loads((bundle / "contract.json").read_text())["files"]}
+    assert "evil\u202etxt.md" not in listed and "reports/parity.md" in listed
+    r = run("verify", str(bundle))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "\u202e" not in r.stderr and "\\u202e" in r.stderr  # the note names it, escaped
+    r = run("bench", str(bundle), "--targets", "tflite")
+    assert r.returncode == 2 and "not in the bundle: tflite" in r.stderr
+
+
+def test_golden_data_must_be_listed_and_agree_with_the_contract(tmp_path: Path) -> None:
+    def unlist(b: Path, c: dict[str, Any]) -> None:
+        c["files"] = [e for e in list_files(b) if not e["path"].startswith("golden/")]
+        c["keep_files"] = True
+    rc, _, text = verdicts(tampered(tmp_path / "unlisted", unlist))
+    assert rc == 1 and "golden inputs golden/inputs.npz is not in the contract's file list" in text, text
+
+    def more_cases(b: Path, c: dict[str, Any]) -> None:
+        import numpy as np
+
+        from portable_models.core.golden import load_cases, save_cases
+        cases = load_cases(b / "golden" / "inputs.npz")
+        save_cases(b / "golden" / "inputs.npz", cases + [{k: np.ones_like(v) for k, v in cases[0].items()}] * 47)
+        c["golden"]["cases"] = 51
+    r = run("verify", str(tampered(tmp_path / "cases", more_cases)))
+    assert r.returncode == 2 and "holds 4 cases, the contract says 51" in r.stderr, r.stdout + r.stderr
+
+
+def test_a_golden_bomb_is_refused_whatever_dims_the_contract_declares(tmp_path: Path) -> None:
+    """Huge declared dims lift the contract's own cap; the caller's absolute one still holds."""
+    import zipfile
+
+    import numpy as np
+
+    def bomb(b: Path, c: dict[str, Any]) -> None:
+        c["dims"] = {"batch": {"min": 1, "max": 2**31 - 1}}
+        c["outputs"][0]["shape"] = ["batch", "batch"]
+        header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32))
+        header["shape"] = (2**15, 3 * 2**12)  # 1.5 GiB of float32, under the 2 GiB an array may hold
+        with zipfile.ZipFile(b / "golden" / "outputs.npz", "w", zipfile.ZIP_DEFLATED) as zf, \
+                zf.open("0/scores.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            chunk = bytes(1 << 20)
+            for _ in range(1536):  # ~1.5 MB on disk, 1.5 GiB inflated
+                member.write(chunk)
+    r = run("verify", str(tampered(tmp_path, bomb)))
+    assert r.returncode == 2 and "outputs.npz: member 0/scores.npy declares" in r.stderr, r.stdout + r.stderr
+
+
+def test_escape_sequences_in_an_error_message_are_shown_escaped(tmp_path: Path) -> None:
+    import zipfile
+
+    def evil_member(b: Path, c: dict[str, Any]) -> None:
+        with zipfile.ZipFile(b / "golden" / "outputs.npz", "w") as zf:
+            zf.writestr("0/\x1b]0;TITLE\x07\x1b[2J\u202eevil", b"not an npy")
+    r = run("verify", str(tampered(tmp_path, evil_member)))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "\x1b" not in r.stderr and "\u202e" not in r.stderr and "\\x1b" in r.stderr, repr(r.stderr)
+
+
+def test_the_plugin_fails_a_bundle_without_artifacts(tmp_path: Path) -> None:
+    def empty(b: Path, c: dict[str, Any]) -> None:
+        c["artifacts"] = []
+    bundle = tampered(tmp_path, empty)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pm-bundle", str(bundle)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300, env=cli_env())
+    assert r.returncode == 1 and "no artifact" in r.stdout, r.stdout + r.stderr
+
+
+@needs_sandbox
+def test_a_sandboxed_worker_holds_no_secret_of_its_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A confined worker starts with a scrubbed environment (no tokens, no agent sockets, no
+    PYTHONPATH), cannot read a folder on the caller's PYTHONPATH, nor write to /dev/shm."""
+    from portable_models.contract.trust import confinement
+    from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "token.txt").write_text("t0ken")
+    monkeypatch.setenv("PM_SECRET_TOKEN", "t0ken")
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent.sock"))
+    monkeypatch.setenv("PYTHONPATH", str(project) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    confine = confinement(TINY, scratch)
+    with WorkerPool(scratch=tmp_path / "pool") as pool:
+        view = pool.with_limits(WorkerLimits(timeout_s=60)).confined(confine)
+        env, _ = view.call(kind="test", payload={"action": "env"}, framework="none", step="test")
+        assert not {"PM_SECRET_TOKEN", "SSH_AUTH_SOCK"} & set(env["keys"]), env
+        assert str(project) not in env["pythonpath"]
+        with pytest.raises(JobFailed, match="Permission denied"):
+            view.call(kind="test", payload={"action": "read", "path": str(project / "token.txt")},
+                      framework="none", step="test")
+        with pytest.raises(JobFailed, match="Permission denied"):
+            view.call(kind="test", payload={"action": "write", "path": f"/dev/shm/pm-{uuid.uuid4().hex}"},
+                      framework="none", step="test")

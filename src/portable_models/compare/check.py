@@ -293,6 +293,10 @@ class _Ran:
             return dict(self.failure or {}), {}
         golden_outputs = self.job.golden_outputs
         if self.cases is not None:
+            if any(not 0 <= i < len(golden_outputs) for i in self.cases):
+                return {"status": "error", "runtime": self.runtime, "checker": self.runtime, "stage": "compare",
+                        "error": {"code": "bad_contract", "message": f"cases {list(self.cases)} are not all among "
+                                  f"the {len(golden_outputs)} golden cases", "stage": "compare"}}, {}
             golden_outputs = [golden_outputs[i] for i in self.cases]
         record, timings = self.job.compare(self.result, unpack_outputs(self.result, self.out), golden_outputs, self.cases)
         record["checker"] = self.runtime
@@ -340,6 +344,7 @@ class _RunJob:
             payload["format"] = self.file_format
         if self.inputs_max_bytes is not None:
             payload["inputs_max_bytes"] = self.inputs_max_bytes
+            payload["golden_cases"] = len(self.golden_outputs)  # a bundle's: checked against its contract
         return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": None if self.log is None else str(self.log),
                 "work_dir": str(self.work_dir)}
 

@@ -30,12 +30,13 @@ __all__ = ["BundleScan", "Staging", "writing", "check_files", "folder_digest", "
 
 
 def list_files(root: Path, *, exclude: tuple[str, ...] = ("contract.json",)) -> list[dict[str, Any]]:
-    """Every file of a bundle with its size and sha256, sorted by path."""
+    """Every regular file of a bundle with its size and sha256, sorted by path; links and
+    special files are neither followed nor listed (:func:`scan_bundle`)."""
     out = []
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = f.relative_to(root).as_posix()
+    for rel in sorted(scan_bundle(root).files, key=lambda r: tuple(r.split("/"))):
         if rel in exclude:
             continue
+        f = root / rel
         out.append({"path": rel, "bytes": f.stat().st_size, "sha256": sha256_path(f)})
     return out
 

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portable_models.contract.bundle import BundleScan, folder_digest
-from portable_models.contract.model import Artifact
+from portable_models.contract.bundle import BundleScan, folder_digest, scan_bundle
+from portable_models.contract.model import Artifact, Contract
 from portable_models.core.paths import bundle_path
 from portable_models.core.targets import TARGET_INFO
 from portable_models.errors import ContractError
 from portable_models.isolation.process import Confinement
 
-__all__ = ["Refusal", "TRUST_FIX", "confinement", "refusal", "sandbox_reason"]
+__all__ = ["Admission", "Refusal", "admit", "TRUST_FIX", "confinement", "refusal", "sandbox_reason"]
 
 TRUST_FIX = "verify on a machine with the sandbox (Linux with Landlock), or pass --trust-bundle " \
             "(trust_bundle=True) for a bundle you made or trust"
@@ -52,6 +52,31 @@ def confinement(root: Path, *writable: Path) -> Confinement | None:
     if sandbox_reason() is not None:
         return None
     return Confinement(read=(str(root.resolve()),), write=tuple(str(p.resolve()) for p in writable))
+
+
+@dataclass
+class Admission:
+    """What a bundle folder holds against its contract, looked at before anything of it is
+    loaded: the folder (:class:`BundleScan`), the file list by path, the problems that fail
+    the whole bundle (links or special files, golden data not listed) and what is only worth
+    a note (files the contract does not list)."""
+
+    scan: BundleScan
+    entries: dict[str, dict[str, Any]]
+    problems: list[str]
+    notes: list[str]
+
+
+def admit(root: Path, contract: Contract) -> Admission:
+    """Look at ``root`` against ``contract`` (:class:`Admission`)."""
+    scan = scan_bundle(root)
+    entries = {e["path"]: e for e in contract.files}
+    problems = [f"link or special file in the bundle: {p} (never followed)" for p in scan.odd]
+    problems += [f"golden {which} {contract.golden[which]} is not in the contract's file list: it cannot be checked"
+                 for which in ("inputs", "outputs") if contract.golden[which] not in entries]
+    unlisted = sorted(scan.files - set(entries) - {"contract.json"})
+    return Admission(scan=scan, entries=entries, problems=problems,
+                     notes=[f"not in the contract's file list (not checked): {p}" for p in unlisted])
 
 
 def refusal(root: Path, art: Artifact, entries: dict[str, dict[str, Any]], scan: BundleScan, *,

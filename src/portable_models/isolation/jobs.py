@@ -17,7 +17,7 @@ import numpy as np
 from portable_models.core.golden import load_cases, pack_outputs, read_only_cases
 from portable_models.core.iomap import IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
-from portable_models.errors import PortableModelsError
+from portable_models.errors import ContractError, PortableModelsError
 
 __all__ = ["convert_job", "run_job", "bench_job", "test_job", "warm_job"]
 
@@ -70,11 +70,15 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def golden_inputs(path: Path, max_bytes: int | None = None) -> list[dict[str, np.ndarray]]:
+def golden_inputs(path: Path, max_bytes: int | None = None, cases: int | None = None) -> list[dict[str, np.ndarray]]:
     """The golden inputs at ``path`` (read once while the file is unchanged), each array a
     copy, so that a runtime writing into its feeds cannot change what the next job reads.
-    ``max_bytes``: what a bundle's contract lets them inflate to."""
-    return [{k: v.copy() for k, v in case.items()} for case in read_only_cases(path, max_bytes=max_bytes)]
+    ``max_bytes`` and ``cases``: what a bundle's contract lets them inflate to and says they hold."""
+    read = read_only_cases(path, max_bytes=max_bytes)
+    if cases is not None and len(read) != cases:
+        raise ContractError(f"{path.name} holds {len(read)} cases, the contract says {cases}", file=str(path),
+                            stage="load", fix="the bundle was edited or written by a broken tool: re-export it")
+    return [{k: v.copy() for k, v in case.items()} for case in read]
 
 
 def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[str, Any]:
@@ -97,7 +101,7 @@ def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[s
         if checked is not None:
             checked.append(files)
     _check_format(payload)
-    cases = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"))
+    cases = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"), payload.get("golden_cases"))
     if payload.get("cases") is not None:
         cases = [cases[int(i)] for i in payload["cases"]]
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
@@ -135,7 +139,7 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     cls = load_impl(runtime_info(payload["runtime"]).impl)
     _check_format(payload)
-    case = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"))[0]
+    case = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"), payload.get("golden_cases"))[0]
     threads = payload.get("threads")
     runner = cls(Path(payload["artifact"]), IoMap.from_dict(payload["io"]),
                  RunnerOptions(threads=threads, extra=dict(payload.get("options") or {})))
@@ -192,6 +196,10 @@ def test_job(payload: dict[str, Any]) -> dict[str, Any]:
                 "loaded": [m for m in payload.get("modules") or [] if m in sys.modules]}
     elif action == "read":  # what a (sandboxed) worker can read
         return {"read": len(Path(payload["path"]).read_bytes())}
+    elif action == "write":  # ... and write
+        Path(payload["path"]).write_text("x")
+    elif action == "env":  # ... and what it knows of its caller
+        return {"keys": sorted(os.environ), "pythonpath": os.environ.get("PYTHONPATH", "")}
     elif action == "print":  # as a converter or a runtime's thread would
         print(payload.get("text"), flush=True)
     elif action == "cwd":

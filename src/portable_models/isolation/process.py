@@ -88,10 +88,25 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
 
-def offline_env(scratch: Path, framework: str = "none", threads: int | None = None) -> dict[str, str]:
+#: the worker's working directory (its writable scratch folder) is not put on its sys.path:
+#: a file written there cannot shadow a module it imports later (Python 3.11+).
+_SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
+
+#: what a confined worker keeps of the caller's environment (nothing else: no tokens, no
+#: SSH_AUTH_SOCK, no PYTHONPATH; a worker that loads an untrusted bundle needs none of it).
+_CONFINED_KEEP = ("PATH", "LANG", "LANGUAGE", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+_CONFINED_KEEP_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "TF_")
+
+
+def offline_env(scratch: Path, framework: str = "none", threads: int | None = None,
+                confined: bool = False) -> dict[str, str]:
     """The worker's environment: the caller's, offline, with HOME and TMPDIR in scratch.
-    ``threads``: cap the numeric libraries' thread pools (workers running side by side)."""
+    ``threads``: cap the numeric libraries' thread pools (workers running side by side).
+    ``confined``: a worker that loads a bundle's artifacts keeps only the locale, ``PATH``
+    and the numeric libraries' settings of the caller's environment."""
     env = dict(os.environ)
+    if confined:
+        env = {k: v for k, v in env.items() if k in _CONFINED_KEEP or k.startswith(_CONFINED_KEEP_PREFIXES)}
     env.update(_OFFLINE_ENV)
     env.update(FRAMEWORK_ENV.get(framework, {}))
     if threads:
@@ -209,12 +224,12 @@ class Worker:
         self.idle_since = time.monotonic()
         read_fd, write_fd = os.pipe()
         scratch.mkdir(parents=True, exist_ok=True)
-        env = offline_env(scratch, framework, threads)
+        env = offline_env(scratch, framework, threads, confined=confine is not None)
         if confine is not None:
             env[CONFINE_ENV] = confine.to_env()
         with open(log, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "portable_models.isolation.child", str(write_fd)],
+                [sys.executable, *_SAFE_PATH, "-m", "portable_models.isolation.child", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
                 pass_fds=(write_fd,), start_new_session=True, cwd=scratch, env=env,
             )

@@ -19,6 +19,7 @@ import functools
 import glob
 import os
 import platform
+import site
 import stat
 import sys
 from collections.abc import Iterable, Sequence
@@ -266,7 +267,7 @@ _SYSTEM_READ = (
     "/etc/group", "/etc/locale.alias",
 )
 _SYSTEM_EXECUTE = ("/usr/lib", "/usr/lib64", "/lib", "/lib64")  # the ELF loader (ld.so)
-_SYSTEM_WRITE = ("/dev/null", "/dev/shm")  # subprocess.DEVNULL; shared memory, torch/ORT
+_SYSTEM_WRITE = ("/dev/null",)  # subprocess.DEVNULL
 # GPU device nodes (CUDA, DRM) need open + ioctl; only the nodes, never their directories.
 _GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps/*", "/dev/dri/*")
 
@@ -280,11 +281,13 @@ def _unique_existing(paths: Iterable[str]) -> list[str]:
 
 
 def default_read_paths() -> list[str]:
-    """The Python installation, this package, ``sys.path`` and the system files above."""
-    package_root = str(Path(__file__).resolve().parent.parent)  # editable installs
+    """The Python installation (its prefixes and site-packages), the folder holding this
+    package (editable installs) and the system files above. Not the rest of ``sys.path``: a
+    ``PYTHONPATH`` naming a project folder would open it to a bundle's runtime."""
+    package_root = str(Path(__file__).resolve().parents[2])
     python = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
-    # Relative sys.path entries ('' is the working directory) are left out on purpose.
-    return _unique_existing([*python, package_root, *sys.path, *_SYSTEM_READ])
+    sites = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    return _unique_existing([*python, *sites, package_root, *_SYSTEM_READ])
 
 
 def default_execute_paths() -> list[str]:
@@ -293,7 +296,8 @@ def default_execute_paths() -> list[str]:
 
 
 def default_write_paths() -> list[str]:
-    """``/dev/null``, ``/dev/shm`` and the GPU device nodes that exist here."""
+    """``/dev/null`` and the GPU device nodes that exist here (not ``/dev/shm``: it is shared
+    by every process of the machine)."""
     gpu = [hit for pattern in _GPU_DEVICES for hit in glob.glob(pattern)
            if stat.S_ISCHR(os.stat(hit).st_mode)]
     return _unique_existing([*_SYSTEM_WRITE, *gpu])
