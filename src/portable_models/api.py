@@ -32,7 +32,7 @@ from portable_models.contract.bundle import Staging, check_file, list_files, wri
 from portable_models.contract.model import Artifact, Contract, load_contract
 from portable_models.contract.reports import write_reports
 from portable_models.contract.reports.table import render_table
-from portable_models.contract.trust import admit, confinement, refusal, sandbox_reason
+from portable_models.contract.trust import admit, refusal
 from portable_models.convert.build import Progress, TargetContext, build_target
 from portable_models.convert.registry import routes_for
 from portable_models.core import golden
@@ -42,6 +42,7 @@ from portable_models.core.targets import TARGET_INFO, TARGETS
 from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import ContractError, UsageError
 from portable_models.isolation.pool import LimitedPool, Pool, WorkerLimits, shared_pool
+from portable_models.isolation.sandbox import confinement, sandbox_reason
 from portable_models.run.base import COMPUTE_UNITS
 from portable_models.verify_kept import helper, scratch_done, scratch_folder
 
@@ -373,7 +374,8 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     admission = admit(root, contract)
     scan, entries = admission.scan, admission.entries
     scratch = scratch_folder()
-    confine = None if trust_bundle and sandbox_reason() is not None else confinement(root, scratch)
+    confine = confinement(root, scratch)
+    unconfined = None if confine is not None else sandbox_reason() or "the sandbox is off"
     # the worker runs every artifact in one job, each right after hashing its files; this
     # thread hashes the bundle's other files meanwhile, and the helper thread compares each
     # artifact's outputs while the worker runs the next
@@ -383,7 +385,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s, memory_mb=memory_mb)).confined(confine)
         runs: list[tuple[Artifact, PlannedRun, list[dict[str, Any]]]] = []
         for art in chosen:
-            refused = refusal(root, art, entries, scan, sandboxed=confine is not None, trusted=trust_bundle)
+            refused = refusal(root, art, entries, scan, unconfined=unconfined, trusted=trust_bundle)
             if refused is not None:
                 art.status, art.parity = refused.status, refused.record(art)
                 continue

@@ -24,11 +24,12 @@ from portable_models.contract.bundle import (
 )
 from portable_models.contract.model import Contract, load_contract
 from portable_models.contract.reports import write_reports
-from portable_models.contract.trust import admit, confinement, refusal, sandbox_reason
+from portable_models.contract.trust import admit, refusal
 from portable_models.core.paths import bundle_path, user_path
 from portable_models.core.targets import TARGET_INFO
 from portable_models.errors import UsageError
 from portable_models.isolation.pool import JobFailed, Pool, WorkerLimits, shared_pool
+from portable_models.isolation.sandbox import confinement, sandbox_reason
 from portable_models.run.registry import runtime_info
 
 __all__ = ["bench"]
@@ -50,7 +51,8 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
                          fix=f"choose among {', '.join(a.key for a in contract.artifacts)}")
     scan, entries = admission.scan, admission.entries
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-bench-"))
-    confine = None if trust_bundle and sandbox_reason() is not None else confinement(root, scratch)
+    confine = confinement(root, scratch)
+    unconfined = None if confine is not None else sandbox_reason() or "the sandbox is off"
     try:
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s)).confined(confine)
         for art in contract.artifacts:
@@ -58,7 +60,7 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
                 continue
             if art.file is None:
                 continue  # nothing kept: nothing to time
-            refused = refusal(root, art, entries, scan, sandboxed=confine is not None, trusted=trust_bundle)
+            refused = refusal(root, art, entries, scan, unconfined=unconfined, trusted=trust_bundle)
             runtime = TARGET_INFO[art.target].runtime if refused is None else None
             if refused is not None:
                 art.timings["bench"] = {"runtime": refused.record(art)["runtime"], "error": refused.reason}

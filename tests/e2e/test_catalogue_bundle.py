@@ -24,6 +24,7 @@ from clihelp import cli_env
 from portable_models.contract.bundle import list_files
 from portable_models.core.hashing import sha256_path
 from portable_models.isolation.sandbox import status
+from worker_jobs import CALL
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny_bundle"
 pytestmark = pytest.mark.slow
@@ -274,8 +275,8 @@ def test_bench_never_writes_through_a_link(tmp_path: Path) -> None:
 def test_a_sandboxed_worker_cannot_read_outside_the_bundle(tmp_path: Path) -> None:
     """What the sandbox promises, asked of a real verify worker: the process that loads the
     artifacts cannot read a file outside the bundle and the Python installation."""
-    from portable_models.contract.trust import confinement
     from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
+    from portable_models.isolation.sandbox import Confinement, confinement
 
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cret")
@@ -283,13 +284,14 @@ def test_a_sandboxed_worker_cannot_read_outside_the_bundle(tmp_path: Path) -> No
     scratch.mkdir()
     confine = confinement(TINY, scratch)
     assert confine is not None
+    confine = Confinement(read=(*confine.read, CALL["import_path"]), write=confine.write)  # + the test jobs
     with WorkerPool(scratch=tmp_path / "pool") as pool:
         view = pool.with_limits(WorkerLimits(timeout_s=60)).confined(confine)
-        inside, _ = view.call(kind="test", payload={"action": "read", "path": str(TINY / "contract.json")},
+        inside, _ = view.call(kind="call", payload={**CALL, "action": "read", "path": str(TINY / "contract.json")},
                               framework="none", step="test")
         assert inside["read"] > 0
         with pytest.raises(JobFailed, match="Permission denied"):
-            view.call(kind="test", payload={"action": "read", "path": str(secret)}, framework="none", step="test")
+            view.call(kind="call", payload={**CALL, "action": "read", "path": str(secret)}, framework="none", step="test")
 
 
 def test_the_payload_is_live_when_the_user_trusts_the_bundle(tmp_path: Path,
@@ -396,8 +398,8 @@ def test_the_plugin_fails_a_bundle_without_artifacts(tmp_path: Path) -> None:
 def test_a_sandboxed_worker_holds_no_secret_of_its_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A confined worker starts with a scrubbed environment (no tokens, no agent sockets, no
     PYTHONPATH), cannot read a folder on the caller's PYTHONPATH, nor write to /dev/shm."""
-    from portable_models.contract.trust import confinement
     from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
+    from portable_models.isolation.sandbox import Confinement, confinement
 
     project = tmp_path / "project"
     project.mkdir()
@@ -408,14 +410,16 @@ def test_a_sandboxed_worker_holds_no_secret_of_its_caller(tmp_path: Path, monkey
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     confine = confinement(TINY, scratch)
+    assert confine is not None
+    confine = Confinement(read=(*confine.read, CALL["import_path"]), write=confine.write)  # + the test jobs
     with WorkerPool(scratch=tmp_path / "pool") as pool:
         view = pool.with_limits(WorkerLimits(timeout_s=60)).confined(confine)
-        env, _ = view.call(kind="test", payload={"action": "env"}, framework="none", step="test")
+        env, _ = view.call(kind="call", payload={**CALL, "action": "env"}, framework="none", step="test")
         assert not {"PM_SECRET_TOKEN", "SSH_AUTH_SOCK"} & set(env["keys"]), env
         assert str(project) not in env["pythonpath"]
         with pytest.raises(JobFailed, match="Permission denied"):
-            view.call(kind="test", payload={"action": "read", "path": str(project / "token.txt")},
+            view.call(kind="call", payload={**CALL, "action": "read", "path": str(project / "token.txt")},
                       framework="none", step="test")
         with pytest.raises(JobFailed, match="Permission denied"):
-            view.call(kind="test", payload={"action": "write", "path": f"/dev/shm/pm-{uuid.uuid4().hex}"},
+            view.call(kind="call", payload={**CALL, "action": "write", "path": f"/dev/shm/pm-{uuid.uuid4().hex}"},
                       framework="none", step="test")

@@ -157,7 +157,7 @@ def test_small_run_outputs_travel_in_the_answer_and_large_ones_through_a_file(tm
 
 def test_worker_reads_golden_inputs_once_while_unchanged_and_hands_out_copies(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from portable_models.isolation import jobs
+    from portable_models.run import job as jobs
 
     path = tmp_path / "inputs.npz"
     golden.save_cases(path, [{"x": np.arange(4, dtype=np.float32)}])

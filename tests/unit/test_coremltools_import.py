@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from portable_models.isolation.pool import WorkerLimits, WorkerPool
+from worker_jobs import CALL
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("coremltools", "tensorflow")),
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _coremltools(pool: WorkerPool, **payload: Any) -> dict[str, Any]:
-    result, _ = pool.call(kind="test", payload={"action": "coremltools", **payload}, framework="torch",
+    result, _ = pool.call(kind="call", payload={**CALL, "action": "coremltools", **payload}, framework="torch",
                           step="import coremltools")
     return result
 

@@ -18,6 +18,7 @@ from portable_models.errors import (
     WorkerTimeout,
 )
 from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
+from worker_jobs import CALL
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def pool(tmp_path: Path) -> WorkerPool:
 
 def _fail(pool: WorkerPool, action: str, tmp_path: Path) -> JobFailed:
     with pytest.raises(JobFailed) as info:
-        pool.call(kind="test", payload={"action": action}, framework="none", step=f"test {action}",
+        pool.call(kind="call", payload={**CALL, "action": action}, framework="none", step=f"test {action}",
                   log=tmp_path / "job.log", work_dir=tmp_path / "work",
                   timeout_s=None if action == "hang" else 120)
     return info.value
@@ -72,7 +73,7 @@ def test_cwd_and_home_are_private(pool: WorkerPool, tmp_path: Path, monkeypatch:
     caller = tmp_path / "caller"
     caller.mkdir()
     monkeypatch.chdir(caller)
-    result, _ = pool.call(kind="test", payload={"action": "cwd"}, framework="none", step="cwd",
+    result, _ = pool.call(kind="call", payload={**CALL, "action": "cwd"}, framework="none", step="cwd",
                           work_dir=tmp_path / "work")
     assert Path(result["cwd"]) == tmp_path / "work"
     assert str(tmp_path / "scratch") in result["home"]
@@ -90,7 +91,7 @@ def test_jobs_sharing_a_folder_keep_it_and_a_removed_folder_or_log_is_made_again
                                                                                   tmp_path: Path) -> None:
     work, log = tmp_path / "work", tmp_path / "jobs.log"
     for n in range(3):
-        result, _ = pool.call(kind="test", payload={"action": "cwd"}, framework="none", step=f"job{n}",
+        result, _ = pool.call(kind="call", payload={**CALL, "action": "cwd"}, framework="none", step=f"job{n}",
                               work_dir=work, log=log)
         assert Path(result["cwd"]) == work
         if n == 1:  # the folder and the log go away between two jobs
@@ -105,10 +106,10 @@ def test_what_is_printed_after_a_job_never_goes_to_that_jobs_log(pool: WorkerPoo
     """An export's logs are files of its bundle: a worker's later output (a job without a
     log, an import's warning, a runtime's thread) must not change them."""
     log = tmp_path / "bundle-file.log"
-    pool.call(kind="test", payload={"action": "print", "text": "during the job"}, framework="none",
+    pool.call(kind="call", payload={**CALL, "action": "print", "text": "during the job"}, framework="none",
               step="one", log=log)
     before = log.read_text()
-    pool.call(kind="test", payload={"action": "print", "text": "after it"}, framework="none", step="two")
+    pool.call(kind="call", payload={**CALL, "action": "print", "text": "after it"}, framework="none", step="two")
     assert "during the job" in before and log.read_text() == before
 
 
@@ -152,15 +153,15 @@ def test_a_lane_cloned_from_a_warm_worker_imports_nothing_again_and_lives_on_its
         view = LimitedPool(pool, WorkerLimits())
         view.prewarm("none", ["pm_counted_import"], lanes=[0], threads=1, clones=[1])
         lane0, lane1 = view.lane_view(0, 1), view.lane_view(1, 1)
-        ask = {"action": "loaded", "modules": ["pm_counted_import"]}
-        first = lane0.call(kind="test", payload=ask, framework="none", step="t")[0]
-        clone = lane1.call(kind="test", payload=ask, framework="none", step="t")[0]
+        ask = {**CALL, "action": "loaded", "modules": ["pm_counted_import"]}
+        first = lane0.call(kind="call", payload=ask, framework="none", step="t")[0]
+        clone = lane1.call(kind="call", payload=ask, framework="none", step="t")[0]
         assert clone["pid"] != first["pid"] and pool.started == 2
         assert clone["loaded"] == ["pm_counted_import"] == first["loaded"]
         assert [f.name for f in tmp_path.glob("import-*.txt")] == [f"import-{first['pid']}.txt"], \
             "the clone imported the module again"
         assert clone["session"] == clone["pid"] != first["session"]
-        home = lane1.call(kind="test", payload={"action": "cwd"}, framework="none", step="t",
+        home = lane1.call(kind="call", payload={**CALL, "action": "cwd"}, framework="none", step="t",
                           work_dir=tmp_path / "w1")[0]["home"]
         assert Path(home).parent.parent == tmp_path / "s" and "worker-1" not in home
         # each is policed for its own memory: lane 0's account leaves its clone (its child) out
@@ -170,7 +171,7 @@ def test_a_lane_cloned_from_a_warm_worker_imports_nothing_again_and_lives_on_its
         assert _group_rss_mb(first["pid"]) > 1.5 * _group_rss_mb(clone["pid"]), "the clone is not its child"
 
         with pytest.raises(JobFailed) as info:
-            lane1.call(kind="test", payload={"action": "segfault"}, framework="none", step="t",
+            lane1.call(kind="call", payload={**CALL, "action": "segfault"}, framework="none", step="t",
                        timeout_s=60)
         assert isinstance(info.value.error, WorkerCrashed) and "crashed (SIGSEGV)" in str(info.value.error)
         assert not _alive(clone["pid"])
@@ -198,9 +199,9 @@ def test_a_clone_that_cannot_set_itself_up_fails_fast_and_its_source_works_on(tm
 
 
 def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_path: Path) -> None:
-    subs = [{"kind": "test", "payload": {}, "step": "one"},
-            {"kind": "test", "payload": {"action": "raise"}, "step": "two", "log": str(tmp_path / "two.log")},
-            {"kind": "test", "payload": {}, "step": "three"}]
+    subs = [{"kind": "call", "payload": {**CALL, }, "step": "one"},
+            {"kind": "call", "payload": {**CALL, "action": "raise"}, "step": "two", "log": str(tmp_path / "two.log")},
+            {"kind": "call", "payload": {**CALL, }, "step": "three"}]
     seen: list[dict] = []
     result, _ = pool.call(kind="many", payload={"jobs": subs}, framework="none", step="many",
                           on_partial=seen.append)
@@ -211,7 +212,7 @@ def test_a_many_job_answers_each_of_its_jobs_as_it_ends(pool: WorkerPool, tmp_pa
     assert seen[0]["result"]["pid"] == seen[2]["result"]["pid"], "one worker ran them all"
     # a crash ends the job: the jobs before it were answered, the caller sees which one died
     seen.clear()
-    subs[1] = {"kind": "test", "payload": {"action": "segfault"}, "step": "two"}
+    subs[1] = {"kind": "call", "payload": {**CALL, "action": "segfault"}, "step": "two"}
     with pytest.raises(JobFailed) as info:
         pool.call(kind="many", payload={"jobs": subs}, framework="none", step="many", on_partial=seen.append)
     assert isinstance(info.value.error, WorkerCrashed)
@@ -230,7 +231,7 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
         action = ""
 
         def sub_job(self, runtime: str, cases: object, threads: object = None) -> dict:
-            return {"kind": "test", "payload": {"action": self.action}, "step": f"run:{runtime}"}
+            return {"kind": "call", "payload": {**CALL, "action": self.action}, "step": f"run:{runtime}"}
 
     def job(action: str) -> Scripted:
         made = Scripted(pool=pool, artifact=tmp_path / "a", io=IoMap(inputs={}, outputs={}),
@@ -281,7 +282,7 @@ def test_each_view_applies_its_own_limits(tmp_path: Path) -> None:
 
     strict = shared_pool(WorkerLimits(timeout_s=1, memory_mb=None))
     with pytest.raises(JobFailed) as info:
-        strict.call(kind="test", payload={"action": "hang"}, framework="none", step="hang",
+        strict.call(kind="call", payload={**CALL, "action": "hang"}, framework="none", step="hang",
                     work_dir=tmp_path / "w")
     assert "timeout after 1 s" in str(info.value.error)
     result, _ = shared_pool().call(kind="ping", payload={}, framework="none", step="ping")

@@ -148,7 +148,8 @@ def _savedmodel(path: Path, trust: bool, model_class: str | None) -> LoadedSourc
 
 
 def _onnx(path: Path, trust: bool, model_class: str | None) -> LoadedSource:
-    from portable_models.capture.onnx import OnnxModelFile, check_external_data, graph_specs
+    from portable_models.capture.onnx import OnnxModelFile, graph_specs
+    from portable_models.core.onnx_io import check_external_data
 
     check_external_data(path)  # before onnx or onnxruntime reads any tensor
     ins, _ = graph_specs(path)

@@ -18,10 +18,11 @@ import numpy as np
 from portable_models.capture import Captured
 from portable_models.core import golden
 from portable_models.core.imports import package_version
+from portable_models.core.onnx_io import check_external_data, load_graph
 from portable_models.core.spec import DimSpec, TensorSpec, normalise_dynamic_dims
-from portable_models.errors import CaptureError, InputError, UnsafeModelError, UsageError
+from portable_models.errors import CaptureError, UsageError
 
-__all__ = ["OnnxModelFile", "capture_onnx", "check_external_data", "graph_specs"]
+__all__ = ["OnnxModelFile", "capture_onnx", "graph_specs"]
 
 _STAGE = "capture"
 
@@ -31,42 +32,6 @@ class OnnxModelFile:
     """An ONNX model on disk, handed to :func:`portable_models.export` as the model."""
 
     path: Path
-
-
-def _load_graph(path: Path) -> Any:
-    import onnx
-
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise InputError(f"{path.name} is not a readable ONNX model: {exc}", file=str(path),
-                         stage="load", fix="re-export the ONNX file") from exc
-
-
-def check_external_data(path: Path) -> list[str]:
-    """The external data files of ``path`` (relative), after checking each stays inside
-    the model's folder."""
-    from onnx.external_data_helper import uses_external_data
-
-    model = _load_graph(path)
-    folder = path.parent.resolve()
-    found: list[str] = []
-    for tensor in model.graph.initializer:
-        if not uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (path.parent / location)
-        resolved = target.resolve()
-        if Path(location).is_absolute() or ".." in Path(location).parts or not resolved.is_relative_to(folder):
-            raise UnsafeModelError(
-                f"{path.name}: external data of {tensor.name!r} points outside the model's folder "
-                f"({location})", file=str(path), stage="load",
-                fix="keep external data files next to the model (relative paths, no '..')")
-        if not resolved.is_file():
-            raise InputError(f"{path.name}: external data file {location} is missing", file=str(path),
-                             stage="load", fix="copy the external data next to the model")
-        found.append(location)
-    return sorted(set(found))
 
 
 def _dtype(elem_type: int) -> str:
@@ -84,7 +49,7 @@ def _shape(value_info: Any) -> tuple[int | str, ...]:
 
 def graph_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs (initializers excluded) and outputs as declared by the graph."""
-    model = _load_graph(path)
+    model = load_graph(path)
     init = {t.name for t in model.graph.initializer}
     ins = [TensorSpec(name=v.name, dtype=_dtype(v.type.tensor_type.elem_type), shape=_shape(v))
            for v in model.graph.input if v.name not in init]

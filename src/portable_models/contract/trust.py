@@ -16,9 +16,8 @@ from portable_models.contract.model import Artifact, Contract
 from portable_models.core.paths import bundle_path
 from portable_models.core.targets import TARGET_INFO
 from portable_models.errors import ContractError
-from portable_models.isolation.process import Confinement
 
-__all__ = ["Admission", "Refusal", "admit", "TRUST_FIX", "confinement", "refusal", "sandbox_reason"]
+__all__ = ["Admission", "Refusal", "admit", "TRUST_FIX", "refusal"]
 
 TRUST_FIX = "verify on a machine with the sandbox (Linux with Landlock), or pass --trust-bundle " \
             "(trust_bundle=True) for a bundle you made or trust"
@@ -36,22 +35,6 @@ class Refusal:
         return {"status": self.status, "stage": self.stage, "reason": self.reason,
                 "runtime": TARGET_INFO[art.target].runtime if art.target in TARGET_INFO else None,
                 "error": {"code": "not_run", "message": self.reason, "stage": self.stage}}
-
-
-def sandbox_reason() -> str | None:
-    """None where verify's workers can be sandboxed here, else why not."""
-    from portable_models.isolation.sandbox import status
-
-    st = status()
-    return None if st.available else st.reason
-
-
-def confinement(root: Path, *writable: Path) -> Confinement | None:
-    """The sandbox for a verify or bench of ``root`` (reads of the bundle, writes to the
-    caller's scratch folders), or None where there is none here."""
-    if sandbox_reason() is not None:
-        return None
-    return Confinement(read=(str(root.resolve()),), write=tuple(str(p.resolve()) for p in writable))
 
 
 @dataclass
@@ -80,9 +63,10 @@ def admit(root: Path, contract: Contract) -> Admission:
 
 
 def refusal(root: Path, art: Artifact, entries: dict[str, dict[str, Any]], scan: BundleScan, *,
-            sandboxed: bool, trusted: bool) -> Refusal | None:
+            unconfined: str | None, trusted: bool) -> Refusal | None:
     """Why ``art`` must not be loaded (None: it may run). ``entries``: the contract's file
-    list by path; ``scan``: what the folder really holds."""
+    list by path; ``scan``: what the folder really holds; ``unconfined``: why the artifact
+    would run outside the OS sandbox (None: it runs inside)."""
     info = TARGET_INFO.get(art.target)
     if info is None:
         return Refusal("error", "integrity", f"unknown target {art.target!r}")
@@ -99,10 +83,9 @@ def refusal(root: Path, art: Artifact, entries: dict[str, dict[str, Any]], scan:
     problem = _files_problem(art, art.file, entries, scan)
     if problem is not None:
         return Refusal("error", "integrity", problem)
-    if info.runs_code and not sandboxed and not trusted:
-        why = sandbox_reason() or "the sandbox is off for this run"
+    if info.runs_code and unconfined is not None and not trusted:
         return Refusal("skipped", "verify", f"needs a sandbox or --trust-bundle: loading a {art.target} "
-                       f"artifact runs the code it carries, and there is no OS sandbox here ({why})")
+                       f"artifact runs the code it carries, and there is no OS sandbox here ({unconfined})")
     return None
 
 

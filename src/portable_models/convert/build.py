@@ -31,7 +31,7 @@ from portable_models.core.targets import TARGET_INFO
 from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import DynamicDimsRefused, PortableModelsError
 from portable_models.isolation.pool import JobFailed, Pool
-from portable_models.run.registry import runtime_info
+from portable_models.run import runtime_info
 
 __all__ = ["TargetContext", "build_target", "Progress"]
 

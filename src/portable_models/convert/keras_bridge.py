@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.capture.keras import flat_outputs, load_saved, pack_inputs, require_backend
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.core.imports import load_impl, package_version
+from portable_models.core.keras_io import flat_outputs, load_saved, pack_inputs, require_backend
 from portable_models.errors import ConversionError, PortableModelsError
 
 __all__ = [

@@ -32,10 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portable_models.capture.keras import flat_outputs, load_saved, pack_inputs, require_backend
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
+from portable_models.core.keras_io import flat_outputs, load_saved, pack_inputs, require_backend
 from portable_models.errors import ConversionError, PortableModelsError
 
 __all__ = ["convert_tf_tflite", "convert_tf2onnx", "convert_keras_onnx", "convert_tf_coreml",

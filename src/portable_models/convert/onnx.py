@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.convert.torch_program import load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
-from portable_models.core.torch_io import load_program
 from portable_models.errors import ConversionError, MissingDependencyError, PortableModelsError
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ def convert_onnx_passthrough(job: ConvertJob) -> ConvertResult:
 
     import onnx
 
-    from portable_models.capture.onnx import check_external_data
+    from portable_models.core.onnx_io import check_external_data
 
     extra = check_external_data(job.source_file)
     job.out_dir.mkdir(parents=True, exist_ok=True)

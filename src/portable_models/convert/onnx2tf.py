@@ -207,7 +207,7 @@ def _find_name(wanted: str, names: Sequence[str]) -> str | None:
 def _input_candidates(job: ConvertJob, onnx_ins: list[str],
                       in_details: dict[str, dict[str, Any]]) -> list[list[Binding]]:
     """Per logical input, the bindings (physical name + perm) its signature allows."""
-    from portable_models.run.litert import shape_fits as _fits
+    from portable_models.run import shape_fits as _fits
 
     out: list[list[Binding]] = []
     for spec, onnx_name in zip(job.inputs, onnx_ins, strict=True):
@@ -266,7 +266,7 @@ def _match_outputs(ref: list[np.ndarray], physical: dict[str, np.ndarray],
 
 def _run_physical(path: Path, inputs: dict[str, Binding], out_names: list[str],
                   sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from portable_models.run.litert import LiteRTRunner
+    from portable_models.run import LiteRTRunner
 
     io = IoMap(inputs=inputs, outputs={n: Binding(name=n) for n in out_names})
     with LiteRTRunner(path, io) as runner:
@@ -276,7 +276,7 @@ def _run_physical(path: Path, inputs: dict[str, Binding], out_names: list[str],
 def _match_io(job: ConvertJob, path: Path, onnx_ins: list[str],
               ref: list[np.ndarray]) -> tuple[IoMap, dict[str, Any]]:
     """Find the io map by running the artifact on the sample inputs (see module doc)."""
-    from portable_models.run.litert import signature_details
+    from portable_models.run import signature_details
 
     in_details, out_details = signature_details(path)
     candidates = _input_candidates(job, onnx_ins, in_details)

@@ -172,7 +172,7 @@ def convert_litert_torch(job: ConvertJob) -> ConvertResult:
 def _check_signature(job: ConvertJob, path: Path, ins: list[str],
                      outs: list[str]) -> dict[str, str]:
     """``ensures``: the signature names exactly what the io map will say."""
-    from portable_models.run.litert import signature_details
+    from portable_models.run import signature_details
 
     in_details, out_details = signature_details(path)
     if set(in_details) != set(ins) or set(out_details) != set(outs):

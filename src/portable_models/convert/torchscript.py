@@ -24,15 +24,10 @@ import operator
 from typing import TYPE_CHECKING, Any
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.convert.torch_program import load_program, resized_inputs
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
-from portable_models.core.torch_io import (
-    flatten_outputs,
-    import_torch,
-    load_program,
-    resized_inputs,
-    sample_args,
-)
+from portable_models.core.torch_io import flatten_outputs, import_torch, sample_args
 from portable_models.errors import ConversionError, PortableModelsError
 
 if TYPE_CHECKING:

@@ -18,15 +18,11 @@ from portable_models.errors import ConversionError, MissingDependencyError
 
 if TYPE_CHECKING:
     import torch
-    from torch.export import ExportedProgram
 
-    from portable_models.convert.base import ConvertJob
 
 __all__ = [
     "flatten_outputs",
     "import_torch",
-    "load_program",
-    "resized_inputs",
     "sample_args",
     "to_numpy",
     "to_tensor",
@@ -43,19 +39,6 @@ def import_torch(stage: str) -> Any:
             fix="pip install 'portable-models[torch]'",
         ) from exc
     return torch
-
-
-def load_program(job: ConvertJob) -> ExportedProgram:
-    """The captured program, loaded with ``torch.export.load``."""
-    torch = import_torch(f"convert:{job.route}")
-    try:
-        return torch.export.load(str(job.source_file))
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise ConversionError(
-            f"cannot load the captured program: {exc}", file=str(job.source_file),
-            stage=f"convert:{job.route}",
-            fix="re-capture the model; the .pt2 must come from torch.export.save",
-        ) from exc
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -101,35 +84,3 @@ def flatten_outputs(value: Any) -> list[Any]:
     return [value]
 
 
-def _other_size(size: int, lo: int, hi: int) -> int | None:
-    for candidate in (size + 1, size - 1, size + 2):
-        if lo <= candidate <= hi and candidate != size:
-            return candidate
-    return None
-
-
-def resized_inputs(job: ConvertJob) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The sample inputs with every dynamic dim moved to another size within its
-    bounds (rows repeated or dropped, so token ids stay valid). Returns the arrays and
-    the new size per dim label; an empty size dict means there is nothing dynamic."""
-    current: dict[str, int] = {}
-    for spec in job.inputs:
-        arr = np.asarray(job.sample_inputs[spec.name])
-        for axis, label in spec.dynamic_axes.items():
-            if axis < arr.ndim:
-                current.setdefault(label, int(arr.shape[axis]))
-    sizes: dict[str, int] = {}
-    for label, size in current.items():
-        dim = job.dims.get(label)
-        new = _other_size(size, dim.min if dim else 1, dim.max if dim else size + 1)
-        if new is not None:
-            sizes[label] = new
-    out: dict[str, np.ndarray] = {}
-    for spec in job.inputs:
-        arr = np.asarray(job.sample_inputs[spec.name])
-        for axis, label in spec.dynamic_axes.items():
-            if label in sizes and axis < arr.ndim:
-                idx = np.arange(sizes[label]) % max(arr.shape[axis], 1)
-                arr = np.take(arr, idx, axis=axis)
-        out[spec.name] = arr
-    return out, sizes

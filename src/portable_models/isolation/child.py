@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.errors import NetworkRequiredError, PortableModelsError, UnverifiedError
-from portable_models.isolation.process import CONFINE_ENV, open_fifo
+from portable_models.isolation.process import open_fifo
+from portable_models.isolation.sandbox import CONFINE_ENV
 
 _CURRENT_STEP = {"name": "worker"}
 
@@ -132,18 +133,10 @@ def _run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None],
             emit({"index": n, **{k: v for k, v in answer.items() if k != "id"}})
         return {"jobs": len(subs)}
 
-    handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-        "convert": jobs.convert_job,
-        "run": lambda payload: jobs.run_job(payload, checked),
-        "bench": jobs.bench_job,
-        "ping": lambda payload: {"pid": os.getpid()},
-        "test": jobs.test_job,
-        "warm": jobs.warm_job,
-    }
-    handler = handlers.get(job["kind"])
-    if handler is None:
-        raise ValueError(f"unknown job kind {job['kind']!r}")
-    return handler(job["payload"])
+    run = jobs.handler(job["kind"], job["payload"])
+    if job["kind"] == "run":
+        return run(job["payload"], checked)
+    return run(job["payload"])
 
 
 def _same_file(path: str, other: str) -> bool:

@@ -30,13 +30,13 @@ from typing import Any
 from portable_models.errors import PortableModelsError, WorkerError, WorkerUnfit, error_from_dict
 from portable_models.isolation.process import (
     IDLE_ENV,
-    Confinement,
     Worker,
     WorkerLimits,
     environment_key,
     offline_env,
     worker_kind,
 )
+from portable_models.isolation.sandbox import Confinement
 
 __all__ = ["WorkerLimits", "WorkerPool", "LimitedPool", "Pool", "JobFailed", "offline_env", "shared_pool",
            "shutdown_workers"]

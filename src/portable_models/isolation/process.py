@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.errors import WorkerCrashed, WorkerError, WorkerOutOfMemory, WorkerTimeout
+from portable_models.isolation.sandbox import CONFINE_ENV, Confinement
 
-__all__ = ["CONFINE_ENV", "Confinement", "WorkerLimits", "IDLE_ENV", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
+__all__ = ["WorkerLimits", "IDLE_ENV", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
            "Worker", "open_fifo"]
 
 #: the variable that sets how long an idle worker of the shared pool lives on (read by the caller).
@@ -39,25 +40,6 @@ _OFFLINE_ENV = {
     "TQDM_DISABLE": "1",
     "NO_COLOR": "1",
 }
-
-
-#: the variable that tells a worker to confine itself before it imports anything (JSON of
-#: :class:`Confinement`); set by the caller for a verify's or a bench's workers.
-CONFINE_ENV = "PORTABLE_MODELS_WORKER_CONFINE"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Confinement:
-    """What a confined worker may touch besides the Python installation
-    (:func:`portable_models.isolation.sandbox.default_read_paths`) and its own scratch folder:
-    ``read`` (a bundle), ``write`` (the caller's scratch folders). Workers are reused only
-    for jobs of the same confinement."""
-
-    read: tuple[str, ...] = ()
-    write: tuple[str, ...] = ()
-
-    def to_env(self) -> str:
-        return json.dumps({"read": list(self.read), "write": list(self.write)})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import functools
 import glob
+import json
 import os
 import platform
 import site
@@ -29,6 +30,10 @@ from pathlib import Path
 from portable_models.errors import PortableModelsError
 
 __all__ = [
+    "CONFINE_ENV",
+    "Confinement",
+    "confinement",
+    "sandbox_reason",
     "SandboxError",
     "SandboxStatus",
     "confine",
@@ -301,3 +306,36 @@ def default_write_paths() -> list[str]:
     gpu = [hit for pattern in _GPU_DEVICES for hit in glob.glob(pattern)
            if stat.S_ISCHR(os.stat(hit).st_mode)]
     return _unique_existing([*_SYSTEM_WRITE, *gpu])
+
+
+def sandbox_reason() -> str | None:
+    """None where verify's workers can be sandboxed here, else why not."""
+    st = status()
+    return None if st.available else st.reason
+
+
+def confinement(root: Path, *writable: Path) -> Confinement | None:
+    """The sandbox for a verify or bench of ``root`` (reads of the bundle, writes to the
+    caller's scratch folders), or None where there is none here."""
+    if sandbox_reason() is not None:
+        return None
+    return Confinement(read=(str(root.resolve()),), write=tuple(str(p.resolve()) for p in writable))
+
+
+#: the variable that tells a worker to confine itself before it imports anything (JSON of
+#: :class:`Confinement`); set by the caller for a verify's or a bench's workers.
+CONFINE_ENV = "PORTABLE_MODELS_WORKER_CONFINE"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Confinement:
+    """What a confined worker may touch besides the Python installation
+    (:func:`portable_models.isolation.sandbox.default_read_paths`) and its own scratch folder:
+    ``read`` (a bundle), ``write`` (the caller's scratch folders). Workers are reused only
+    for jobs of the same confinement."""
+
+    read: tuple[str, ...] = ()
+    write: tuple[str, ...] = ()
+
+    def to_env(self) -> str:
+        return json.dumps({"read": list(self.read), "write": list(self.write)})

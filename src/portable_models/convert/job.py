@@ -1,0 +1,52 @@
+"""The ``convert`` job: one route turns the captured source into one artifact. Runs inside a
+worker only (:mod:`portable_models.isolation.jobs` names it by dotted path)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from portable_models.core.golden import load_cases
+from portable_models.core.spec import DimSpec, TensorSpec
+
+__all__ = ["convert_job"]
+
+
+def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
+    from portable_models.convert.base import ConvertJob, check_requires, ensure_artifact
+    from portable_models.convert.registry import route_by_name
+    from portable_models.core.imports import load_impl
+
+    info = route_by_name(payload["route"])
+    check_requires(info)
+    samples = load_cases(Path(payload["samples"]))[0]
+    job = ConvertJob(
+        route=info.name,
+        source_file=Path(payload["source_file"]),
+        out_dir=Path(payload["out_dir"]),
+        work_dir=Path(payload["work_dir"]),
+        inputs=[TensorSpec.from_dict(d) for d in payload["inputs"]],
+        outputs=[TensorSpec.from_dict(d) for d in payload["outputs"]],
+        dims={k: DimSpec(name=k, **v) for k, v in payload["dims"].items()},
+        sample_inputs=samples,
+        precision=payload.get("precision", "float32"),
+        options=dict(payload.get("options") or {}),
+        prior_artifacts={k: Path(v) for k, v in (payload.get("prior") or {}).items()},
+        fixed_shape_fallback=bool(payload.get("fixed_shape_fallback", True)),
+    )
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    fn = load_impl(info.impl)
+    start = time.perf_counter()
+    result = fn(job)
+    seconds = time.perf_counter() - start
+    ensure_artifact(job, result)
+    return {
+        "file": result.file,
+        "io": result.io.to_dict(),
+        "steps": [s.to_dict() for s in result.steps],
+        "precision": result.precision,
+        "meta": result.meta,
+        "convert_s": seconds,
+    }

@@ -1,0 +1,65 @@
+"""The captured torch program as the torch routes read it: loaded from ``source/model.pt2``,
+and its sample inputs moved to other sizes of their dynamic dims (to check a converter kept
+them)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from portable_models.convert.base import ConvertJob
+from portable_models.core.torch_io import import_torch
+from portable_models.errors import ConversionError
+
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
+
+__all__ = ["load_program", "resized_inputs"]
+
+
+def load_program(job: ConvertJob) -> ExportedProgram:
+    """The captured program, loaded with ``torch.export.load``."""
+    torch = import_torch(f"convert:{job.route}")
+    try:
+        return torch.export.load(str(job.source_file))
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise ConversionError(
+            f"cannot load the captured program: {exc}", file=str(job.source_file),
+            stage=f"convert:{job.route}",
+            fix="re-capture the model; the .pt2 must come from torch.export.save",
+        ) from exc
+
+
+def _other_size(size: int, lo: int, hi: int) -> int | None:
+    for candidate in (size + 1, size - 1, size + 2):
+        if lo <= candidate <= hi and candidate != size:
+            return candidate
+    return None
+
+
+def resized_inputs(job: ConvertJob) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The sample inputs with every dynamic dim moved to another size within its
+    bounds (rows repeated or dropped, so token ids stay valid). Returns the arrays and
+    the new size per dim label; an empty size dict means there is nothing dynamic."""
+    current: dict[str, int] = {}
+    for spec in job.inputs:
+        arr = np.asarray(job.sample_inputs[spec.name])
+        for axis, label in spec.dynamic_axes.items():
+            if axis < arr.ndim:
+                current.setdefault(label, int(arr.shape[axis]))
+    sizes: dict[str, int] = {}
+    for label, size in current.items():
+        dim = job.dims.get(label)
+        new = _other_size(size, dim.min if dim else 1, dim.max if dim else size + 1)
+        if new is not None:
+            sizes[label] = new
+    out: dict[str, np.ndarray] = {}
+    for spec in job.inputs:
+        arr = np.asarray(job.sample_inputs[spec.name])
+        for axis, label in spec.dynamic_axes.items():
+            if label in sizes and axis < arr.ndim:
+                idx = np.arange(sizes[label]) % max(arr.shape[axis], 1)
+                arr = np.take(arr, idx, axis=axis)
+        out[spec.name] = arr
+    return out, sizes
