@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from portable_models.capture import Captured, framework_of
+from portable_models.capture import Captured, CaptureOptions, framework_of
 from portable_models.compare.check import (
     Judge,
     PlannedRun,
@@ -52,18 +50,12 @@ _PRECISIONS = {"fp32": "float32", "float32": "float32", "fp16": "float16", "floa
 
 
 @dataclass(kw_only=True)
-class ExportOptions:
-    """Everything :func:`export` can be told, besides the model and its example inputs."""
+class ExportOptions(CaptureOptions):
+    """Everything :func:`export` can be told, besides the model and its example inputs: what
+    the capture is told (:class:`~portable_models.capture.CaptureOptions`: names, dynamic dims,
+    input ranges, layouts, samples, cases, seed, trust_model, cache) and the rest below."""
 
     targets: str | Sequence[str] = "all"
-    input_names: Sequence[str] | None = None
-    output_names: Sequence[str] | None = None
-    dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None
-    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    layouts: Mapping[str, str | None] = field(default_factory=dict)
-    samples: Sequence[Mapping[str, np.ndarray]] | None = None
-    cases: int = 4
-    seed: int = 0
     tolerance: TolerancePolicy | Mapping[str, Mapping[str, float | None]] | None = None
     precision: str | Sequence[str] = "fp32"
     routes: Mapping[str, str] = field(default_factory=dict)
@@ -75,10 +67,6 @@ class ExportOptions:
     progress: Progress | None = None
     #: how the source file was loaded ("safe" or "trusted"); set by export_file.
     source_trust: str = "safe"
-    #: reuse the outcome of unchanged attempts (see portable_models.core.cache).
-    cache: bool = True
-    #: allow loading that can run code (a Keras Lambda layer): only for models you trust.
-    trust_model: bool = False
 
 
 def _targets(value: str | Sequence[str]) -> list[str]:
@@ -168,8 +156,6 @@ class VerifyReport:
 
 
 def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: Path) -> Captured:
-    from portable_models.capture.torch import CaptureOptions
-
     framework = framework_of(model)
     copts = CaptureOptions(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(CaptureOptions)})
     if framework == "torch":

@@ -24,8 +24,8 @@ pytest.importorskip("torch")
 
 import portable_models as pm  # noqa: E402
 from models import CORE_ML_CHECKER  # noqa: E402
+from portable_models.capture import CaptureOptions  # noqa: E402
 from portable_models.capture.keras import capture_keras  # noqa: E402
-from portable_models.capture.torch import CaptureOptions  # noqa: E402
 from portable_models.errors import UnsafeModelError  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from portable_models.core.golden import Cases
 from portable_models.core.spec import DimSpec, TensorSpec
 
-__all__ = ["Captured", "framework_of"]
+__all__ = ["CaptureOptions", "Captured", "framework_of"]
 
 
 @dataclass(kw_only=True)
@@ -38,3 +41,22 @@ def framework_of(model: object) -> str:
         if cls.__module__.startswith(("keras.", "tf_keras.")) and cls.__name__ in ("Model", "Layer"):
             return "keras"
     return "unknown"
+
+
+@dataclass(kw_only=True)
+class CaptureOptions:
+    """What the capture of any source is told besides the model and its example inputs
+    (:class:`portable_models.ExportOptions` adds what the rest of the flow is told)."""
+
+    input_names: Sequence[str] | None = None
+    output_names: Sequence[str] | None = None
+    dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None
+    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    layouts: Mapping[str, str | None] = field(default_factory=dict)
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None
+    cases: int = 4
+    seed: int = 0
+    #: allow loading that can run code (Keras Lambda layers) — the caller's explicit opt-in.
+    trust_model: bool = False
+    #: reuse an earlier capture of the unchanged model (see :mod:`.fingerprint`).
+    cache: bool = True

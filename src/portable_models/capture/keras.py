@@ -33,6 +33,7 @@ import numpy as np
 
 from portable_models.capture import Captured
 from portable_models.core import golden
+from portable_models.core.arrays import to_numpy
 from portable_models.core.imports import package_version
 from portable_models.core.keras_io import first_line as _first
 from portable_models.core.keras_io import flat_outputs, load_saved, pack_inputs
@@ -43,24 +44,14 @@ from portable_models.errors import (
 )
 
 if TYPE_CHECKING:
-    from portable_models.capture.torch import CaptureOptions
+    from portable_models.capture import CaptureOptions
 
-__all__ = ["capture_keras", "to_numpy", "custom_modules"]
+__all__ = ["capture_keras", "custom_modules"]
 
 _STAGE = "capture"
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 #: (atol, rtol) of the reload check: the saved file must reproduce the model's outputs.
 _RELOAD_TOL = (1e-6, 1e-5)
-
-
-# -- shared with the routes (worker side) ------------------------------------------------
-def to_numpy(value: Any) -> np.ndarray:
-    """An array, a TF/torch/JAX tensor or a Keras tensor value as a numpy array."""
-    if hasattr(value, "detach"):  # torch
-        return np.asarray(value.detach().cpu().numpy())
-    if hasattr(value, "numpy"):  # tf eager tensor
-        return np.asarray(value.numpy())
-    return np.asarray(value)
 
 
 def custom_modules(model: Any) -> list[str]:

@@ -3,45 +3,26 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from portable_models.capture import Captured
+from portable_models.capture import Captured, CaptureOptions
 from portable_models.core import golden
+from portable_models.core.arrays import to_numpy
 from portable_models.core.imports import package_version
 from portable_models.core.spec import DimSpec, TensorSpec, normalise_dynamic_dims
+from portable_models.core.torch_io import output_leaves
 from portable_models.errors import CaptureError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CaptureOptions", "capture_torch", "to_numpy", "flatten_outputs"]
+__all__ = ["capture_torch", "flatten_outputs"]
 
 _STAGE = "capture"
-
-
-@dataclass(kw_only=True)
-class CaptureOptions:
-    input_names: Sequence[str] | None = None
-    output_names: Sequence[str] | None = None
-    dynamic_dims: Mapping[str, Mapping[int, Any]] | None = None
-    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
-    layouts: Mapping[str, str | None] = field(default_factory=dict)
-    samples: Sequence[Mapping[str, np.ndarray]] | None = None
-    cases: int = 4
-    seed: int = 0
-    #: allow loading that can run code (Keras Lambda layers) — the caller's explicit opt-in.
-    trust_model: bool = False
-    #: reuse an earlier capture of the unchanged model (see :mod:`.fingerprint`).
-    cache: bool = True
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().contiguous().numpy()
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -67,12 +48,10 @@ def _input_names(model: torch.nn.Module, n: int, given: Sequence[str] | None) ->
 def flatten_outputs(out: Any, names: Sequence[str] | None) -> tuple[list[str], list[torch.Tensor]]:
     """Flatten a tensor / tuple / list / dict (nested) into named tensors, in pytree order."""
     import torch
-    from torch.utils import _pytree as pytree
 
-    leaves_with_path, _ = pytree.tree_flatten_with_path(out)
     tensors, auto = [], []
-    for path, leaf in leaves_with_path:
-        label = ".".join(_key_label(k) for k in path) or "output"
+    for path, leaf in output_leaves(out):
+        label = path or "output"
         if leaf is None:
             raise CaptureError(f"model output {label!r} is None", stage=_STAGE,
                                fix="return only tensors: leave the None entries out of the outputs")
@@ -94,13 +73,6 @@ def flatten_outputs(out: Any, names: Sequence[str] | None) -> tuple[list[str], l
     if len(tensors) == 1 and auto == ["output"]:
         return ["output"], tensors
     return auto, tensors
-
-
-def _key_label(k: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 def _as_args(example_inputs: Any) -> tuple[Any, ...]:
@@ -174,7 +146,7 @@ def _run_eager(model: torch.nn.Module, specs: list[TensorSpec], cases: golden.Ca
                 raise CaptureError(f"the model failed on golden case {i}: {type(exc).__name__}: {exc}",
                                    stage=_STAGE, fix="check input dtypes, shapes and declared ranges") from exc
             names, tensors = flatten_outputs(out, out_names)
-            results.append({n: to_numpy(t) for n, t in zip(names, tensors, strict=True)})
+            results.append({n: np.ascontiguousarray(to_numpy(t)) for n, t in zip(names, tensors, strict=True)})
     return names, results
 
 
@@ -243,7 +215,7 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
     names = _input_names(model, len(args), opts.input_names)
     axes, dims = normalise_dynamic_dims(opts.dynamic_dims)
     in_specs = _input_specs(names, args, axes, opts)
-    example = {n: to_numpy(a) for n, a in zip(names, args, strict=True)}
+    example = {n: np.ascontiguousarray(to_numpy(a)) for n, a in zip(names, args, strict=True)}
     if opts.samples:
         cases = [{s.name: np.asarray(c[s.name]) for s in in_specs} for c in opts.samples]
     else:

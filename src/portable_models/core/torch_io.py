@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "flatten_outputs",
+    "output_leaves",
     "import_torch",
     "sample_args",
-    "to_numpy",
     "to_tensor",
 ]
 
@@ -52,19 +52,6 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, copy=True, order="C"))
 
 
-def to_numpy(value: Any) -> np.ndarray:
-    """A tensor (or a Python number) as a numpy array; bfloat16 becomes float32,
-    which numpy cannot hold."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            t = t.to(torch.float32)
-        return t.numpy()
-    return np.asarray(value)
-
-
 def sample_args(specs: list[TensorSpec], arrays: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
     """Tensors for ``specs`` (the program's flat input order) from logical arrays."""
     missing = [s.name for s in specs if s.name not in arrays]
@@ -74,13 +61,25 @@ def sample_args(specs: list[TensorSpec], arrays: Mapping[str, np.ndarray]) -> tu
     return tuple(to_tensor(arrays[s.name]) for s in specs)
 
 
+def output_leaves(value: Any) -> list[tuple[str, Any]]:
+    """The leaves of a model's (nested) tuple / list / dict output with their paths
+    (``"1"``, ``"boxes"``, ``"0.scores"``), in torch's pytree order (dicts in insertion
+    order): the one order of a torch model's outputs, from the capture to every runner."""
+    from torch.utils import _pytree as pytree
+
+    leaves, _ = pytree.tree_flatten_with_path(value)
+    return [(".".join(_key_label(k) for k in path), leaf) for path, leaf in leaves]
+
+
+def _key_label(k: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def flatten_outputs(value: Any) -> list[Any]:
-    """Leaves of a (nested) tuple / list / dict of tensors, in pytree order (dict
-    insertion order), which is the order of ``job.outputs``."""
-    if isinstance(value, Mapping):
-        return [leaf for v in value.values() for leaf in flatten_outputs(v)]
-    if isinstance(value, (tuple, list)):
-        return [leaf for v in value for leaf in flatten_outputs(v)]
-    return [value]
+    """The leaves of :func:`output_leaves`, without their paths."""
+    return [leaf for _, leaf in output_leaves(value)]
 
 

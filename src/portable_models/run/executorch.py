@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from portable_models.core.arrays import to_numpy
 from portable_models.errors import MissingDependencyError, RuntimeLoadError, RuntimeRunError
 from portable_models.run.base import Runner
 
@@ -139,7 +140,7 @@ class ExecuTorchRunner(Runner):
             raise RuntimeRunError(
                 f"{self.artifact.name} returned {len(outs)} outputs, the io map names "
                 f"{len(names)} {names}", file=str(self.artifact), stage="run:executorch")
-        return {name: _to_numpy(v) for name, v in zip(names, outs, strict=True)}
+        return {name: to_numpy(v, copy=True) for name, v in zip(names, outs, strict=True)}
 
     def _close_impl(self) -> None:
         self._method = None
@@ -170,11 +171,3 @@ def _input_info(meta: Any, index: int) -> tuple[str, tuple[int, ...]] | None:
         return None
     code = int(info.dtype())
     return _SCALAR_TYPES.get(code, f"ScalarType {code}"), tuple(int(s) for s in info.sizes())
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy().copy()
-    return np.asarray(value)

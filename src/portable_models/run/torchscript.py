@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from portable_models.core.arrays import to_numpy
 from portable_models.core.torch_io import (
     flatten_outputs,
     import_torch,
-    to_numpy,
     to_tensor,
 )
 from portable_models.errors import RuntimeRunError
