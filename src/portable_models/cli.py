@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from portable_models._version import __version__
+from portable_models.core.settings import no_color
 from portable_models.errors import PortableModelsError
 
 __all__ = ["main", "build_parser"]
@@ -37,7 +38,7 @@ class Progress:
     def __init__(self, stream: TextIO, quiet: bool = False) -> None:
         self.stream, self.quiet = stream, quiet
         self.live = not quiet and hasattr(stream, "isatty") and stream.isatty()
-        self.color = self.live and not os.environ.get("NO_COLOR")
+        self.color = self.live and not no_color()
         self.rows: dict[str, list[Any]] = {}
         self.drawn = 0
         self.lock = threading.Lock()

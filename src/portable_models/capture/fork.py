@@ -20,17 +20,17 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from portable_models.core.settings import CAPTURE_ENV, capture_inprocess
 from portable_models.errors import CaptureError, PortableModelsError, error_from_dict
 
 __all__ = ["CAPTURE_ENV", "fork_unavailable", "run_forked"]
 
-CAPTURE_ENV = "PORTABLE_MODELS_CAPTURE"
 T = TypeVar("T")
 
 
 def fork_unavailable() -> str | None:
     """Why the capture runs in the caller's process, or None when it can be forked."""
-    if os.environ.get(CAPTURE_ENV, "").strip().lower() == "inprocess":
+    if capture_inprocess():
         return f"{CAPTURE_ENV}=inprocess"
     if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
         return f"no safe fork on {sys.platform}"

@@ -8,19 +8,15 @@ loads and passes parity wins. Adding a route is one module plus one row here.
 from __future__ import annotations
 
 import importlib
-import os
 from functools import cache
 
 from portable_models.convert.base import RouteInfo
+from portable_models.core.settings import EXTRA_ROUTES_ENV, extra_routes
 from portable_models.core.targets import TARGETS
 from portable_models.errors import UsageError
 
 __all__ = ["ROUTES", "EXTRA_ROUTES_ENV", "all_routes", "routes_for", "route_by_name"]
 
-#: ``module:attr[,module:attr…]`` naming sequences of extra :class:`RouteInfo` rows (your own
-#: converters, or failing routes injected by tests). They are tried before the built-in
-#: routes of their target. Read in the caller and inherited by every worker.
-EXTRA_ROUTES_ENV = "PORTABLE_MODELS_EXTRA_ROUTES"
 
 
 _TORCH_ONNX = ("torch", "onnx", "onnxscript")
@@ -136,7 +132,7 @@ def _extra_routes(spec: str) -> tuple[RouteInfo, ...]:
 
 def all_routes() -> tuple[RouteInfo, ...]:
     """Extra routes (from ``PORTABLE_MODELS_EXTRA_ROUTES``) first, then the built-in ones."""
-    return _extra_routes(os.environ.get(EXTRA_ROUTES_ENV, "")) + ROUTES
+    return _extra_routes(extra_routes()) + ROUTES
 
 
 def routes_for(target: str, source: str) -> list[RouteInfo]:

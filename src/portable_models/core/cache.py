@@ -25,22 +25,20 @@ from pathlib import Path
 from typing import Any
 
 from portable_models._version import __version__
+from portable_models.core import settings
 from portable_models.core.imports import package_version
+from portable_models.core.settings import CACHE_ENV
 
 __all__ = ["CACHE_ENV", "cache_root", "content_digest", "attempt_key", "load", "store", "discard",
            "UNCACHED_CODES"]
 
-CACHE_ENV = "PORTABLE_MODELS_CACHE"
 #: error codes that say nothing about the inputs: never cached.
 UNCACHED_CODES = frozenset({"crashed", "timeout", "out_of_memory", "network_required", "worker_failed",
                             "missing_dependency"})
 
 
 def cache_root() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "portable_models"
+    return settings.cache_root()
 
 
 def content_digest(path: Path) -> str:

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from portable_models.core.settings import confine_spec
 from portable_models.errors import NetworkRequiredError, PortableModelsError, UnverifiedError
 from portable_models.isolation.process import open_fifo
-from portable_models.isolation.sandbox import CONFINE_ENV
 
 _CURRENT_STEP = {"name": "worker"}
 
@@ -250,7 +250,7 @@ def _confine() -> None:
     imports anything or starts a thread (Landlock confines the calling thread and those it
     starts after): reads of the Python installation and the bundle, writes to its scratch
     folder (its working directory, HOME and TMPDIR) and the caller's, no network."""
-    raw = os.environ.get(CONFINE_ENV)
+    raw = confine_spec()
     if not raw:
         return
     from portable_models.isolation import sandbox

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portable_models.core.settings import worker_idle_s
 from portable_models.errors import PortableModelsError, WorkerError, WorkerUnfit, error_from_dict
 from portable_models.isolation.process import (
-    IDLE_ENV,
     Worker,
     WorkerLimits,
     environment_key,
@@ -41,9 +41,6 @@ from portable_models.isolation.sandbox import Confinement
 __all__ = ["WorkerLimits", "WorkerPool", "LimitedPool", "Pool", "JobFailed", "offline_env", "shared_pool",
            "shutdown_workers"]
 
-#: seconds an idle worker of the shared pool lives on (it holds torch, TensorFlow …), unless
-#: ``IDLE_ENV`` says otherwise.
-DEFAULT_IDLE_S = 120.0
 #: a worker is replaced after this many jobs, so that state converters leave behind
 #: (caches, registered ops, TensorFlow graphs) cannot grow without bound.
 MAX_JOBS_PER_WORKER = 200
@@ -414,14 +411,7 @@ _SHARED_LOCK = threading.Lock()
 
 
 def _idle_seconds() -> float:
-    raw = os.environ.get(IDLE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_IDLE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        return DEFAULT_IDLE_S
-    return max(value, 0.0)
+    return worker_idle_s()
 
 
 def shared_pool(limits: WorkerLimits | None = None) -> LimitedPool:

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from portable_models.core.settings import CACHE_ENV, CAPTURE_ENV, CONFINE_ENV, IDLE_ENV, SANDBOX_ENV
 from portable_models.errors import WorkerCrashed, WorkerError, WorkerOutOfMemory, WorkerTimeout
-from portable_models.isolation.sandbox import CONFINE_ENV, Confinement
+from portable_models.isolation.sandbox import Confinement
 
-__all__ = ["WorkerLimits", "IDLE_ENV", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
+__all__ = ["WorkerLimits", "FRAMEWORK_ENV", "worker_kind", "offline_env", "environment_key",
            "Worker", "open_fifo"]
 
-#: the variable that sets how long an idle worker of the shared pool lives on (read by the caller).
-IDLE_ENV = "PORTABLE_MODELS_WORKER_IDLE_S"
 
 #: environment that keeps well-behaved libraries from reaching the network at all.
 _OFFLINE_ENV = {
@@ -105,7 +104,7 @@ def offline_env(scratch: Path, framework: str = "none", threads: int | None = No
 
 
 #: variables only the caller reads: changing them does not make a worker stale.
-_CALLER_ONLY_ENV = frozenset({"PORTABLE_MODELS_CAPTURE", "PORTABLE_MODELS_CACHE", IDLE_ENV})
+_CALLER_ONLY_ENV = frozenset({CAPTURE_ENV, CACHE_ENV, IDLE_ENV, SANDBOX_ENV})
 
 
 def environment_key() -> int:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from portable_models.core.settings import CONFINE_ENV, SANDBOX_ENV, sandbox_off
 from portable_models.errors import PortableModelsError
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "status",
 ]
 
-ENV_SWITCH = "PORTABLE_MODELS_SANDBOX"
 
 # Syscall numbers: one table for every Linux architecture since 5.x (not alpha).
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
@@ -143,8 +143,8 @@ def _probe() -> SandboxStatus:
 
 def status() -> SandboxStatus:
     """Whether :func:`confine` can work here, and why not (the kernel probe is cached)."""
-    if os.environ.get(ENV_SWITCH, "").strip().lower() == "off":
-        return SandboxStatus(False, 0, f"sandbox turned off by {ENV_SWITCH}=off")
+    if sandbox_off():
+        return SandboxStatus(False, 0, f"sandbox turned off by {SANDBOX_ENV}=off")
     return _probe()
 
 
@@ -196,7 +196,7 @@ def confine(*, read: Sequence[str | Path] = (), write: Sequence[str | Path] = ()
     state = status()
     if not state.available:
         raise SandboxError(f"cannot sandbox: {state.reason}", stage="sandbox",
-                           fix=f"run on Linux ≥ 5.13 with Landlock enabled, or unset {ENV_SWITCH}")
+                           fix=f"run on Linux ≥ 5.13 with Landlock enabled, or unset {SANDBOX_ENV}")
     if not _single_threaded():
         raise SandboxError("cannot sandbox a process that already runs several threads: "
                            "Landlock would confine only the calling one", stage="sandbox",
@@ -322,9 +322,6 @@ def confinement(root: Path, *writable: Path) -> Confinement | None:
     return Confinement(read=(str(root.resolve()),), write=tuple(str(p.resolve()) for p in writable))
 
 
-#: the variable that tells a worker to confine itself before it imports anything (JSON of
-#: :class:`Confinement`); set by the caller for a verify's or a bench's workers.
-CONFINE_ENV = "PORTABLE_MODELS_WORKER_CONFINE"
 
 
 @dataclass(frozen=True, kw_only=True)
