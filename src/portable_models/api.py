@@ -19,6 +19,7 @@ from typing import Any
 
 from portable_models.capture import Captured, CaptureOptions, framework_of
 from portable_models.compare.check import (
+    CheckJob,
     Judge,
     PlannedRun,
     checking_runtime,
@@ -442,16 +443,15 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
     goes to the worker's own log, which outlives the verify's scratch folder."""
     assert art.file is not None and art.io is not None  # trust.refusal made sure
     info = TARGET_INFO[art.target]  # the runtime follows the target, never the contract
-    return plan_artifact(pool, artifact=root / art.file, runtime=info.runtime, io=art.io,
-                         golden_inputs=golden_in, golden_outputs=golden_out, policy=policy,
-                         precision=art.precision, log=None, work_dir=scratch,
-                         timeout_s=timeout_s,
-                         cases=art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None,
-                         options={**runner_options(contract.inputs, contract.outputs, contract.dims,
-                                                   art.precision), **extra},
-                         inputs_max_bytes=contract.golden_max_bytes("inputs"),
-                         files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)),
-                         run_ms=_run_ms(art), file_format=info.file_format)
+    job = CheckJob(pool=pool, artifact=root / art.file, io=art.io, golden_inputs=golden_in,
+                   golden_outputs=golden_out, policy=policy, precision=art.precision, log=None,
+                   work_dir=scratch, timeout_s=timeout_s,
+                   options={**runner_options(contract.inputs, contract.outputs, contract.dims, art.precision),
+                            **extra},
+                   files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)),
+                   run_ms=_run_ms(art), file_format=info.file_format,
+                   inputs_max_bytes=contract.golden_max_bytes("inputs"), golden_cases=contract.golden["cases"])
+    return plan_artifact(job, info.runtime, art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None)
 
 
 def _run_ms(art: Artifact) -> float:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from portable_models.compare.check import checking_runtime, runner_options
+from portable_models.compare.check import CheckJob, checking_runtime, runner_options
 from portable_models.contract.bundle import (
     check_files,
     list_files,
@@ -27,6 +27,7 @@ from portable_models.contract.reports import write_reports
 from portable_models.contract.trust import admit, refusal
 from portable_models.core.paths import bundle_path, user_path
 from portable_models.core.targets import TARGET_INFO
+from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import UsageError
 from portable_models.isolation.pool import JobFailed, Pool, WorkerLimits, shared_pool
 from portable_models.isolation.sandbox import confinement, sandbox_reason
@@ -79,12 +80,13 @@ def _one(pool: Pool, root: Path, contract: Contract, art: Any, runs: int, warmup
          threads: int | None, scratch: Path) -> dict[str, Any]:
     info = TARGET_INFO[art.target]
     runtime = info.runtime
-    payload = {"runtime": runtime, "format": info.file_format, "artifact": str(root / art.file),
-               "io": art.io.to_dict(),
-               "inputs": str(bundle_path(root, contract.golden["inputs"], what="golden inputs")),
-               "runs": runs, "warmup": warmup, "threads": threads,
-               "inputs_max_bytes": contract.golden_max_bytes("inputs"), "golden_cases": contract.golden["cases"],
-               "options": runner_options(contract.inputs, contract.outputs, contract.dims, art.precision)}
+    job = CheckJob(pool=pool, artifact=root / art.file, io=art.io,
+                   golden_inputs=bundle_path(root, contract.golden["inputs"], what="golden inputs"),
+                   golden_outputs=[], policy=TolerancePolicy(), precision=art.precision, log=None, work_dir=scratch,
+                   options=runner_options(contract.inputs, contract.outputs, contract.dims, art.precision),
+                   file_format=info.file_format, inputs_max_bytes=contract.golden_max_bytes("inputs"),
+                   golden_cases=contract.golden["cases"])
+    payload = job.payload(runtime, runs=runs, warmup=warmup, threads=threads)
     try:
         result, _ = pool.call(kind="bench", payload=payload, framework=runtime_info(runtime).framework,
                               step=f"bench:{runtime}", log=scratch / f"{art.key}.log",

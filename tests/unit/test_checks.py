@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from portable_models.compare.check import Ask, Judge, PlannedRun, plan_artifact, run_planned
+from portable_models.compare.check import Ask, CheckJob, Judge, PlannedRun, run_planned
 from portable_models.contract.model import load_contract
 from portable_models.core import golden
 from portable_models.core.tolerance import TolerancePolicy
@@ -27,13 +27,11 @@ def _planned(pool: WorkerPool, tmp_path: Path, plan: Generator[Ask, Any, Judge],
     contract = load_contract(TINY)
     art = contract.artifacts[0]
     assert art.file and art.io
-    base = plan_artifact(pool, artifact=TINY / art.file, runtime="onnxruntime", io=art.io,
-                         golden_inputs=TINY / contract.golden["inputs"],
-                         golden_outputs=golden.load_cases(TINY / contract.golden["outputs"]),
-                         policy=TolerancePolicy.from_dict(contract.tolerance), precision=art.precision,
-                         log=tmp_path / "run.log", work_dir=tmp_path / "run", name=name, cost_hint=cost_hint,
-                         run_ms=run_ms)
-    return PlannedRun(job=base.job, plan=plan)
+    job = CheckJob(pool=pool, artifact=TINY / art.file, io=art.io, golden_inputs=TINY / contract.golden["inputs"],
+                   golden_outputs=golden.load_cases(TINY / contract.golden["outputs"]),
+                   policy=TolerancePolicy.from_dict(contract.tolerance), precision=art.precision,
+                   log=tmp_path / "run.log", work_dir=tmp_path / "run", name=name, cost_hint=cost_hint, run_ms=run_ms)
+    return PlannedRun(job=job, plan=plan)
 
 
 def _judged(ran: list[Any]) -> Generator[Ask, Any, Judge]:
@@ -284,10 +282,10 @@ def test_a_many_job_hashes_an_artifacts_files_once_unless_they_failed(tmp_path: 
         return real(files_root, entries)
 
     monkeypatch.setattr(bundle, "check_files", counted)
-    job = plan_artifact(None, artifact=root / art.file, runtime="onnxruntime", io=art.io,  # type: ignore[arg-type]
-                        golden_inputs=root / contract.golden["inputs"], golden_outputs=[],
-                        policy=TolerancePolicy(), precision=art.precision, log=None, work_dir=tmp_path / "w",
-                        files=(root, [e for e in contract.files if e["path"].startswith(art.file)])).job
+    job = CheckJob(pool=None, artifact=root / art.file, io=art.io,  # type: ignore[arg-type]
+                   golden_inputs=root / contract.golden["inputs"], golden_outputs=[],
+                   policy=TolerancePolicy(), precision=art.precision, log=None, work_dir=tmp_path / "w",
+                   files=(root, [e for e in contract.files if e["path"].startswith(art.file)]))
     subs = [{**job.sub_job("onnxruntime", None), "id": str(n)} for n in range(2)]
     (tmp_path / "w").mkdir()
     monkeypatch.chdir(tmp_path / "w")  # the worker's loop enters the runs' folder when not in it

@@ -227,7 +227,7 @@ def test_a_run_that_kills_its_worker_fails_alone_and_the_runs_after_it_still_run
     from portable_models.core.tolerance import TolerancePolicy
     from portable_models.isolation import lanes
 
-    class Scripted(checks._RunJob):
+    class Scripted(checks.CheckJob):
         action = ""
 
         def sub_job(self, runtime: str, cases: object, threads: object = None) -> dict:

@@ -36,6 +36,7 @@ import sys
 import sysconfig
 import types
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,42 @@ _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 
 _UNSET = "<unset slot>"
 
+
+
+#: how :meth:`_Hasher.value` feeds a value, by type, first match wins (order matters: a
+#: torch.nn.Module before the plain objects, bool among the scalars before anything else).
+_Feed = Callable[["_Hasher", Any, str], None]
+
+
+@functools.cache
+def _rules() -> tuple[tuple[type | tuple[type, ...], _Feed], ...]:
+    import torch
+
+    return (
+        ((type(None), type(Ellipsis), bool, int, float, complex, str, bytes, range, slice), _Hasher.scalar),
+        (torch.Tensor, lambda h, v, where: h.tensor(v, where)),
+        ((torch.dtype, torch.device, torch.Size, torch.layout, torch.memory_format),
+         lambda h, v, where: h.feed(type(v).__name__, v)),
+        (np.ndarray, _Hasher.ndarray),
+        (np.generic, lambda h, v, where: h.feed("np", v.dtype.str, repr(v))),
+        ((list, tuple, dict, set, frozenset), _Hasher.once_container),
+        (enum.Enum, lambda h, v, where: h.feed("enum", type(v).__module__, type(v).__qualname__, v.name)),
+        # derived state (LSTM keeps weak references to its weights)
+        (weakref.ref, lambda h, v, where: h.feed("weakref")),
+        (types.ModuleType, lambda h, v, where: h.module_object(v)),
+        (torch.nn.Module, lambda h, v, where: h.module(v, where)),
+        (type, lambda h, v, where: h.klass(v, where)),
+        (types.FunctionType, lambda h, v, where: h.function(v, where)),
+        (types.MethodType, _Hasher.method),
+        ((staticmethod, classmethod), lambda h, v, where: h.parts(type(v).__name__, v.__func__, where=where)),
+        (property, lambda h, v, where: h.parts("property", v.fget, v.fset, v.fdel, where=where)),
+        (functools.partial, lambda h, v, where: h.parts("partial", v.func, v.args, v.keywords, where=where)),
+        ((types.BuiltinFunctionType, types.MethodWrapperType, types.WrapperDescriptorType,
+          types.MethodDescriptorType, types.ClassMethodDescriptorType, types.GetSetDescriptorType,
+          types.MemberDescriptorType), _Hasher.builtin),
+        (logging.Logger, lambda h, v, where: h.feed("logger", v.name)),
+        (re.Pattern, lambda h, v, where: h.feed("pattern", v.pattern, v.flags)),
+    )
 
 def _slots(cls: type) -> tuple[str, ...]:
     """The ``__slots__`` names of a class of Python code (C types hold state we cannot see)."""
@@ -162,72 +199,52 @@ class _Hasher:
             self._depth -= 1
 
     def _value(self, v: Any, where: str) -> None:
-        import torch
+        """Feed ``v`` by the first rule of :func:`_rules` its type matches."""
+        for kinds, feed in _rules():
+            if isinstance(v, kinds):
+                feed(self, v, where)
+                return
+        if hasattr(v, "__dict__") or _slots(type(v)):  # a plain Python object: its class and its state
+            self.plain_object(v, where)
+            return
+        raise Unfingerprintable(f"{where} is a {type(v).__module__}.{type(v).__qualname__}, "
+                                "which cannot be hashed by content")
 
-        if v is None or v is Ellipsis or isinstance(v, (bool, int, float, complex, str, bytes, range, slice)):
-            self.feed(type(v).__name__, repr(v))
-        elif isinstance(v, torch.Tensor):
-            self.tensor(v, where)
-        elif isinstance(v, (torch.dtype, torch.device, torch.Size, torch.layout, torch.memory_format)):
-            self.feed(type(v).__name__, v)
-        elif isinstance(v, np.ndarray):
-            if v.dtype.hasobject:
-                raise Unfingerprintable(f"{where}: a numpy array of Python objects")
-            self.feed("ndarray", v.dtype.str, v.shape)
-            self.buffer(np.ascontiguousarray(v))
-        elif isinstance(v, np.generic):
-            self.feed("np", v.dtype.str, repr(v))
-        elif isinstance(v, (list, tuple, dict, set, frozenset)):
-            if self._once(v):
-                self.container(v, where)
-        elif isinstance(v, enum.Enum):
-            self.feed("enum", type(v).__module__, type(v).__qualname__, v.name)
-        elif isinstance(v, weakref.ref):
-            self.feed("weakref")  # derived state (LSTM keeps weak references to its weights)
-        elif isinstance(v, types.ModuleType):
-            self.module_object(v)
-        elif isinstance(v, torch.nn.Module):
-            self.module(v, where)
-        elif isinstance(v, type):
-            self.klass(v, where)
-        elif isinstance(v, types.FunctionType):
-            self.function(v, where)
-        elif isinstance(v, types.MethodType):
-            self.feed("method")
-            self.value(v.__func__, where)
-            self.value(v.__self__, f"{where}.__self__")
-        elif isinstance(v, (staticmethod, classmethod)):
-            self.feed(type(v).__name__)
-            self.value(v.__func__, where)
-        elif isinstance(v, property):
-            self.feed("property")
-            for part in (v.fget, v.fset, v.fdel):
-                self.value(part, where)
-        elif isinstance(v, functools.partial):
-            self.feed("partial")
-            self.value(v.func, where)
-            self.value(v.args, where)
-            self.value(v.keywords, where)
-        elif isinstance(v, (types.BuiltinFunctionType, types.MethodWrapperType, types.WrapperDescriptorType,
-                            types.MethodDescriptorType, types.ClassMethodDescriptorType,
-                            types.GetSetDescriptorType, types.MemberDescriptorType)):
-            owner = getattr(v, "__module__", None) or type(getattr(v, "__self__", None)).__module__
-            self.feed("builtin", owner, getattr(v, "__qualname__", repr(v)), _library(str(owner)) or "")
-            self.value(getattr(v, "__self__", None), f"{where}.__self__")  # a bound one: its object's state
-        elif isinstance(v, logging.Logger):
-            self.feed("logger", v.name)
-        elif isinstance(v, re.Pattern):
-            self.feed("pattern", v.pattern, v.flags)
-        elif hasattr(v, "__dict__") or _slots(type(v)):  # a plain Python object: its class and its state
-            if self._once(v):
-                self.klass(type(v), where)
-                self.value(dict(getattr(v, "__dict__", {})), where)
-                for slot in _slots(type(v)):
-                    self.feed("slot", slot)
-                    self.value(getattr(v, slot, _UNSET), f"{where}.{slot}")
-        else:
-            raise Unfingerprintable(f"{where} is a {type(v).__module__}.{type(v).__qualname__}, "
-                                    "which cannot be hashed by content")
+    def scalar(self, v: Any, where: str) -> None:
+        self.feed(type(v).__name__, repr(v))
+
+    def ndarray(self, v: np.ndarray, where: str) -> None:
+        if v.dtype.hasobject:
+            raise Unfingerprintable(f"{where}: a numpy array of Python objects")
+        self.feed("ndarray", v.dtype.str, v.shape)
+        self.buffer(np.ascontiguousarray(v))
+
+    def once_container(self, v: Any, where: str) -> None:
+        if self._once(v):
+            self.container(v, where)
+
+    def parts(self, label: str, *values: Any, where: str) -> None:
+        """A wrapper: its label, then what it wraps."""
+        self.feed(label)
+        for part in values:
+            self.value(part, where)
+
+    def method(self, v: types.MethodType, where: str) -> None:
+        self.parts("method", v.__func__, where=where)
+        self.value(v.__self__, f"{where}.__self__")
+
+    def builtin(self, v: Any, where: str) -> None:
+        owner = getattr(v, "__module__", None) or type(getattr(v, "__self__", None)).__module__
+        self.feed("builtin", owner, getattr(v, "__qualname__", repr(v)), _library(str(owner)) or "")
+        self.value(getattr(v, "__self__", None), f"{where}.__self__")  # a bound one: its object's state
+
+    def plain_object(self, v: Any, where: str) -> None:
+        if self._once(v):
+            self.klass(type(v), where)
+            self.value(dict(getattr(v, "__dict__", {})), where)
+            for slot in _slots(type(v)):
+                self.feed("slot", slot)
+                self.value(getattr(v, slot, _UNSET), f"{where}.{slot}")
 
     def container(self, v: Any, where: str) -> None:
         self.feed("container", type(v).__module__, type(v).__qualname__, len(v))

@@ -27,7 +27,7 @@ from portable_models.isolation.pool import JobFailed, Pool
 from portable_models.isolation.process import worker_kind
 from portable_models.run.registry import RUNTIMES, runtime_info
 
-__all__ = ["Ask", "Judge", "PlannedRun", "check_artifact", "checking_runtime", "error_histogram", "error_dict",
+__all__ = ["Ask", "Judge", "PlannedRun", "CheckJob", "check_artifact", "checking_runtime", "error_histogram", "error_dict",
            "fixed_shape_cases", "plan_artifact", "run_planned", "runner_options"]
 
 
@@ -71,20 +71,14 @@ def fixed_shape_cases(golden_inputs: Path) -> list[int]:
 Judge = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
 
 
-def check_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
-                   golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path,
-                   work_dir: Path, timeout_s: float | None = None,
-                   output_names: Sequence[str] | None = None,
-                   cases: Sequence[int] | None = None,
-                   options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run ``artifact`` on the golden cases (all, or the ``cases`` a fixed-shape artifact
-    accepts) in a worker and compare. Returns the parity record and the timings.
-    Load/run failures become an ``error`` record, not an exception. Core ML off macOS is
-    checked structurally by its own runner first, then numerically by the MIL reference."""
-    return plan_artifact(pool, artifact=artifact, runtime=runtime, io=io, golden_inputs=golden_inputs,
-                         golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
-                         work_dir=work_dir, timeout_s=timeout_s, output_names=output_names, cases=cases,
-                         options=options).alone()()
+def check_artifact(job: CheckJob, runtime: str,
+                   cases: Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``job``'s artifact with ``runtime`` on the golden cases (all, or the ``cases`` a
+    fixed-shape artifact accepts) in a worker and compare. Returns the parity record and the
+    timings. Load/run failures become an ``error`` record, not an exception. Core ML off
+    macOS is checked structurally by its own runner first, then numerically by the MIL
+    reference."""
+    return plan_artifact(job, runtime, cases).alone()()
 
 
 @dataclass(frozen=True)
@@ -112,7 +106,7 @@ class PlannedRun:
     run, as ``export`` checks each new artifact) or with others in one worker job per round
     (:func:`run_planned`, as ``verify`` checks a bundle)."""
 
-    job: _RunJob
+    job: CheckJob
     plan: Plan
 
     def alone(self) -> Judge:
@@ -125,30 +119,8 @@ class PlannedRun:
             return stop.value  # type: ignore[no-any-return]
 
 
-def plan_artifact(pool: Pool, *, artifact: Path, runtime: str, io: IoMap, golden_inputs: Path,
-                  golden_outputs: Cases, policy: TolerancePolicy, precision: str, log: Path | None,
-                  work_dir: Path, timeout_s: float | None = None,
-                  output_names: Sequence[str] | None = None,
-                  cases: Sequence[int] | None = None,
-                  options: dict[str, Any] | None = None,
-                  files: tuple[Path, Sequence[dict[str, Any]]] | None = None,
-                  name: str = "", cost_hint: float = 0.0, run_ms: float = 0.0,
-                  file_format: str | None = None, inputs_max_bytes: int | None = None) -> PlannedRun:
-    """The check of :func:`check_artifact`, to be driven alone or with others. ``files``:
-    the bundle folder and the contract's entries for the artifact's files, which the worker
-    hashes right before each run (a changed or missing one fails the run, unloaded).
-    ``name`` tells the check's files in ``work_dir`` from other checks' there. ``log``: where
-    the runs' output goes (None: the worker's own log). ``cost_hint``: the seconds its runs
-    are expected to take (the contract's timings), to balance a verify's lanes; ``run_ms``:
-    the milliseconds one case's run took when the artifact was exported (0: not known), which
-    tells a compute-bound check (:data:`lanes.COMPUTE_BOUND_MS`). ``file_format``: what the
-    worker checks the artifact's bytes against before loading it (:mod:`formats`);
-    ``inputs_max_bytes``: the most the golden inputs may inflate to (a bundle's contract says)."""
-    job = _RunJob(pool=pool, artifact=artifact, io=io, golden_inputs=golden_inputs,
-                  golden_outputs=golden_outputs, policy=policy, precision=precision, log=log,
-                  work_dir=work_dir, timeout_s=timeout_s, output_names=output_names,
-                  options=options or {}, files=files, name=name, cost_hint=cost_hint, run_ms=run_ms,
-                  file_format=file_format, inputs_max_bytes=inputs_max_bytes)
+def plan_artifact(job: CheckJob, runtime: str, cases: Sequence[int] | None = None) -> PlannedRun:
+    """The check of :func:`check_artifact`, to be driven alone or with others."""
     return PlannedRun(job=job, plan=_plan(runtime, cases))
 
 
@@ -208,71 +180,89 @@ def run_planned(pool: Pool, planned: Sequence[PlannedRun], done: Callable[[int, 
     has the first job (or now, when no run is needed). ``lanes`` > 1: a round's checks may
     be split between two workers of the kind that run side by side (:func:`lanes.split`); ``done``
     is then called from either thread, never from both at once."""
-    asked: dict[int, Ask] = {}
-    lock = threading.Lock()  # got() and done() from two lanes
-    pending = [meanwhile] if meanwhile is not None else []
-
-    def on_sent() -> None:
-        if pending and _YIELD is not None:
-            # the worker was just woken by the job: let it have this CPU before the caller's
-            # own work (else it waits for another one to come free: ~0.5 ms on a 2-vCPU VM)
-            _YIELD()
-        while pending:
-            pending.pop()()
-    #: runs made ahead of their ask, by (check, ask key): None while in flight
-    ahead: dict[tuple[int, Any], _Ran | None] = {}
-    waiting: set[tuple[int, Any]] = set()  # asked for while in flight
-
-    def advance(i: int, ran: _Ran | None) -> None:
-        try:
-            ask = next(planned[i].plan) if ran is None else planned[i].plan.send(ran)
-            while (i, ask.key()) in ahead:
-                made = ahead[(i, ask.key())]
-                if made is None:
-                    waiting.add((i, ask.key()))
-                    return
-                del ahead[(i, ask.key())]
-                ask = planned[i].plan.send(made)
-            asked[i] = ask
-        except StopIteration as stop:
-            done(i, stop.value)
-
-    def got(key: tuple[int, Any], ran: _Ran) -> None:
-        with lock:
-            _got(key, ran)
-
-    def _got(key: tuple[int, Any], ran: _Ran) -> None:
-        i, early = key
-        if early is None:
-            advance(i, ran)
-        elif (i, early) in waiting:
-            waiting.discard((i, early))
-            del ahead[(i, early)]
-            advance(i, ran)
-        else:
-            ahead[(i, early)] = ran
-
+    rounds = _Rounds(planned=planned, done=done, pending=[meanwhile] if meanwhile is not None else [])
     for i in range(len(planned)):
-        advance(i, None)
-    while asked:
+        rounds.advance(i, None)
+    while rounds.asked:
+        for _, runs in sorted(rounds.next_round().items()):  # by worker kind
+            groups = split(pool, runs, lanes)
+            if len(groups) == 1:  # on its lane, on the runtimes' own thread counts
+                run_many(pool, groups[0][1], rounds.got, timeout_s, rounds.on_sent, lane=groups[0][0])
+            else:
+                side_by_side(pool, groups, rounds.got, timeout_s, rounds.on_sent)
+        rounds.ahead.clear()  # made ahead but not asked for: the check settled without them
+    rounds.on_sent()
+
+
+@dataclass(kw_only=True)
+class _Rounds:
+    """The state of :func:`run_planned`: what each check asks for next, the runs made
+    ahead of their ask (an ask's ``then``), and the caller's own work still to do."""
+
+    planned: Sequence[PlannedRun]
+    done: Callable[[int, Judge], None]
+    #: the caller's work, done once the worker has the first job (:meth:`on_sent`)
+    pending: list[Callable[[], None]]
+    #: the run each unsettled check asks for next, by check
+    asked: dict[int, Ask] = field(default_factory=dict)
+    #: runs made ahead of their ask, by (check, ask key): None while in flight
+    ahead: dict[tuple[int, Any], _Ran | None] = field(default_factory=dict)
+    #: runs asked for while in flight ahead
+    waiting: set[tuple[int, Any]] = field(default_factory=set)
+    #: got() and done() may be called from two lanes' threads
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_round(self) -> dict[str, Runs]:
+        """This round's runs by worker kind: each ask, and its ``then`` made ahead."""
         by_kind: dict[str, Runs] = {}
-        for i, ask in sorted(asked.items()):
+        for i, ask in sorted(self.asked.items()):
             for run, key in ((ask, None), (ask.then, None if ask.then is None else ask.then.key())):
                 if run is None:
                     continue
                 if key is not None:
-                    ahead[(i, key)] = None
+                    self.ahead[(i, key)] = None
                 kind = worker_kind(runtime_info(run.runtime).framework)
-                by_kind.setdefault(kind, []).append(((i, key), planned[i].job, run.runtime, run.cases))
-        asked = {}
-        for kind in sorted(by_kind):
-            groups = split(pool, by_kind[kind], lanes)
-            if len(groups) == 1:  # on its lane, on the runtimes' own thread counts
-                run_many(pool, groups[0][1], got, timeout_s, on_sent, lane=groups[0][0])
+                by_kind.setdefault(kind, []).append(((i, key), self.planned[i].job, run.runtime, run.cases))
+        self.asked = {}
+        return by_kind
+
+    def on_sent(self) -> None:
+        if self.pending and _YIELD is not None:
+            # the worker was just woken by the job: let it have this CPU before the caller's
+            # own work (else it waits for another one to come free: ~0.5 ms on a 2-vCPU VM)
+            _YIELD()
+        while self.pending:
+            self.pending.pop()()
+
+    def advance(self, i: int, ran: _Ran | None) -> None:
+        """Hand check ``i`` what its last run gave; note what it asks for next (using a run
+        made ahead where there is one), or pass its comparison to ``done``."""
+        plan = self.planned[i].plan
+        try:
+            ask = next(plan) if ran is None else plan.send(ran)
+            while (i, ask.key()) in self.ahead:
+                made = self.ahead[(i, ask.key())]
+                if made is None:
+                    self.waiting.add((i, ask.key()))
+                    return
+                del self.ahead[(i, ask.key())]
+                ask = plan.send(made)
+            self.asked[i] = ask
+        except StopIteration as stop:
+            self.done(i, stop.value)
+
+    def got(self, key: tuple[int, Any], ran: _Ran) -> None:
+        """A run has ended: ``key`` is (check, the ask key of a run made ahead, or None)."""
+        with self.lock:
+            i, early = key
+            if early is None:
+                self.advance(i, ran)
+            elif (i, early) in self.waiting:
+                self.waiting.discard((i, early))
+                del self.ahead[(i, early)]
+                self.advance(i, ran)
             else:
-                side_by_side(pool, groups, got, timeout_s, on_sent)
-        ahead.clear()  # made ahead but not asked for: the check settled without them
-    on_sent()
+                self.ahead[(i, early)] = ran
 
 
 _YIELD = getattr(os, "sched_yield", None)
@@ -281,7 +271,7 @@ _YIELD = getattr(os, "sched_yield", None)
 class _Ran:
     """One worker run: its failure record, or what the comparison needs."""
 
-    job: _RunJob
+    job: CheckJob
     runtime: str
     cases: Sequence[int] | None
     failure: dict[str, Any] | None = None
@@ -304,7 +294,14 @@ class _Ran:
 
 
 @dataclass(kw_only=True)
-class _RunJob:
+class CheckJob:
+    """Everything about one artifact's check but the runtime and cases it is run with:
+    where the artifact and the golden data are, how its outputs are compared, and where
+    its runs go. ``files``: the bundle folder and the contract's entries for the artifact's
+    files, which the worker hashes right before each run (a changed or missing one fails the
+    run, unloaded). ``name`` tells the check's files in ``work_dir`` from other checks' there.
+    ``log``: where the runs' output goes (None: the worker's own log)."""
+
     pool: Pool
     artifact: Path
     io: IoMap
@@ -314,9 +311,9 @@ class _RunJob:
     precision: str
     log: Path | None
     work_dir: Path
-    timeout_s: float | None
-    output_names: Sequence[str] | None
-    options: dict[str, Any]
+    timeout_s: float | None = None
+    output_names: Sequence[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     files: tuple[Path, Sequence[dict[str, Any]]] | None = None
     name: str = ""
     #: seconds the check's runs are expected to take (how :func:`lanes.split` balances lanes)
@@ -326,25 +323,28 @@ class _RunJob:
     run_ms: float = 0.0
     #: the format the worker checks the artifact's bytes against before loading it
     file_format: str | None = None
-    #: the most bytes the golden inputs may inflate to (None: the general ceiling)
+    #: the most bytes the golden inputs may inflate to, and how many cases they hold (a
+    #: bundle's, as its contract says; None: the general ceiling, not checked)
     inputs_max_bytes: int | None = None
+    golden_cases: int | None = None
+
+    def payload(self, runtime: str, **extra: Any) -> dict[str, Any]:
+        """What a ``run`` or ``bench`` job of the artifact with ``runtime`` is given."""
+        payload: dict[str, Any] = {"runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
+                                   "inputs": str(self.golden_inputs), "options": self.options, **extra}
+        if self.files is not None:
+            payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
+        for key, value in (("format", self.file_format), ("inputs_max_bytes", self.inputs_max_bytes),
+                           ("golden_cases", self.golden_cases)):
+            if value is not None:
+                payload[key] = value
+        return payload
 
     def sub_job(self, runtime: str, cases: Sequence[int] | None, threads: int | None = None) -> dict[str, Any]:
         """The worker job that runs the artifact with ``runtime`` on ``cases`` (None: all),
         on ``threads`` threads (None: the runtime's own count)."""
-        payload: dict[str, Any] = {
-            "runtime": runtime, "artifact": str(self.artifact), "io": self.io.to_dict(),
-            "inputs": str(self.golden_inputs), "cases": None if cases is None else list(cases),
-            "out": str(self._out(runtime)), "options": self.options}
-        if threads is not None:
-            payload["threads"] = threads
-        if self.files is not None:
-            payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
-        if self.file_format is not None:
-            payload["format"] = self.file_format
-        if self.inputs_max_bytes is not None:
-            payload["inputs_max_bytes"] = self.inputs_max_bytes
-            payload["golden_cases"] = len(self.golden_outputs)  # a bundle's: checked against its contract
+        payload = self.payload(runtime, cases=None if cases is None else list(cases), out=str(self._out(runtime)),
+                               **({} if threads is None else {"threads": threads}))
         return {"kind": "run", "payload": payload, "step": f"run:{runtime}", "log": None if self.log is None else str(self.log),
                 "work_dir": str(self.work_dir)}
 

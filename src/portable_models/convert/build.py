@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.compare.check import (
+    CheckJob,
     check_artifact,
     checking_runtime,
     error_dict,
@@ -131,11 +132,10 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
         meta["fixed_shape"] = True
         meta["cases_checked"] = cases
     ctx.progress(key, "running", route.name)
-    parity, timings = check_artifact(
-        ctx.pool, artifact=out_dir / conv["file"], runtime=route.runtime, io=io,
-        golden_inputs=ctx.golden_inputs, golden_outputs=ctx.golden_outputs, policy=ctx.policy,
-        precision=precision, log=log, work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s,
-        cases=cases, options=ctx.runner_options(precision))
+    job = CheckJob(pool=ctx.pool, artifact=out_dir / conv["file"], io=io, golden_inputs=ctx.golden_inputs,
+                   golden_outputs=ctx.golden_outputs, policy=ctx.policy, precision=precision, log=log,
+                   work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s, options=ctx.runner_options(precision))
+    parity, timings = check_artifact(job, route.runtime, cases)
     attempt = Attempt(route=route.name, status=parity["status"], seconds=time.monotonic() - start,
                       stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
                       error=parity.get("error"),
@@ -205,49 +205,78 @@ def build_target(ctx: TargetContext, target: str, precision: str = "float32",
     routes = routes_for(target, ctx.source_framework)
     if force_route:
         routes = [r for r in routes if r.name == force_route]
-    attempts: list[Attempt] = []
+    tries = _Tries(ctx=ctx, key=key, precision=precision)
+    deferred = tries.in_order(routes)
+    if deferred:  # no route kept the dims: the fixed-shape conversions put off, in route order
+        tries.fixed_shapes(deferred)
+    return tries.outcome(target, routes, force_route)
+
+
+def _settled(attempt: Attempt, art: Artifact | None, route: RouteInfo, rest: list[RouteInfo]) -> bool:
+    """A route passed with the dims kept, or nothing here can run this target's artifacts
+    (an ``unverified`` that no later route could turn into a ``pass``)."""
+    if attempt.status == "pass" and not (art and art.meta.get("fixed_shape")):
+        return True
+    return attempt.status == "unverified" and all(
+        checking_runtime(r.runtime) == r.runtime == route.runtime for r in rest)
+
+
+@dataclass
+class _Tries:
+    """The attempts at one target, in order, and the best artifact they made so far."""
+
+    ctx: TargetContext
+    key: str
+    precision: str
+    attempts: list[Attempt] = field(default_factory=list)
     best: Artifact | None = None
-    deferred: list[tuple[int, RouteInfo]] = []
-    for n, route in enumerate(routes):
-        defer = route.fixed_fallback and bool(ctx.dims) and n + 1 < len(routes)
-        attempt, art = _attempt(ctx, route, precision, ctx.root / ".attempts" / f"{key}-{n}-{route.name}",
-                                fixed_fallback=not defer)
-        attempts.append(attempt)
-        if (attempt.error or {}).get("code") == DynamicDimsRefused.code:
-            deferred.append((n, route))
-            continue
-        if art is not None and (best is None or _art_rank(art) < _art_rank(best)):
-            best = art
-        if attempt.status == "pass" and not (art and art.meta.get("fixed_shape")):
-            break
-        rest = routes[n + 1:]
-        if attempt.status == "unverified" and all(checking_runtime(r.runtime) == r.runtime == route.runtime
-                                                 for r in rest):
-            break  # no runtime here can run this target: another route cannot do better
-    else:  # no route kept the dims: the fixed-shape conversions put off, in route order
+
+    def one(self, n: int, route: RouteInfo, *, suffix: str = "",
+            fixed_fallback: bool = True) -> tuple[Attempt, Artifact | None]:
+        """Attempt ``route`` (the ``n``-th), record it, and keep its artifact if it is the best yet."""
+        attempt, art = _attempt(self.ctx, route, self.precision,
+                                self.ctx.root / ".attempts" / f"{self.key}-{n}-{route.name}{suffix}",
+                                fixed_fallback=fixed_fallback)
+        self.attempts.append(attempt)
+        if art is not None and (self.best is None or _art_rank(art) < _art_rank(self.best)):
+            self.best = art
+        return attempt, art
+
+    def in_order(self, routes: list[RouteInfo]) -> list[tuple[int, RouteInfo]]:
+        """Try ``routes`` in order until one settles the target. Returns the routes whose
+        fixed-shape fallback was put off, when none settled it (else an empty list)."""
+        deferred: list[tuple[int, RouteInfo]] = []
+        for n, route in enumerate(routes):
+            defer = route.fixed_fallback and bool(self.ctx.dims) and n + 1 < len(routes)
+            attempt, art = self.one(n, route, fixed_fallback=not defer)
+            if (attempt.error or {}).get("code") == DynamicDimsRefused.code:
+                deferred.append((n, route))
+            elif _settled(attempt, art, route, routes[n + 1:]):
+                return []
+        return deferred
+
+    def fixed_shapes(self, deferred: list[tuple[int, RouteInfo]]) -> None:
         for n, route in deferred:
-            attempt, art = _attempt(ctx, route, precision,
-                                    ctx.root / ".attempts" / f"{key}-{n}-{route.name}-fixed")
-            attempts.append(attempt)
-            if art is not None and (best is None or _art_rank(art) < _art_rank(best)):
-                best = art
-            if attempt.status == "pass":
-                break
-    if best is None or best.status not in ("pass", "unverified"):
-        status = min((a.status for a in attempts), key=_rank, default="skipped")
-        parity = dict(best.parity) if best else {}
-        if not routes:
-            parity = {"status": "skipped", "error": {
-                "code": "no_route", "message": f"no route reaches {target} from a {ctx.source_framework} source"
-                + (f" named {force_route!r}" if force_route else "")}}
-        failed = Artifact(target=target, status=status, precision=precision, attempts=attempts,
-                          parity=parity)
-        ctx.progress(key, status, attempts[-1].route if attempts else "no route")
-        return failed
-    _keep(ctx, best, key)
-    best.attempts = attempts
-    ctx.progress(key, best.status, best.route_name or "")
-    return best
+            if self.one(n, route, suffix="-fixed")[0].status == "pass":
+                return
+
+    def outcome(self, target: str, routes: list[RouteInfo], force_route: str | None) -> Artifact:
+        """The kept artifact (moved into the bundle), or the failed target with its attempts."""
+        best, ctx = self.best, self.ctx
+        if best is None or best.status not in ("pass", "unverified"):
+            status = min((a.status for a in self.attempts), key=_rank, default="skipped")
+            parity = dict(best.parity) if best else {}
+            if not routes:
+                parity = {"status": "skipped", "error": {
+                    "code": "no_route", "message": f"no route reaches {target} from a {ctx.source_framework} source"
+                    + (f" named {force_route!r}" if force_route else "")}}
+            ctx.progress(self.key, status, self.attempts[-1].route if self.attempts else "no route")
+            return Artifact(target=target, status=status, precision=self.precision, attempts=self.attempts,
+                            parity=parity)
+        _keep(ctx, best, self.key)
+        best.attempts = self.attempts
+        ctx.progress(self.key, best.status, best.route_name or "")
+        return best
 
 
 def _keep(ctx: TargetContext, art: Artifact, key: str) -> None:
