@@ -425,3 +425,16 @@ def test_a_contract_that_is_a_fifo_or_a_device_is_refused_without_blocking(tmp_p
     (bundle / "contract.json").symlink_to(TINY / "contract.json")  # a valid contract elsewhere
     with pytest.raises(ContractError, match="is a symlink"):
         load_contract(bundle)
+
+
+def test_deep_nesting_is_refused_before_the_decoder_even_with_a_raised_recursion_limit() -> None:
+    """Libraries raise the recursion limit (torch's compiler does); json's C scanner then
+    overflows the C stack on a deep text instead of raising RecursionError. The nesting is
+    counted before the decoder runs: a clean ContractError, never a crash."""
+    code = ("import sys; sys.setrecursionlimit(10**7)\n"
+            "from portable_models.contract.model import parse_contract_text\n"
+            "from portable_models.errors import ContractError\n"
+            "try:\n    parse_contract_text('{\"a\": ' + '[' * 2_000_000 + ']' * 2_000_000 + '}')\n"
+            "except ContractError as exc:\n    print(exc.message)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "nests deeper than 64 levels" in r.stdout, (r.returncode, r.stderr[-500:])

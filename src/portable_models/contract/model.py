@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -396,6 +397,8 @@ def parse_contract_text(text: str) -> dict[str, Any]:
     :data:`MAX_DEPTH` and lone surrogates are refused with a :class:`ContractError` (no
     ``file``: :func:`load_contract` adds it). Never raises ``RecursionError``."""
     fix = "re-export the bundle"
+    if _nesting(text) > MAX_DEPTH:  # before the C decoder, whose recursion can overflow the stack
+        raise ContractError(f"contract.json nests deeper than {MAX_DEPTH} levels", stage="load", fix=fix)
     try:
         data = _DECODER.decode(text)
     except _Refused as exc:
@@ -410,6 +413,22 @@ def parse_contract_text(text: str) -> dict[str, Any]:
         raise ContractError("contract.json does not hold a JSON object", stage="load", fix=fix)
     _check_tree(data)
     return data
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting of a JSON text, strings left out, counted without
+    recursion: json's C scanner recurses once a level, and a process whose recursion limit
+    a library raised (torch's compiler does) can overflow its C stack on a deep enough text
+    instead of raising ``RecursionError``."""
+    import numpy as np
+
+    bare = _JSON_STRING.sub("", text).encode("utf-8", "replace")
+    codes = np.frombuffer(bare, dtype=np.uint8)
+    steps = (np.isin(codes, (0x5B, 0x7B)).astype(np.int64) - np.isin(codes, (0x5D, 0x7D)).astype(np.int64))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 def _check_tree(data: dict[str, Any]) -> None:
