@@ -17,3 +17,15 @@ def cli_env() -> dict[str, str]:
 def cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "portable_models.cli", *args], capture_output=True,
                           text=True, env=cli_env(), cwd=cwd, timeout=timeout)
+
+
+def tagged(var: str, tag: str) -> list[int]:
+    """Processes whose environment holds ``var=tag`` (a command's workers inherit it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if f"{var}={tag}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found

@@ -13,41 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-#: ``mypkg/nets.py`` as a reader would write it; ``--class mypkg.nets:TinyNet`` names it.
-NETS_PY = '''\
-import torch
-from torch import nn
+#: ``mypkg/nets.py`` as a reader would write it (the tests' own small net, ``nets.py``);
+#: ``--class mypkg.nets:TinyNet`` names it.
+NETS_PY = (Path(__file__).resolve().parent / "nets.py").read_text()
 
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 10)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(image)).mean(dim=(2, 3)))
-'''
-
-#: Prepended to the README's Python quickstart, which uses ``MyNet`` without defining it.
-MYNET_PY = '''\
-import torch
-from torch import nn
-
-
-class MyNet(nn.Module):
-    """A small CNN: 3x32x32 images in, 10 logits out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 10)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(image)).mean(dim=(2, 3)))
-
-
-'''
+#: Prepended to the README's Python quickstart, which uses ``MyNet`` without defining it: the
+#: same small net under the quickstart's name.
+MYNET_PY = NETS_PY.replace("TinyNet", "MyNet") + "\n\n"
 
 
 def make_torch(root: Path) -> None:

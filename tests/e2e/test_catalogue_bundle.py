@@ -19,7 +19,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
-from clihelp import cli_env
+from clihelp import cli_env, tagged
 
 from portable_models.contract.bundle import list_files
 from portable_models.core.hashing import sha256_path
@@ -69,15 +69,7 @@ def verdicts(bundle: Path, *args: str, env: dict[str, str] | None = None) -> tup
 
 
 def _tagged(tag: str) -> list[int]:
-    """Processes whose environment holds ``tag``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if f"PM_CATALOGUE_TAG={tag}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
+    return tagged("PM_CATALOGUE_TAG", tag)
 
 
 def tampered(tmp_path: Path, edit: Callable[[Path, dict[str, Any]], None]) -> Path:
@@ -95,6 +87,15 @@ def tampered(tmp_path: Path, edit: Callable[[Path, dict[str, Any]], None]) -> Pa
         contract["files"] = list_files(bundle)
     (bundle / "contract.json").write_text(json.dumps(contract, indent=2))
     return bundle
+
+
+def _confined_with_test_jobs(scratch: Path) -> Any:
+    """The sandbox a verify of the tiny bundle gets, which may also read the tests' job module."""
+    from portable_models.isolation.sandbox import Confinement, confinement
+
+    confine = confinement(TINY, scratch)
+    assert confine is not None
+    return Confinement(read=(*confine.read, CALL["import_path"]), write=confine.write)
 
 
 @pytest.fixture(scope="module")
@@ -276,15 +277,12 @@ def test_a_sandboxed_worker_cannot_read_outside_the_bundle(tmp_path: Path) -> No
     """What the sandbox promises, asked of a real verify worker: the process that loads the
     artifacts cannot read a file outside the bundle and the Python installation."""
     from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
-    from portable_models.isolation.sandbox import Confinement, confinement
 
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cret")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    confine = confinement(TINY, scratch)
-    assert confine is not None
-    confine = Confinement(read=(*confine.read, CALL["import_path"]), write=confine.write)  # + the test jobs
+    confine = _confined_with_test_jobs(scratch)
     with WorkerPool(scratch=tmp_path / "pool") as pool:
         view = pool.with_limits(WorkerLimits(timeout_s=60)).confined(confine)
         inside, _ = view.call(kind="call", payload={**CALL, "action": "read", "path": str(TINY / "contract.json")},
@@ -399,7 +397,6 @@ def test_a_sandboxed_worker_holds_no_secret_of_its_caller(tmp_path: Path, monkey
     """A confined worker starts with a scrubbed environment (no tokens, no agent sockets, no
     PYTHONPATH), cannot read a folder on the caller's PYTHONPATH, nor write to /dev/shm."""
     from portable_models.isolation.pool import JobFailed, WorkerLimits, WorkerPool
-    from portable_models.isolation.sandbox import Confinement, confinement
 
     project = tmp_path / "project"
     project.mkdir()
@@ -409,9 +406,7 @@ def test_a_sandboxed_worker_holds_no_secret_of_its_caller(tmp_path: Path, monkey
     monkeypatch.setenv("PYTHONPATH", str(project) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    confine = confinement(TINY, scratch)
-    assert confine is not None
-    confine = Confinement(read=(*confine.read, CALL["import_path"]), write=confine.write)  # + the test jobs
+    confine = _confined_with_test_jobs(scratch)
     with WorkerPool(scratch=tmp_path / "pool") as pool:
         view = pool.with_limits(WorkerLimits(timeout_s=60)).confined(confine)
         env, _ = view.call(kind="call", payload={**CALL, "action": "env"}, framework="none", step="test")

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from clihelp import cli, cli_env
+from clihelp import cli, cli_env, tagged
 
 TESTS = Path(__file__).resolve().parent.parent
 
@@ -21,14 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def _tagged(tag: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if f"PM_ORPHAN_TAG={tag}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
+    return tagged("PM_ORPHAN_TAG", tag)
 
 
 def _wait(what: str, until: float, check: object) -> None:

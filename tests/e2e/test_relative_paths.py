@@ -20,21 +20,9 @@ from clihelp import cli
 
 pytestmark = pytest.mark.slow
 
-#: a model class that only the working directory makes importable (not on PYTHONPATH)
-_NETS = '''
-import torch
-from torch import nn
-
-
-class RelNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(image)).mean(dim=(2, 3)))
-'''
+#: a model class that only the working directory makes importable (not on PYTHONPATH): the
+#: tests' own small net under another module name
+_NETS = (Path(__file__).resolve().parent / "nets.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +44,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     finally:
         sys.path.remove(str(cwd))
     torch.manual_seed(0)
-    torch.save(relnets.RelNet().state_dict(), inputs / "wéights.pt")
+    torch.save(relnets.TinyNet().state_dict(), inputs / "wéights.pt")
     rng = np.random.default_rng(0)
     np.savez(inputs / "samples.npz", image=rng.random((2, 3, 8, 8), dtype=np.float32))
     return {"top": top, "cwd": cwd}
@@ -67,7 +55,7 @@ def bundle(layout: dict[str, Path]) -> str:
     """Converted by the CLI with relative paths for the source, the samples, the class
     module (from the working directory) and the output, and a comma-separated target list."""
     rel = "../../out ü/net"
-    r = cli("convert", "../../in puts/wéights.pt", "--class", "relnets:RelNet", "--samples",
+    r = cli("convert", "../../in puts/wéights.pt", "--class", "relnets:TinyNet", "--samples",
             "../../in puts/samples.npz", "--input", "image:2x3x8x8:float32:0..1",
             "--targets", "onnx,torchscript", "--out", rel, cwd=layout["cwd"])
     assert r.returncode == 0, r.stdout + r.stderr
@@ -97,10 +85,10 @@ def test_api_in_a_second_process_takes_relative_paths(layout: dict[str, Path], b
         import torch
         import portable_models as pm
         from portable_models.testing import assert_parity
-        from relnets import RelNet
+        from relnets import TinyNet
 
         torch.manual_seed(1)
-        made = pm.export(RelNet().eval(), (torch.rand(2, 3, 8, 8),), out="../api ü/x",
+        made = pm.export(TinyNet().eval(), (torch.rand(2, 3, 8, 8),), out="../api ü/x",
                          targets=["onnx"], input_names=["image"])
         assert made.ok, made.report()
         for rel in ("../api ü/x", {bundle!r}):
