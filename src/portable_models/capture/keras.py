@@ -353,14 +353,14 @@ def capture_keras(model: Any, example_inputs: Any, opts: CaptureOptions, source_
     out_names = _output_names(model, struct, len(flat[0]), opts.output_names)
     outputs = [dict(zip(out_names, o, strict=True)) for o in flat]
     _check_deterministic(model, specs, cases[0], outputs[0])
-    golden.check_outputs(outputs, out_names)
+    constant = golden.check_outputs(outputs, out_names)
     path = _save(model, source_dir)
     _check_reload(path, specs, cases[0], outputs[0], trust)
     return Captured(
         framework="keras", version=package_version("keras") or str(keras.__version__),
         source_file=path, inputs=specs, outputs=_output_specs(out_names, outputs, cases, specs),
         dims=dims, golden_inputs=cases, golden_outputs=outputs,
-        meta={"samples": "user" if opts.samples else "example+random",
+        meta={"samples": "user" if opts.samples else "example+random", "constant_outputs": constant,
               "keras_backend": keras.backend.backend(), "keras_class": type(model).__name__,
               "custom_modules": custom_modules(model), "trust": "trusted" if trust else "safe"},
     )

@@ -116,8 +116,9 @@ def capture_onnx(src: OnnxModelFile, example_inputs: Any, copts: Any, source_dir
              else golden.make_inputs(ins, dims, example, cases=copts.cases, seed=copts.seed))
     model_file = _copy(path, source_dir, extra)
     outputs = _reference(model_file, ins, outs, cases)
-    golden.check_outputs(outputs, [o.name for o in outs])
+    constant = golden.check_outputs(outputs, [o.name for o in outs])
     out_specs = [TensorSpec(name=o.name, dtype=str(outputs[0][o.name].dtype), shape=o.shape) for o in outs]
     return Captured(framework="onnx", version=package_version("onnx"), source_file=model_file,
                     inputs=ins, outputs=out_specs, dims=dims, golden_inputs=cases, golden_outputs=outputs,
-                    meta={"samples": "user" if copts.samples else "example+random", "external_data": extra})
+                    meta={"samples": "user" if copts.samples else "example+random", "external_data": extra,
+                          "constant_outputs": constant})

@@ -222,10 +222,11 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
         cases = golden.make_inputs(in_specs, dims, example, cases=opts.cases, seed=opts.seed)
     out_names, outputs = _run_eager(model, in_specs, cases, opts.output_names)
     _check_deterministic(model, in_specs, cases[0], outputs[0], opts.output_names)
-    golden.check_outputs(outputs, out_names)
+    constant = golden.check_outputs(outputs, out_names)
     dynamic_shapes = _dynamic_shapes(names, args, axes, dims)
     key, how = _capture_key(model, opts, in_specs, dims, out_names, cases, outputs)
-    meta = {"samples": "user" if opts.samples else "example+random", "capture_cache": how}
+    meta = {"samples": "user" if opts.samples else "example+random", "capture_cache": how,
+            "constant_outputs": constant}
     if key is not None and (out_specs := _cached_capture(key, source_dir)) is not None:
         return Captured(framework="torch", version=package_version("torch") or torch.__version__,
                         source_file=source_dir / "model.pt2", inputs=in_specs, outputs=out_specs, dims=dims,

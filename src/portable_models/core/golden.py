@@ -357,11 +357,15 @@ def _group(path: Path, members: list[tuple[str, np.ndarray]],
     return [by_case[i] for i in sorted(by_case)]
 
 
-def check_outputs(cases: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> None:
-    """Refuse a golden set that proves nothing: non-finite, empty or constant outputs."""
+def check_outputs(cases: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> list[str]:
+    """Refuse a golden set that proves nothing: an output that is empty or non-finite, or
+    every output the same for every case. Returns the outputs that are the same for every
+    case while others vary: they are still checked (an artifact must give the same indices),
+    but they are weak evidence (common for ``argmax``/``topk`` indices on random inputs)."""
+    fix = "check the model and the example inputs (a check against a constant proves nothing)"
+    constant = []
     for name in names:
         arrays = [np.asarray(c[name]) for c in cases]
-        fix = "check the model and the example inputs (a check against a constant proves nothing)"
         if any(a.size == 0 for a in arrays):
             raise GoldenSetError(f"output {name!r} is empty for some golden case", stage="capture",
                                  fix=fix)
@@ -370,12 +374,27 @@ def check_outputs(cases: Sequence[Mapping[str, np.ndarray]], names: Sequence[str
                                  stage="capture", fix="fix the model or give inputs where it is finite")
         if len(arrays) < 2:
             continue
-        flat = np.concatenate([a.reshape(-1) for a in arrays])
-        same_shape = all(a.shape == arrays[0].shape for a in arrays)
-        if (flat == flat[0]).all() or (same_shape and all(np.array_equal(a, arrays[0]) for a in arrays)):
-            raise GoldenSetError(
-                f"output {name!r} is identical for every golden case", stage="capture", fix=fix,
-            )
+        if _same_everywhere(arrays):
+            constant.append(name)
+    if names and len(cases) >= 2 and len(constant) == len(names):
+        which = "the output" if len(names) == 1 else "every output"
+        raise GoldenSetError(f"{which} ({', '.join(map(repr, names))}) is identical for every golden case",
+                             stage="capture", fix=fix)
+    return constant
+
+
+def _same_everywhere(arrays: list[np.ndarray]) -> bool:
+    """Every case gives the same: one value throughout, the same array, or (batches of
+    several sizes) the same row for every item of every case."""
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    if (flat == flat[0]).all():
+        return True
+    if all(a.shape == arrays[0].shape for a in arrays):
+        return all(np.array_equal(a, arrays[0]) for a in arrays)
+    if all(a.ndim >= 1 and a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        rows = np.concatenate([a.reshape(a.shape[0], -1) for a in arrays])
+        return bool((rows == rows[0]).all())
+    return False
 
 
 def load_samples(path: Path) -> Cases:
