@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_check_outputs_names_the_constant_ones_and_refuses_only_when_all_are() -> None:
     varied = [{"p": np.full(3, float(i)), "idx": np.array([2, 0])} for i in range(3)]
     assert golden.check_outputs(varied, ["p", "idx"]) == ["idx"]
-    with pytest.raises(GoldenSetError, match="every output .* is identical for every golden case"):
+    with pytest.raises(GoldenSetError, match=r"every output .* is identical for every golden case"):
         golden.check_outputs([{"p": np.ones(3), "idx": np.array([1])}] * 3, ["p", "idx"])
 
 
