@@ -22,6 +22,7 @@ from portable_models.compare.check import (
     runner_options,
 )
 from portable_models.contract.model import Artifact, Attempt
+from portable_models.convert import compat
 from portable_models.convert.base import RouteInfo, check_requires
 from portable_models.convert.registry import routes_for
 from portable_models.core.golden import Cases
@@ -68,7 +69,8 @@ class TargetContext:
     def runner_options(self, precision: str) -> dict[str, Any]:
         return runner_options(self.inputs, self.outputs, self.dims, precision)
 
-    def cache_key(self, route: RouteInfo, precision: str, fixed_fallback: bool = True) -> str:
+    def cache_key(self, route: RouteInfo, precision: str, fixed_fallback: bool = True,
+                  options: dict[str, Any] | None = None) -> str:
         """Everything an attempt's outcome depends on (see :mod:`portable_models.core.cache`)."""
         from portable_models.core import cache
 
@@ -78,7 +80,8 @@ class TargetContext:
                                            (self.source_file, self.golden_inputs, golden_out))
         runtime = runtime_info(route.runtime)
         parts = {"inputs": self._inputs_digest, "route": route.name, "impl": route.impl,
-                 "precision": precision, "options": self.options, "tolerance": self.policy.to_dict(),
+                 "precision": precision, "options": options if options is not None else self.options,
+                 "tolerance": self.policy.to_dict(),
                  "specs": self.runner_options(precision), "runtime": checking_runtime(route.runtime),
                  "prior": {k: cache.content_digest(v) for k, v in sorted(self.prior.items())},
                  **({} if fixed_fallback else {"fixed_shape_fallback": False})}
@@ -86,37 +89,41 @@ class TargetContext:
 
 
 def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: Path,
-             fixed_fallback: bool = True) -> tuple[Attempt, Artifact | None]:
+             fixed_fallback: bool = True, passes: tuple[str, ...] = ()) -> tuple[Attempt, Artifact | None]:
     """Convert with one route and check the result. Never raises for a converter's failure.
-    ``fixed_fallback``: False asks a route that would fall back to fixed shapes to refuse."""
+    ``fixed_fallback``: False asks a route that would fall back to fixed shapes to refuse.
+    ``passes``: compatibility passes applied to the program first (:mod:`.compat`); the
+    attempt is then recorded as ``route+pass``."""
     key = route.target if precision == "float32" else f"{route.target}-{precision}"
+    label = "+".join([route.name, *passes])
+    options = {**ctx.options, "compat_passes": list(passes)} if passes else ctx.options
     log = ctx.root / "logs" / f"{key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     try:
         check_requires(route)
     except PortableModelsError as exc:
-        return Attempt(route=route.name, status="skipped", stage="requires", error=error_dict(exc)), None
+        return Attempt(route=label, status="skipped", stage="requires", error=error_dict(exc)), None
     out_dir = attempt_dir / "out"
-    cache_key = ctx.cache_key(route, precision, fixed_fallback) if ctx.cache else None
+    cache_key = ctx.cache_key(route, precision, fixed_fallback, options) if ctx.cache else None
     if cache_key is not None:
         hit = _from_cache(cache_key, out_dir)
         if hit is not None:
             return hit
-    ctx.progress(key, "converting", route.name)
+    ctx.progress(key, "converting", label)
     payload = {"route": route.name, "source_file": str(ctx.source_file), "out_dir": str(out_dir),
                "work_dir": str(attempt_dir / "work"), "inputs": [s.to_dict() for s in ctx.inputs],
                "outputs": [s.to_dict() for s in ctx.outputs],
                "dims": {k: v.to_dict() for k, v in ctx.dims.items()}, "samples": str(ctx.golden_inputs),
-               "precision": precision, "options": ctx.options,
+               "precision": precision, "options": options,
                "prior": {k: str(v) for k, v in _private_copies(ctx.prior, attempt_dir / "prior").items()},
                "fixed_shape_fallback": fixed_fallback}
     try:
         conv, _ = ctx.pool.call(kind="convert", payload=payload, framework=route.framework,
-                                step=f"convert:{route.target} ({route.name})", log=log,
+                                step=f"convert:{route.target} ({label})", log=log,
                                 work_dir=attempt_dir / "work", timeout_s=ctx.timeout_s)
     except JobFailed as failed:
-        attempt = Attempt(route=route.name, status="error", stage="convert",
+        attempt = Attempt(route=label, status="error", stage="convert",
                           error=error_dict(failed.error), seconds=time.monotonic() - start)
         if cache_key is not None:
             from portable_models.core import cache
@@ -131,17 +138,17 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
         cases = fixed_shape_cases(ctx.golden_inputs)
         meta["fixed_shape"] = True
         meta["cases_checked"] = cases
-    ctx.progress(key, "running", route.name)
+    ctx.progress(key, "running", label)
     job = CheckJob(pool=ctx.pool, artifact=out_dir / conv["file"], io=io, golden_inputs=ctx.golden_inputs,
                    golden_outputs=ctx.golden_outputs, policy=ctx.policy, precision=precision, log=log,
                    work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s, options=ctx.runner_options(precision))
     parity, timings = check_artifact(job, route.runtime, cases)
-    attempt = Attempt(route=route.name, status=parity["status"], seconds=time.monotonic() - start,
+    attempt = Attempt(route=label, status=parity["status"], seconds=time.monotonic() - start,
                       stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
                       error=parity.get("error"),
                       parity={k: v for k, v in parity.items() if k not in ("outputs", "error")})
     art = Artifact(target=route.target, status=parity["status"], precision=conv["precision"],
-                   route_name=route.name, file=f"artifacts/{conv['file']}", runtime=route.runtime,
+                   route_name=label, file=f"artifacts/{conv['file']}", runtime=route.runtime,
                    route=conv["steps"], io=io, parity=parity,
                    timings={"convert_s": round(float(conv["convert_s"]), 3), **timings},
                    meta=meta)
@@ -231,15 +238,22 @@ class _Tries:
     attempts: list[Attempt] = field(default_factory=list)
     best: Artifact | None = None
 
-    def one(self, n: int, route: RouteInfo, *, suffix: str = "",
-            fixed_fallback: bool = True) -> tuple[Attempt, Artifact | None]:
-        """Attempt ``route`` (the ``n``-th), record it, and keep its artifact if it is the best yet."""
+    def one(self, n: int, route: RouteInfo, *, suffix: str = "", fixed_fallback: bool = True,
+            passes: tuple[str, ...] = ()) -> tuple[Attempt, Artifact | None]:
+        """Attempt ``route`` (the ``n``-th), record it, and keep its artifact if it is the best
+        yet. A conversion that fails with an error a compatibility pass addresses is attempted
+        once more with the pass (:mod:`.compat`)."""
         attempt, art = _attempt(self.ctx, route, self.precision,
                                 self.ctx.root / ".attempts" / f"{self.key}-{n}-{route.name}{suffix}",
-                                fixed_fallback=fixed_fallback)
+                                fixed_fallback=fixed_fallback, passes=passes)
         self.attempts.append(attempt)
         if art is not None and (self.best is None or _art_rank(art) < _art_rank(self.best)):
             self.best = art
+        if not passes and attempt.status == "error" and attempt.stage == "convert":
+            wanted = tuple(compat.passes_for(route.name, str((attempt.error or {}).get("message", ""))))
+            if wanted:
+                return self.one(n, route, suffix=suffix + "+" + "+".join(wanted), fixed_fallback=fixed_fallback,
+                                passes=wanted)
         return attempt, art
 
     def in_order(self, routes: list[RouteInfo]) -> list[tuple[int, RouteInfo]]:

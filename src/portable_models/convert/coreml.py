@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.convert.torch_program import load_program
 from portable_models.core.coremltools_import import import_coremltools
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
@@ -241,11 +242,7 @@ def _decomposed_program(job: ConvertJob, *, always: bool) -> tuple[Any, list[str
     "Cannot add const"). Returns the program and the ops decomposed."""
     import torch
 
-    try:
-        ep = torch.export.load(str(job.source_file))
-    except Exception as exc:
-        raise ConversionError(f"cannot load the captured program: {exc}",
-                              file=str(job.source_file), stage="convert:coreml") from exc
+    ep = load_program(job)
     stock = torch.export.default_decompositions()
     wanted = [getattr(torch.ops.aten, n).default for n in _COMPAT_OPS
               if hasattr(torch.ops.aten, n)]

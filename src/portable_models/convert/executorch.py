@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.convert.torch_program import load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
 from portable_models.errors import ConversionError, MissingDependencyError
@@ -105,13 +106,7 @@ def _require(module: str) -> Any:
 
 
 def _load_program(job: ConvertJob) -> Any:
-    import torch
-
-    try:
-        return torch.export.load(str(job.source_file))
-    except Exception as exc:
-        raise ConversionError(f"torch.export.load could not read the source program: {exc}",
-                              file=str(job.source_file), stage="convert:executorch") from exc
+    return load_program(job)
 
 
 def _check_signature(job: ConvertJob, ep: Any) -> None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from portable_models._version import __version__
 from portable_models.core.golden import load_cases
 from portable_models.core.spec import DimSpec, TensorSpec
 
@@ -42,11 +43,23 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
     result = fn(job)
     seconds = time.perf_counter() - start
     ensure_artifact(job, result)
+    steps = [*_pass_steps(job), *result.steps]
     return {
         "file": result.file,
         "io": result.io.to_dict(),
-        "steps": [s.to_dict() for s in result.steps],
+        "steps": [s.to_dict() for s in steps],
         "precision": result.precision,
         "meta": result.meta,
         "convert_s": seconds,
     }
+
+
+def _pass_steps(job: Any) -> list[Any]:
+    """The compatibility passes the route's program went through, as the route's first steps."""
+    from portable_models.convert.base import Step
+    from portable_models.convert.torch_program import APPLIED
+
+    if not job.options.get("compat_passes"):
+        return []
+    return [Step(step=f"compat:{name}", version=__version__, detail={"nodes_rewritten": n})
+            for name, n in APPLIED.items()]

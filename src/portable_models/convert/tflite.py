@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
+from portable_models.convert.torch_program import load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.errors import ConversionError, DynamicDimsRefused, PortableModelsError
@@ -47,12 +48,7 @@ def _fail(job: ConvertJob, what: str, exc: BaseException) -> ConversionError:
 
 
 def _load_program(job: ConvertJob) -> Any:
-    import torch
-
-    try:
-        return torch.export.load(str(job.source_file))
-    except Exception as exc:
-        raise _fail(job, "torch.export.load", exc) from exc
+    return load_program(job)
 
 
 def _torch_samples(job: ConvertJob) -> list[torch.Tensor]:

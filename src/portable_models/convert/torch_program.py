@@ -18,17 +18,28 @@ if TYPE_CHECKING:
 __all__ = ["load_program", "resized_inputs"]
 
 
+#: the compatibility passes the last :func:`load_program` of this worker applied, with the
+#: nodes each rewrote (the convert job records them as steps of the route).
+APPLIED: dict[str, int] = {}
+
+
 def load_program(job: ConvertJob) -> ExportedProgram:
-    """The captured program, loaded with ``torch.export.load``."""
+    """The captured program, loaded with ``torch.export.load``, with the compatibility passes
+    the job asks for (``options["compat_passes"]``) applied to this copy."""
+    from portable_models.convert import compat
+
     torch = import_torch(f"convert:{job.route}")
     try:
-        return torch.export.load(str(job.source_file))
+        program = torch.export.load(str(job.source_file))
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise ConversionError(
             f"cannot load the captured program: {exc}", file=str(job.source_file),
             stage=f"convert:{job.route}",
             fix="re-capture the model; the .pt2 must come from torch.export.save",
         ) from exc
+    APPLIED.clear()
+    APPLIED.update(compat.apply(program, list(job.options.get("compat_passes") or [])))
+    return program
 
 
 def _other_size(size: int, lo: int, hi: int) -> int | None:
