@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from models import CORE_ML_CHECKER
 
+from models import CORE_ML_CHECKER
 from portable_models.convert import compat
 
 torch = pytest.importorskip("torch")
