@@ -27,6 +27,9 @@ def rand(*shape: int) -> np.ndarray:
 
 
 def close(actual: np.ndarray, expected: object, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """One kernel's math against an independent computation of the same op, as tight as
+    the op allows (1e-9..1e-4, per call). A unit test of a numpy function, not a parity
+    verdict on an artifact: those go through the library's engine (``harness.assert_parity``)."""
     exp = expected.detach().numpy() if hasattr(expected, "detach") else np.asarray(expected)
     assert np.shape(actual) == exp.shape
     np.testing.assert_allclose(np.asarray(actual, np.float64), exp, atol=atol, rtol=rtol)
