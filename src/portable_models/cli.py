@@ -26,6 +26,7 @@ EPILOG = """examples:
   portable-models verify dist/demo --format junit > parity.xml
   portable-models inspect dist/demo
   portable-models bench dist/demo
+  portable-models diagnose dist/demo
   portable-models doctor
 """
 
@@ -253,6 +254,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    from portable_models.diagnose import diagnose
+
+    report = diagnose(args.bundle, targets=args.targets, case=args.case, timeout_s=args.timeout,
+                      trust_bundle=args.trust_bundle)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(report.table())
+    return 1 if report.diverged else 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from portable_models.doctor import render_doctor
 
@@ -395,6 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="what the contract says, per artifact")
     i.add_argument("bundle")
     i.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser("diagnose", parents=[common], help="where an artifact first diverges, per source module",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  portable-models diagnose dist/mynet\n"
+                       "  portable-models diagnose dist/mynet --targets onnx --case 1 --format json\n"
+                       "exit codes: 0 every module agrees, 1 an artifact diverges, 2 bad input")
+    g.add_argument("bundle")
+    g.add_argument("--targets", action=_ListAction, metavar="TARGET", help="only these targets")
+    g.add_argument("--case", type=int, default=0, help="the golden case to run (default 0)")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds per artifact")
+    g.add_argument("--format", choices=("table", "json"), default="table", help="report format")
+    g.add_argument("--trust-bundle", action="store_true", help=_TRUST_HELP)
+    g.set_defaults(func=cmd_diagnose)
 
     doc = sub.add_parser("doctor", parents=[common], help="which converters and runtimes are installed")
     doc.set_defaults(func=cmd_doctor)

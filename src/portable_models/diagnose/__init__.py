@@ -1,0 +1,134 @@
+"""Diagnose: where an artifact first diverges from its source, named by source module.
+
+``portable-models diagnose BUNDLE`` / :func:`diagnose` runs the captured program node by node
+on one golden case (the reference activations, keyed by the module that made each: its
+``nn_module_stack``) and the artifact in its runtime with its intermediate values exposed, and
+compares them module by module in execution order. The answer per artifact is the first module
+whose output is off by more than the output tolerance scaled to that tensor (every module
+before it agrees, so the error is its own), with its source line. The bundle is untrusted input
+here as in ``verify``: the work runs in a confined worker, after the same checks.
+
+Localised today: ONNX artifacts from a torch source. Other targets are reported with the
+reason they cannot be localised yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DiagnoseReport", "diagnose"]
+
+
+@dataclass
+class DiagnoseReport:
+    """Per artifact: its module records and the first divergent module (None: all agree)."""
+
+    path: Path
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def diverged(self) -> bool:
+        return any(r.get("first") for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": str(self.path), "diverged": self.diverged, "artifacts": self.results}
+
+    def table(self) -> str:
+        from portable_models.compare.parity import format_float as f
+        from portable_models.core.text import escape
+
+        lines = []
+        for res in self.results:
+            head = f"[{escape(res['key'])}] "
+            if res.get("error"):
+                lines.append(head + f"not localised: {escape(res['error'])}")
+                continue
+            first = res.get("first")
+            lines.append(head + (f"first diverges at {escape(first['module'])} ({escape(first['op'])})"
+                                 + (f", {escape(first['where'])}" if first.get("where") else "")
+                                 if first else "every module agrees within tolerance")
+                         + f" (case {res['case']})")
+            lines.append(f"  {'module':<28} {'op':<28} {'max abs':>10} {'bound':>10} {'cosine':>9} {'sqnr dB':>8}")
+            for rec in res["records"]:
+                mark = " <- first" if first and rec["module"] == first["module"] else ""
+                if rec.get("status") != "compared":
+                    lines.append(f"  {escape(rec['module'])[:28]:<28} {escape(rec['op'])[:28]:<28} {rec['status']}")
+                    continue
+                lines.append(f"  {escape(rec['module'])[:28]:<28} {escape(rec['op'])[:28]:<28} "
+                             f"{f(rec['max_abs']):>10} {f(rec.get('bound')):>10} {f(rec['cosine']):>9} "
+                             f"{f(rec['sqnr_db']):>8}{mark}")
+        return "\n".join(lines) + "\n"
+
+
+def diagnose(bundle: str | Path, *, targets: Sequence[str] | None = None, case: int = 0,
+             timeout_s: float = 600.0, trust_bundle: bool = False) -> DiagnoseReport:
+    """Localise, per artifact of ``bundle`` (or of ``targets``), the first source module whose
+    output differs in that artifact, on golden case ``case``."""
+    import shutil
+    import tempfile
+
+    from portable_models.contract.bundle import raise_on_problems
+    from portable_models.contract.model import load_contract
+    from portable_models.contract.trust import admit, refusal
+    from portable_models.core.paths import user_path
+    from portable_models.errors import UsageError
+    from portable_models.isolation.pool import WorkerLimits, shared_pool
+    from portable_models.isolation.sandbox import confinement, sandbox_reason
+
+    root = user_path(bundle)
+    contract = load_contract(root)
+    if not 0 <= case < int(contract.golden["cases"]):
+        raise UsageError(f"case {case}: the bundle has {contract.golden['cases']} golden cases",
+                         fix=f"use --case 0..{int(contract.golden['cases']) - 1}")
+    admission = admit(root, contract)
+    raise_on_problems(root, admission.problems)
+    chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
+    scratch = Path(tempfile.mkdtemp(prefix="portable-models-diagnose-"))
+    confine = confinement(root, scratch)
+    unconfined = None if confine is not None else sandbox_reason() or "the sandbox is off"
+    pool = shared_pool(WorkerLimits(timeout_s=timeout_s)).confined(confine)
+    report = DiagnoseReport(path=root)
+    try:
+        for art in chosen:
+            refused = refusal(root, art, admission.entries, admission.scan, unconfined=unconfined,
+                              trusted=trust_bundle)
+            report.results.append(_one(pool, root, contract, art, case, scratch, refused))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _one(pool: Any, root: Path, contract: Any, art: Any, case: int, scratch: Path, refused: Any) -> dict[str, Any]:
+    from portable_models.core.paths import bundle_path
+    from portable_models.core.tolerance import TolerancePolicy
+    from portable_models.diagnose.job import first_divergent
+    from portable_models.isolation.pool import JobFailed
+
+    out: dict[str, Any] = {"key": art.key, "target": art.target, "case": case, "records": []}
+    if refused is not None:
+        out["error"] = refused.reason
+        return out
+    if contract.source.get("framework") != "torch":
+        out["error"] = f"the reference activations need a torch source (this one is {contract.source.get('framework')})"
+        return out
+    if art.target != "onnx":
+        out["error"] = f"no per-module taps for {art.target} yet: only ONNX artifacts are localised"
+        return out
+    payload = {"target": art.target, "artifact": str(root / art.file), "io": art.io.to_dict(),
+               "source": str(bundle_path(root, contract.source["file"], what="source file")),
+               "inputs": str(bundle_path(root, contract.golden["inputs"], what="golden inputs")),
+               "input_names": [s.name for s in contract.inputs], "case": case,
+               "inputs_max_bytes": contract.golden_max_bytes("inputs"), "golden_cases": contract.golden["cases"]}
+    try:
+        result, _ = pool.call(kind="diagnose", payload=payload, framework="torch", step=f"diagnose:{art.key}",
+                              log=scratch / f"{art.key}.log", work_dir=scratch / art.key)
+    except JobFailed as failed:
+        out["error"] = failed.error.message
+        return out
+    tol = TolerancePolicy.from_dict(contract.tolerance).resolve(contract.outputs[0].name, art.precision)
+    out["records"] = result["records"]
+    out["first"] = first_divergent(out["records"], tol.atol, tol.rtol)
+    return out
