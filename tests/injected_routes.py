@@ -64,3 +64,41 @@ MISBEHAVE = (
     _row("test-hog", "executorch", "hog", "executorch"),
 )
 HANG_ONNX = (_row("test-hang", "onnx", "hang", "onnxruntime"),)
+
+
+def fake_int8(job: ConvertJob) -> ConvertResult:
+    """A mislabelled variant: the fp32 twin, copied and called int8."""
+    import shutil
+
+    from portable_models.convert.base import Step
+    from portable_models.core.iomap import IoMap
+
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(job.prior_artifacts["onnx"], job.out_dir / "model_fake.onnx")
+    return ConvertResult(file="model_fake.onnx", io=IoMap.identity(job.input_names, job.output_names),
+                         precision=job.precision, steps=[Step(step="copy", version="0")])
+
+
+def int8_without_calibration(job: ConvertJob) -> ConvertResult:
+    """Calibration ignored: the dynamic-range quantiser's output, labelled static int8."""
+    from onnxruntime import quantization as q
+
+    from portable_models.convert.base import Step
+    from portable_models.convert.quantize import _without_value_info
+    from portable_models.core.iomap import IoMap
+
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    twin = _without_value_info(job.prior_artifacts["onnx"], job.work_dir / "twin.onnx")
+    q.quantize_dynamic(str(twin), str(job.out_dir / "model_dyn.onnx"), weight_type=q.QuantType.QInt8)
+    return ConvertResult(file="model_dyn.onnx", io=IoMap.identity(job.input_names, job.output_names),
+                         precision=job.precision, steps=[Step(step="quantize_dynamic", version="0")])
+
+
+MISLABELLED_INT8 = (
+    RouteInfo(name="test-fake-int8", target="onnx", source="torch", impl="injected_routes:fake_int8",
+              requires=("onnx",), runtime="onnxruntime", framework="none", precisions=("int8-dynamic",)),
+    RouteInfo(name="test-int8-uncalibrated", target="onnx", source="torch",
+              impl="injected_routes:int8_without_calibration", requires=("onnx", "onnxruntime"),
+              runtime="onnxruntime", framework="none", precisions=("int8",)),
+)

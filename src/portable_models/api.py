@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from portable_models.capture import Captured, CaptureOptions, framework_of
+from portable_models.compare.accuracy import ACCURACY_DROP_MAX, TaskCheck, accuracy
 from portable_models.compare.check import (
     CheckJob,
     Judge,
@@ -47,7 +50,10 @@ from portable_models.verify_kept import helper, scratch_done, scratch_folder
 
 __all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
 
-_PRECISIONS = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16"}
+_PRECISIONS = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+               "int8-dynamic": "int8-dynamic", "int8": "int8"}
+#: the order variants are built and reported in (float32, the reference twin, first)
+_VARIANTS = ["float32", "float16", "int8-dynamic", "int8"]
 
 
 @dataclass(kw_only=True)
@@ -57,6 +63,16 @@ class ExportOptions(CaptureOptions):
     input ranges, layouts, samples, cases, seed, trust_model, cache) and the rest below."""
 
     targets: str | Sequence[str] = "all"
+    #: inputs that calibrate the ``int8`` variants' activation ranges (real data, a few dozen
+    #: cases of the example's shape); required for ``int8``, unused otherwise.
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None
+    #: one class index per row of each ``samples`` case (real, labelled data): every artifact's
+    #: accuracy on them is judged next to the source model's, a drop over
+    #: ``accuracy_drop_max`` points fails it. ``label_output``: the output with the class
+    #: scores (default: the first).
+    labels: Sequence[Any] | None = None
+    label_output: str | None = None
+    accuracy_drop_max: float = ACCURACY_DROP_MAX
     tolerance: TolerancePolicy | Mapping[str, Mapping[str, float | None]] | None = None
     precision: str | Sequence[str] = "fp32"
     routes: Mapping[str, str] = field(default_factory=dict)
@@ -83,9 +99,9 @@ def _precisions(value: str | Sequence[str]) -> list[str]:
     out = []
     for n in names:
         if n not in _PRECISIONS:
-            raise UsageError(f"unknown precision {n!r}", fix="use fp32 or fp16")
+            raise UsageError(f"unknown precision {n!r}", fix="use fp32, fp16, int8-dynamic or int8")
         out.append(_PRECISIONS[n])
-    return sorted(set(out) | {"float32"}, key=["float32", "float16"].index)
+    return sorted(set(out) | {"float32"}, key=_VARIANTS.index)
 
 
 def _policy(value: TolerancePolicy | Mapping[str, Mapping[str, float | None]] | None) -> TolerancePolicy:
@@ -185,6 +201,10 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
         raise UsageError(f"export() got unknown option(s) {unknown}", fix=f"options are {sorted(fields)}")
     opts = dataclasses.replace(options or ExportOptions(), **overrides)
     targets, precisions, policy = _targets(opts.targets), _precisions(opts.precision), _policy(opts.tolerance)
+    if "int8" in precisions and not opts.calibration:
+        raise UsageError("precision int8 (static, calibrated) needs calibration data",
+                         fix="pass calibration=[{input: array}, …] (--calibration FILE.npz) with a few dozen "
+                             "real inputs, or ask for int8-dynamic, which needs none")
     if opts.jobs < 1:
         raise UsageError(f"jobs={opts.jobs}", fix="use jobs >= 1")
     dest = user_path(out)
@@ -202,10 +222,12 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
         if warm and early + len(clones) < opts.jobs:  # the lanes that did not fit beside the capture
             pool.prewarm("torch", warm, lanes=range(early, opts.jobs), threads=_lane_threads(opts.jobs),
                          one_by_one=True)
-        artifacts = _convert_all(pool, captured, st.path, opts, targets, precisions, policy)
+        with writing("the labels", st.path):
+            task = _task(opts, captured, st.path)
+        artifacts = _convert_all(pool, captured, st.path, opts, targets, precisions, policy, task)
         with writing("the bundle", st.path):
             shutil.rmtree(st.path / ".attempts", ignore_errors=True)
-            contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name)
+            contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name, task=task)
             _check_artifact_hashes(st.path, artifacts)
             write_reports(contract, st.path / "reports")
             contract.files = list_files(st.path)
@@ -271,7 +293,7 @@ def _lane_threads(jobs: int) -> int | None:
 
 
 def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: ExportOptions, targets: list[str],
-                 precisions: list[str], policy: TolerancePolicy) -> list[Artifact]:
+                 precisions: list[str], policy: TolerancePolicy, task: TaskCheck | None = None) -> list[Artifact]:
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-"))
     try:
         ctx = TargetContext(pool=pool, root=root, source_framework=captured.framework,
@@ -281,7 +303,9 @@ def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: Export
                             golden_outputs=captured.golden_outputs, policy=policy,
                             timeout_s=opts.timeout_s, cache=opts.cache,
                             options={"trust_model": opts.trust_model,
-                                     "keras_custom_modules": captured.meta.get("custom_modules") or []})
+                                     "keras_custom_modules": captured.meta.get("custom_modules") or [],
+                                     **_calibration(opts, captured, root)},
+                            task=task)
         if opts.progress:
             ctx.progress = opts.progress
         if opts.targets == "all":  # "all" means every target this source has a route to
@@ -313,8 +337,49 @@ def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: Export
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _calibration(opts: ExportOptions, captured: Captured, root: Path) -> dict[str, Any]:
+    """The calibration cases, written where the routes can read them (the staging folder's
+    attempts, never kept in the bundle) and known by content hash and count."""
+    if not opts.calibration:
+        return {}
+    from portable_models.core.arrays import to_numpy
+
+    names = [s.name for s in captured.inputs]
+    cases = []
+    for i, case in enumerate(opts.calibration):
+        missing = [n for n in names if n not in case]
+        if missing:
+            raise UsageError(f"calibration case {i} lacks input(s) {missing}", fix=f"give every case {names}")
+        cases.append({n: np.ascontiguousarray(to_numpy(case[n])) for n in names})
+    path = root / ".attempts" / "calibration.npz"
+    golden.save_cases(path, cases)
+    return {"calibration": {"file": str(path), "sha256": golden.cases_digest(cases), "cases": len(cases)}}
+
+
+def _task(opts: ExportOptions, captured: Captured, root: Path) -> TaskCheck | None:
+    """The labels of the real samples, checked against them and written into the bundle
+    (``golden/labels.npz``) so that ``verify`` judges every artifact's accuracy again."""
+    if opts.labels is None:
+        return None
+    if captured.meta.get("samples") != "user":
+        raise UsageError("labels= needs samples=: the labels name the classes of the real sample inputs",
+                         fix="pass samples=[{input: array}, …] with one labels entry per sample")
+    cases = captured.golden_outputs
+    output = opts.label_output or captured.outputs[0].name
+    if output not in cases[0]:
+        raise UsageError(f"label_output {output!r} is not an output", fix=f"use one of {list(cases[0])}")
+    labels = tuple(np.asarray(lab, dtype=np.int64).reshape(-1) for lab in opts.labels)
+    rows = [int(np.prod(case[output].shape[:-1])) for case in cases]
+    if len(labels) != len(cases) or [a.size for a in labels] != rows:
+        raise UsageError(f"labels give {[a.size for a in labels]} rows for the {rows} rows of the samples",
+                         fix="give one class index per row of each sample case, in order")
+    golden.save_cases(root / "golden" / "labels.npz", [{"labels": a} for a in labels])
+    return TaskCheck(labels=labels, output=output, source_accuracy=accuracy(cases, labels, output),
+                     drop_max=opts.accuracy_drop_max)
+
+
 def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: TolerancePolicy,
-              artifacts: list[Artifact], *, name: str) -> Contract:
+              artifacts: list[Artifact], *, name: str, task: TaskCheck | None = None) -> Contract:
     src = captured.source_file
     return Contract(
         name=name,
@@ -326,7 +391,8 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
         golden={"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz",
                 "cases": len(captured.golden_inputs), "seed": opts.seed,
                 "samples": captured.meta.get("samples", "example+random"),
-                **({"constant_outputs": constant} if (constant := captured.meta.get("constant_outputs")) else {})},
+                **({"constant_outputs": constant} if (constant := captured.meta.get("constant_outputs")) else {}),
+                **({"labels": "golden/labels.npz", "task": task.to_contract()} if task is not None else {})},
         tolerance=policy.to_dict(), artifacts=artifacts,
         options={"targets": _targets(opts.targets), "precision": _precisions(opts.precision),
                  "routes": dict(opts.routes)},
@@ -357,6 +423,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     contract = load_contract(root)
     policy = TolerancePolicy.from_dict(contract.tolerance)
     golden_in, golden_out = _golden(root, contract)
+    task = _bundle_task(root, contract, golden_out)
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
     missing = sorted(set(targets or ()) - {a.target for a in chosen} - {a.key for a in chosen})
     admission = admit(root, contract)
@@ -379,7 +446,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
                 continue
             owned = [e for e in contract.files if _owns(art, e["path"])]
             runs.append((art, _rerun(pool, root, art, owned, golden_in, golden_out, policy, scratch, timeout_s,
-                                     contract, {"compute_units": compute_units}), owned))
+                                     contract, {"compute_units": compute_units}, task), owned))
         in_worker = {e["path"] for _, _, owned in runs for e in owned}
         found: dict[str, str | None] = {}
 
@@ -417,6 +484,30 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
                         sandbox=None if confine is None else "Landlock")
 
 
+def _bundle_task(root: Path, contract: Contract, golden_out: golden.Cases) -> TaskCheck | None:
+    """The labels a bundle keeps for its real samples (``golden.labels``), read under bounds
+    and checked against the golden outputs; the source's accuracy is measured again from them."""
+    if not contract.golden.get("labels"):
+        return None
+    path = bundle_path(root, contract.golden["labels"], what="labels")
+    labels = golden.read_only_cases(path, max_bytes=contract.golden_max_bytes("outputs"))
+    spec = contract.golden.get("task") or {}
+    output = spec.get("output")
+    bad = (len(labels) != len(golden_out) or output not in golden_out[0]
+           or any(set(case) != {"labels"} or case["labels"].dtype.kind not in "iu" for case in labels))
+    if bad:
+        raise ContractError(f"{contract.golden['labels']} does not label the golden outputs' {output!r}",
+                            file=str(path), stage="load", fix="the bundle was edited: re-export it")
+    arrays = tuple(np.asarray(case["labels"]).reshape(-1) for case in labels)
+    try:
+        source = accuracy(golden_out, arrays, str(output))
+    except ValueError as exc:  # rows that do not line up
+        raise ContractError(f"{contract.golden['labels']}: {exc}", file=str(path), stage="load",
+                            fix="the bundle was edited: re-export it") from exc
+    return TaskCheck(labels=arrays, output=str(output), source_accuracy=source,
+                     drop_max=float(spec.get("drop_max_points", ACCURACY_DROP_MAX)))
+
+
 def _golden(root: Path, contract: Contract) -> tuple[Path, golden.Cases]:
     """The golden inputs' path and the golden outputs of a bundle, both confined to it; the
     outputs read under a bound derived from the shapes and cases the contract declares."""
@@ -438,7 +529,7 @@ def _owns(art: Artifact, path: str) -> bool:
 
 def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], golden_in: Path,
            golden_out: golden.Cases, policy: TolerancePolicy, scratch: Path, timeout_s: float,
-           contract: Contract, extra: dict[str, Any]) -> PlannedRun:
+           contract: Contract, extra: dict[str, Any], task: TaskCheck | None = None) -> PlannedRun:
     """The check of one kept artifact, to run again (the worker hashes its files, ``owned``,
     first: a changed or missing one fails it at stage ``integrity``). The checks share one scratch folder; what the runs print
     goes to the worker's own log, which outlives the verify's scratch folder."""
@@ -451,8 +542,17 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
                             **extra},
                    files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)),
                    run_ms=_run_ms(art), file_format=info.file_format,
-                   inputs_max_bytes=contract.golden_max_bytes("inputs"), golden_cases=contract.golden["cases"])
+                   inputs_max_bytes=contract.golden_max_bytes("inputs"), golden_cases=contract.golden["cases"],
+                   task=task, **_truth(art, contract))
     return plan_artifact(job, info.runtime, art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None)
+
+
+def _truth(art: Artifact, contract: Contract) -> dict[str, Any]:
+    """What the worker checks a quantised variant's contents against before it runs it."""
+    if not art.precision.startswith("int8"):
+        return {}
+    twin = next((a for a in contract.artifacts if a.target == art.target and a.precision == "float32"), None)
+    return {"truth": art.precision, "fp32_bytes": twin.bytes if twin is not None else None}
 
 
 def _run_ms(art: Artifact) -> float:

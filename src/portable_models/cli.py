@@ -168,7 +168,7 @@ def _export_file(args: argparse.Namespace, tol: dict[str, Any], defaults: dict[s
     return export_file(
         args.src, out=args.out, inputs=[parse_input_option(t) for t in args.input or []],
         dynamic=[parse_dynamic_option(t) for t in args.dynamic or []], model_class=args.model_class,
-        samples=args.samples, trust=args.trust_model, targets=args.targets or "all",
+        samples=args.samples, calibration=args.calibration, trust=args.trust_model, targets=args.targets or "all",
         cases=args.cases, precision=args.precision, timeout_s=args.timeout, jobs=args.jobs,
         memory_mb=args.memory_limit, overwrite=args.overwrite, routes=routes,
         tolerance=TolerancePolicy(defaults=defaults, per_output=tol["per_output"]),
@@ -357,9 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", action="append", metavar="[NAME=]VALUE",
                    help="float32 atol, or per output with NAME=VALUE (repeatable)")
     c.add_argument("--rtol", action="append", metavar="[NAME=]VALUE", help="likewise for rtol")
-    c.add_argument("--precision", action=_ListAction, default=["fp32"], items=("fp32", "fp16"),
-                   metavar="PRECISION",
-                   help="fp32, fp16: fp16 adds float16 TFLite/Core ML artifacts with their own tolerance")
+    c.add_argument("--precision", action=_ListAction, default=["fp32"],
+                   items=("fp32", "fp16", "int8-dynamic", "int8"), metavar="PRECISION",
+                   help="fp32 (always built), fp16 (TFLite, Core ML), int8-dynamic and int8 (ONNX, "
+                        "onnxruntime's quantiser; int8 needs --calibration), each judged by its own "
+                        "tolerance or budget")
+    c.add_argument("--calibration", metavar="FILE.npz",
+                   help="real inputs that calibrate the int8 variant (same form as --samples)")
     c.add_argument("--route", action="append", metavar="TARGET=ROUTE", help="force one route")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds per conversion job")
     c.add_argument("--memory-limit", type=int, default=8192, metavar="MB", help="per worker")
@@ -431,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: the path arguments, made absolute before anything else happens (a worker runs in a
 #: folder of its own: a relative path reaching it would name another file).
-_PATH_ARGS = ("src", "out", "bundle", "samples")
+_PATH_ARGS = ("src", "out", "bundle", "samples", "calibration")
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:

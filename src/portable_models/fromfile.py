@@ -71,7 +71,7 @@ def _example(loaded: Any, framework: str, inputs: Sequence[TensorSpec],
 
 def export_file(src: str | Path, *, out: str | Path, inputs: Sequence[TensorSpec] = (),
                 dynamic: Sequence[tuple[str, int, DimSpec]] = (), model_class: str | None = None,
-                samples: str | Path | None = None, trust: bool = False,
+                samples: str | Path | None = None, calibration: str | Path | None = None, trust: bool = False,
                 **options: Any) -> Any:
     """Load a saved model safely and export it like :func:`portable_models.export`."""
     from portable_models.api import export
@@ -100,6 +100,8 @@ def export_file(src: str | Path, *, out: str | Path, inputs: Sequence[TensorSpec
         opts.setdefault("dynamic_dims", hints["dynamic_dims"])
     if cases:
         opts["samples"] = cases
+    if calibration:
+        opts["calibration"] = load_samples(user_path(calibration))
     opts["source_trust"] = loaded.trust
     opts.setdefault("trust_model", trust)
     return export(loaded.model, example, out=out, **opts)

@@ -301,7 +301,7 @@ def test_to_dict_turns_nonfinite_metrics_into_none():
 def test_tolerance_policy_round_trip():
     policy = TolerancePolicy(per_output={"logits": {"atol": 1e-3, "cosine_min": None}})
     d = policy.to_dict()
-    assert set(d) == {"float32", "float16", "bfloat16", "outputs"}
+    assert set(d) == {"float32", "float16", "bfloat16", "int8-dynamic", "int8", "outputs"}
     assert TolerancePolicy.from_dict(json.loads(json.dumps(d))) == policy
     partial = TolerancePolicy.from_dict({"float32": {"atol": 1e-3}})
     assert partial.resolve("y", "float32").atol == 1e-3
@@ -353,3 +353,20 @@ def test_importing_parity_stays_light():
             "heavy = {'torch', 'tensorflow', 'onnx', 'onnxruntime', 'keras'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_budget_judges_by_its_floors_not_by_elements() -> None:
+    """int8 variants: no element bound; the cosine and SQNR floors decide."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 10)).astype(np.float32)
+    noisy = ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)  # ~26 dB
+    policy = TolerancePolicy()
+    (res,) = compare_outputs([{"y": ref}], [{"y": noisy}], precision="int8", policy=policy)
+    assert res.status == "pass" and res.tolerance.budget and res.sqnr_db and res.sqnr_db > 20
+    (res,) = compare_outputs([{"y": ref}], [{"y": noisy}], precision="float32", policy=policy)
+    assert res.status == "fail"  # the same noise is far outside float32's element bound
+    loud = ref + 0.3 * rng.standard_normal(ref.shape).astype(np.float32)  # ~10 dB
+    (res,) = compare_outputs([{"y": ref}], [{"y": loud}], precision="int8", policy=policy)
+    assert res.status == "fail" and "cosine similarity" in (res.reason or "")  # the first floor that fails
+    with pytest.raises(UsageError, match="budget"):
+        Tolerance(atol=None, rtol=None)

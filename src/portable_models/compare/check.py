@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portable_models.compare.accuracy import TaskCheck
 from portable_models.compare.parity import OutputParity, compare_outputs, verdict
 from portable_models.core.golden import Cases, load_cases, unpack_outputs
 from portable_models.core.iomap import IoMap
@@ -327,6 +328,12 @@ class CheckJob:
     #: bundle's, as its contract says; None: the general ceiling, not checked)
     inputs_max_bytes: int | None = None
     golden_cases: int | None = None
+    #: a quantised variant's precision, checked against its contents before it runs, and its
+    #: fp32 twin's size (None: not a variant)
+    truth: str | None = None
+    fp32_bytes: int | None = None
+    #: labels for the golden cases: the artifact's accuracy is judged too (None: no labels)
+    task: TaskCheck | None = None
 
     def payload(self, runtime: str, **extra: Any) -> dict[str, Any]:
         """What a ``run`` or ``bench`` job of the artifact with ``runtime`` is given."""
@@ -335,7 +342,7 @@ class CheckJob:
         if self.files is not None:
             payload["files"] = {"root": str(self.files[0]), "entries": list(self.files[1])}
         for key, value in (("format", self.file_format), ("inputs_max_bytes", self.inputs_max_bytes),
-                           ("golden_cases", self.golden_cases)):
+                           ("golden_cases", self.golden_cases), ("truth", self.truth), ("fp32_bytes", self.fp32_bytes)):
             if value is not None:
                 payload[key] = value
         return payload
@@ -386,6 +393,13 @@ class CheckJob:
         worst = _worst(results)
         if worst is not None and worst.status != "pass":
             record["reason"] = f"{worst.name}: {worst.reason}"
+        if self.task is not None:
+            record["accuracy"] = acc = self.task.judge(actual, cases)
+            if acc["status"] == "fail" and record["status"] == "pass":
+                record["status"] = "fail"
+                record["reason"] = (f"accuracy {acc['artifact']:.4f} against the source's {acc['source']:.4f} on "
+                                    f"{acc['rows']} labelled rows: a drop of {acc['drop_points']:.2f} points, over "
+                                    f"the budget of {acc['drop_max_points']}")
         if cases is not None:
             record["cases_checked"] = list(cases)
         runs = result.get("run_ms") or [0.0]

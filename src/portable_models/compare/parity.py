@@ -229,7 +229,8 @@ def _compare_float(res: OutputParity, refs: list[np.ndarray], gots: list[np.ndar
     abs_g = np.abs(g)
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(a - g)
-        excess = diff - (tol.atol + tol.rtol * abs_g)
+        excess = (diff - (tol.atol + tol.rtol * abs_g) if tol.atol is not None and tol.rtol is not None
+                  else np.full(diff.shape, -np.inf))  # a budget: no element bound
     ok = excess <= 0
     mismatched = 0  # positions where NaN/+Inf/-Inf differ between the two
     if np.isfinite(g).all() and np.isfinite(a).all():  # the usual case: no class arrays needed
@@ -247,7 +248,7 @@ def _compare_float(res: OutputParity, refs: list[np.ndarray], gots: list[np.ndar
     bad = ok.size - int(np.count_nonzero(ok))
     res.mismatch_ratio = bad / ok.size
     if any_finite:
-        _fill_metrics(res, a[finite], g[finite], rtol=tol.rtol, diff=diff[finite], abs_g=abs_g[finite])
+        _fill_metrics(res, a[finite], g[finite], rtol=tol.rtol or 0.0, diff=diff[finite], abs_g=abs_g[finite])
         res.top1 = _top1(refs, g, a)
     flat = int(np.argmax(differ)) if mismatched else int(np.argmax(excess))
     if mismatched or any_finite:
@@ -271,6 +272,9 @@ def _float_reason(res: OutputParity, nonfinite_bad: int, bad: int, total: int,
                 f"{format_float(tol.cosine_min)}: the output does not follow the reference")
     if tol.top1_min is not None and res.top1 is not None and res.top1 < tol.top1_min:
         return f"top-1 agreement {format_float(res.top1)} < floor {format_float(tol.top1_min)}"
+    if tol.sqnr_min is not None and res.sqnr_db is not None and res.sqnr_db < tol.sqnr_min:
+        return (f"SQNR {format_float(res.sqnr_db)} dB < floor {format_float(tol.sqnr_min)} dB: the "
+                "quantisation noise is too loud for this output")
     return None
 
 

@@ -43,7 +43,8 @@ class RouteInfo:
     requires: tuple[str, ...]
     runtime: str
     framework: str = "torch"
-    precision: str = "float32"
+    #: the precisions (variants) it makes
+    precisions: tuple[str, ...] = ("float32", "float16")
     description: str = ""
     #: converts with fixed shapes when the converter refuses the dynamic dims; the pipeline
     #: may defer that until the later routes had their chance to keep them.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portable_models.compare.accuracy import TaskCheck
 from portable_models.compare.check import (
     CheckJob,
     check_artifact,
@@ -25,6 +26,7 @@ from portable_models.contract.model import Artifact, Attempt
 from portable_models.convert import compat
 from portable_models.convert.base import RouteInfo, check_requires
 from portable_models.convert.registry import routes_for
+from portable_models.core import golden
 from portable_models.core.golden import Cases
 from portable_models.core.hashing import path_bytes, sha256_path
 from portable_models.core.iomap import IoMap
@@ -60,6 +62,8 @@ class TargetContext:
     golden_outputs: Cases
     policy: TolerancePolicy
     options: dict[str, Any] = field(default_factory=dict)
+    #: labels for the golden cases: each artifact's accuracy is judged too
+    task: TaskCheck | None = None
     timeout_s: float | None = None
     prior: dict[str, Path] = field(default_factory=dict)
     progress: Progress = _no_progress
@@ -80,12 +84,22 @@ class TargetContext:
                                            (self.source_file, self.golden_inputs, golden_out))
         runtime = runtime_info(route.runtime)
         parts = {"inputs": self._inputs_digest, "route": route.name, "impl": route.impl,
-                 "precision": precision, "options": options if options is not None else self.options,
+                 "precision": precision, "options": _keyed(options if options is not None else self.options),
                  "tolerance": self.policy.to_dict(),
                  "specs": self.runner_options(precision), "runtime": checking_runtime(route.runtime),
                  "prior": {k: cache.content_digest(v) for k, v in sorted(self.prior.items())},
+                 **({} if self.task is None else {"task": {**self.task.to_contract(), "labels": golden.cases_digest(
+                     [{"labels": a} for a in self.task.labels])}}),
                  **({} if fixed_fallback else {"fixed_shape_fallback": False})}
         return cache.attempt_key(parts=parts, packages=route.requires + runtime.requires)
+
+
+def _keyed(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as the cache keys them: the calibration data by its content, not its path."""
+    calibration = options.get("calibration")
+    if not calibration:
+        return options
+    return {**options, "calibration": {k: v for k, v in calibration.items() if k != "file"}}
 
 
 def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: Path,
@@ -123,7 +137,7 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
                                 step=f"convert:{route.target} ({label})", log=log,
                                 work_dir=attempt_dir / "work", timeout_s=ctx.timeout_s)
     except JobFailed as failed:
-        attempt = Attempt(route=label, status="error", stage="convert",
+        attempt = Attempt(route=label, status="error", stage="truth" if failed.error.stage == "truth" else "convert",
                           error=error_dict(failed.error), seconds=time.monotonic() - start)
         if cache_key is not None:
             from portable_models.core import cache
@@ -141,7 +155,8 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
     ctx.progress(key, "running", label)
     job = CheckJob(pool=ctx.pool, artifact=out_dir / conv["file"], io=io, golden_inputs=ctx.golden_inputs,
                    golden_outputs=ctx.golden_outputs, policy=ctx.policy, precision=precision, log=log,
-                   work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s, options=ctx.runner_options(precision))
+                   work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s, options=ctx.runner_options(precision),
+                   task=ctx.task)
     parity, timings = check_artifact(job, route.runtime, cases)
     attempt = Attempt(route=label, status=parity["status"], seconds=time.monotonic() - start,
                       stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
@@ -209,7 +224,7 @@ def build_target(ctx: TargetContext, target: str, precision: str = "float32",
     dims does so only after the later routes: one of them may keep the dims (and the
     fixed-shape conversion, seconds of work, is then not needed)."""
     key = target if precision == "float32" else f"{target}-{precision}"
-    routes = routes_for(target, ctx.source_framework)
+    routes = routes_for(target, ctx.source_framework, precision)
     if force_route:
         routes = [r for r in routes if r.name == force_route]
     tries = _Tries(ctx=ctx, key=key, precision=precision)

@@ -44,6 +44,8 @@ def convert_job(payload: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     ensure_artifact(job, result)
     steps = [*_pass_steps(job), *result.steps]
+    if job.precision.startswith("int8"):
+        result.meta.update(_truth(job, job.out_dir / result.file))
     return {
         "file": result.file,
         "io": result.io.to_dict(),
@@ -63,3 +65,19 @@ def _pass_steps(job: Any) -> list[Any]:
         return []
     return [Step(step=f"compat:{name}", version=__version__, detail={"nodes_rewritten": n})
             for name, n in APPLIED.items()]
+
+
+def _truth(job: Any, artifact: Path) -> dict[str, Any]:
+    """A quantised variant, whichever route made it, must be what its label says before it is
+    checked (:mod:`portable_models.run.truth`): its facts, and its size against its fp32 twin."""
+    from portable_models.errors import ConversionError
+    from portable_models.run import check_truth, onnx_facts
+
+    if artifact.suffix != ".onnx":
+        raise ConversionError(f"no truth check for a {artifact.suffix} {job.precision} variant", stage="truth",
+                              fix="this target carries no quantised variant yet")
+    twin = job.prior_artifacts.get("onnx")  # the fp32 twin (ONNX is the one target with int8 variants)
+    fp32_bytes = twin.stat().st_size if twin is not None else None
+    facts = onnx_facts(artifact)
+    check_truth(job.precision, facts, fp32_bytes)
+    return {"truth": facts, **({"size_ratio_to_fp32": round(facts["bytes"] / fp32_bytes, 4)} if fp32_bytes else {})}

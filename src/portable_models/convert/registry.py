@@ -113,6 +113,15 @@ ROUTES: tuple[RouteInfo, ...] = (
               impl="portable_models.convert.keras_bridge:convert_bridge_coreml_trace",
               requires=("keras", "torch", "coremltools"), runtime="coreml", framework="keras-torch",
               description="torch backend -> torch.export -> jit.trace -> coremltools"),
+    # -- quantised variants, from the target's fp32 twin (any source) ------------------------
+    *(RouteInfo(name=name, target="onnx", source=source,
+                impl="portable_models.convert.quantize:convert_ort_quantize",
+                requires=("onnx", "onnxruntime"), runtime="onnxruntime", framework="none",
+                precisions=("int8-dynamic", "int8"),
+                description="onnxruntime.quantization on the fp32 ONNX twin: quantize_dynamic (int8-dynamic), "
+                            "quantize_static QDQ per-channel with the calibration data (int8)")
+      for name, source in (("ort-quantize", "torch"), ("keras-ort-quantize", "keras"),
+                           ("onnx-ort-quantize", "onnx"))),
 )
 
 
@@ -135,11 +144,13 @@ def all_routes() -> tuple[RouteInfo, ...]:
     return _extra_routes(extra_routes()) + ROUTES
 
 
-def routes_for(target: str, source: str) -> list[RouteInfo]:
-    """The routes that reach ``target`` from ``source``, in order of preference."""
+def routes_for(target: str, source: str, precision: str | None = None) -> list[RouteInfo]:
+    """The routes that reach ``target`` from ``source`` (making ``precision``, where given),
+    in order of preference."""
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}", fix=f"use one of {', '.join(TARGETS)}")
-    return [r for r in all_routes() if r.target == target and r.source == source]
+    return [r for r in all_routes() if r.target == target and r.source == source
+            and (precision is None or precision in r.precisions)]
 
 
 def route_by_name(name: str) -> RouteInfo:

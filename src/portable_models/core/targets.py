@@ -31,7 +31,8 @@ class TargetInfo:
     #: in one lane, in registry order.
     family: str = ""
     #: earlier targets whose float32 artifact its routes may convert from (onnx2tf reads the
-    #: ONNX artifact): those are built first and handed over.
+    #: ONNX artifact; the ONNX int8 variants quantise the fp32 twin): those are built first and
+    #: handed over.
     consumes: tuple[str, ...] = ()
     #: where its runtime cannot run (``runtime_platforms``), the runtime that checks it instead.
     checker: str | None = None
@@ -40,7 +41,8 @@ class TargetInfo:
 
 
 TARGET_INFO: dict[str, TargetInfo] = {
-    "onnx": TargetInfo(runtime="onnxruntime", file_format="onnx", cost=4.8, family="onnx"),
+    "onnx": TargetInfo(runtime="onnxruntime", file_format="onnx", precisions=("float32", "int8-dynamic", "int8"),
+                       cost=4.8, family="onnx", consumes=("onnx",)),
     "torchscript": TargetInfo(runtime="torchscript", file_format="torchscript", runs_code=True, cost=0.2,
                               family="torch"),
     "executorch": TargetInfo(runtime="executorch", file_format="pte", cost=8.0, family="torch"),

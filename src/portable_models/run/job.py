@@ -49,6 +49,7 @@ def run_job(payload: dict[str, Any], checked: list[Any] | None = None) -> dict[s
         if checked is not None:
             checked.append(files)
     _check_format(payload)
+    _check_truth(payload)
     cases = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"), payload.get("golden_cases"))
     if payload.get("cases") is not None:
         cases = [cases[int(i)] for i in payload["cases"]]
@@ -106,3 +107,12 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
             "p50_ms": round(statistics.median(times), 4), "p90_ms": round(p90, 4),
             "min_ms": round(times[0], 4), "runs": len(times), "warmup": int(payload.get("warmup", 3)),
             "threads": threads or os.cpu_count()}
+
+
+def _check_truth(payload: dict[str, Any]) -> None:
+    """A quantised variant is what its label says (``payload["truth"]``: its precision),
+    read from its bytes before it is loaded (:mod:`portable_models.run.truth`)."""
+    if payload.get("truth") and payload.get("format") == "onnx":
+        from portable_models.run.truth import check_truth, onnx_facts
+
+        check_truth(str(payload["truth"]), onnx_facts(Path(payload["artifact"])), payload.get("fp32_bytes"))

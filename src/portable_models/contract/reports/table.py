@@ -76,7 +76,7 @@ def rows(contract: Contract) -> list[tuple[str, ...]]:
         w = worst_output(art)
         name, res = (w[0], w[1]) if w else ("-", {})
         tol = res.get("tolerance")
-        tol_text = f"{fmt(tol.get('atol'))}/{fmt(tol.get('rtol'))}" if isinstance(tol, dict) and tol else "-"
+        tol_text = _tolerance_text(tol)
         conv = number(art.timings.get("convert_s"))
         conv_text = f"{conv:.1f} s" if conv is not None else "-"
         if art.meta.get("cache") == "hit":
@@ -96,6 +96,19 @@ def next_steps(contract: Contract) -> list[str]:
                      "golden case (still checked: every artifact must give the same values); pass real "
                      "inputs as samples= (--samples FILE.npz) so that they vary")
     for art in contract.artifacts:
+        truth = art.meta.get("truth")
+        if isinstance(truth, dict) and art.status in ("pass", "fail"):
+            ratio = art.meta.get("size_ratio_to_fp32")
+            judged = "; ".join(f"{name}: cosine {fmt(res.get('cosine'))}, SQNR {fmt(res.get('sqnr_db'))} dB"
+                               for name, res in outputs_of(art).items())
+            lines.append(f"{art.key}: {fmt(ratio)}x the fp32 size; truth: {fmt(100 * truth.get('int8_share', 0))}% of "
+                         f"weight bytes int8, {truth.get('quantized_activations', 0)} quantised activations, "
+                         f"ops {', '.join(sorted(truth.get('quant_ops') or {})) or 'none'}; {judged}")
+        acc = art.parity.get("accuracy")
+        if isinstance(acc, dict):
+            lines.append(f"{art.key}: accuracy {fmt(acc.get('artifact'))} against the source's {fmt(acc.get('source'))} "
+                         f"on {acc.get('rows')} labelled rows: drop {fmt(acc.get('drop_points'))} points "
+                         f"(budget {fmt(acc.get('drop_max_points'))}) — {acc.get('status')}")
         for att in art.attempts:
             if att.status == "pass" or (att.route == art.route_name and att.status == art.status):
                 continue
@@ -150,3 +163,14 @@ def render_table(contract: Contract, *, problems: Sequence[str] = ()) -> str:
 #: longest cell and note a report shows (a contract's strings are bounded, not short).
 _CELL_MAX = 120
 NOTE_MAX = 2000
+
+
+def _tolerance_text(tol: Any) -> str:
+    """``atol/rtol``, or a budget's floors (``cos≥0.98 sqnr≥15dB``)."""
+    if not isinstance(tol, dict) or not tol:
+        return "-"
+    if tol.get("atol") is None:
+        floors = [f"cos≥{fmt(tol['cosine_min'])}" if tol.get("cosine_min") is not None else "",
+                  f"sqnr≥{fmt(tol['sqnr_min'])}dB" if tol.get("sqnr_min") is not None else ""]
+        return " ".join(f for f in floors if f) or "-"
+    return f"{fmt(tol.get('atol'))}/{fmt(tol.get('rtol'))}"

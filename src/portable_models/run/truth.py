@@ -1,0 +1,82 @@
+"""The truth check of a quantised variant: it must really be what its label says, read from
+the artifact in its own format before any number is compared. A variant whose contents do
+not match fails at stage ``truth``, naming what was found. Run by the route that made it and
+again by ``verify``, in the worker, before the artifact is loaded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from portable_models.errors import PortableModelsError
+
+__all__ = ["TruthError", "check_truth", "onnx_facts"]
+
+#: the least share of weight bytes a variant must hold as 8-bit integers to be called int8
+MIN_INT8_SHARE = 0.5
+
+
+class TruthError(PortableModelsError):
+    """A quantised variant is not what its label says."""
+
+    code = "truth"
+    exit_code = 1
+
+
+def onnx_facts(path: Path) -> dict[str, Any]:
+    """What an ONNX file holds: weight bytes by dtype, the share stored as 8-bit integers,
+    its quantisation ops, whether activations are quantised (a QuantizeLinear that does not
+    read a weight), and its input/output dtypes."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    by_dtype: Counter[str] = Counter()
+    for init in graph.initializer:
+        dtype = onnx.TensorProto.DataType.Name(init.data_type).lower()
+        by_dtype[dtype] += len(init.raw_data) or _element_bytes(init)
+    total = sum(by_dtype.values())
+    ops = Counter(node.op_type for node in graph.node)
+    quant_ops = {op: n for op, n in ops.items()
+                 if op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                           "ConvInteger", "QLinearConv", "QLinearMatMul")}
+    activations = sum(1 for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights)
+    io = {v.name: onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()
+          for v in [*graph.input, *graph.output] if v.name not in weights}
+    return {"weight_bytes": total, "weight_bytes_by_dtype": dict(by_dtype),
+            "int8_share": round((by_dtype["int8"] + by_dtype["uint8"]) / total, 4) if total else 0.0,
+            "quant_ops": quant_ops, "quantized_activations": activations, "io_dtypes": io,
+            "bytes": path.stat().st_size}
+
+
+def _element_bytes(init: Any) -> int:
+    """Bytes of an initializer stored in typed fields rather than raw_data."""
+    for field_name, size in (("float_data", 4), ("int32_data", 4), ("int64_data", 8), ("double_data", 8)):
+        values = getattr(init, field_name)
+        if len(values):
+            return len(values) * size
+    return 0
+
+
+def check_truth(precision: str, facts: dict[str, Any], fp32_bytes: int | None = None) -> None:
+    """Raise :class:`TruthError` unless ``facts`` (:func:`onnx_facts`) show a ``precision``
+    variant: most weight bytes 8-bit, dynamic quantisation ops for ``int8-dynamic``,
+    quantised activations for ``int8``, and smaller than its fp32 twin."""
+    found = (f"{facts['int8_share']:.0%} of weight bytes int8, quantisation ops {facts['quant_ops'] or 'none'}, "
+             f"{facts['quantized_activations']} activation QuantizeLinear")
+    problems = []
+    if facts["int8_share"] < MIN_INT8_SHARE:
+        problems.append(f"less than {MIN_INT8_SHARE:.0%} of its weight bytes are int8")
+    if precision == "int8-dynamic" and not {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} & set(
+            facts["quant_ops"]):
+        problems.append("it quantises no activation at run time (no DynamicQuantizeLinear)")
+    if precision == "int8" and facts["quantized_activations"] == 0:
+        problems.append("its activations are not quantised (no QuantizeLinear on an activation): "
+                        "static int8 needs calibrated activation ranges")
+    if fp32_bytes and facts["bytes"] >= 0.9 * fp32_bytes:
+        problems.append(f"it is {facts['bytes']} bytes, not smaller than its fp32 twin's {fp32_bytes}")
+    if problems:
+        raise TruthError(f"the {precision} variant is not {precision}: {'; '.join(problems)} (found: {found})",
+                         stage="truth", fix="the quantiser did not do what was asked: check its log, or report it")
