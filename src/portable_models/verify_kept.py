@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["helper", "scratch_done", "scratch_folder"]
+__all__ = ["helper", "scratch_done", "scratch_folder", "scratch_root"]
 
 _HELPER: ThreadPoolExecutor | None = None
 _HELPER_LOCK = threading.Lock()
@@ -38,6 +38,21 @@ _FREE_SCRATCH: list[Path] = []
 _SCRATCH_KEPT = 4
 
 
+#: the one folder every verify scratch folder of this process is made in: what a verify's
+#: sandboxed workers may write, the same for every verify, so that they stay warm (a
+#: sandbox naming each verify's own folder would need new workers for every verify)
+_ROOT: list[Path] = []
+
+
+def scratch_root() -> Path:
+    """The folder the verify scratch folders of this process are made in (made on first use,
+    removed at exit)."""
+    with _HELPER_LOCK:
+        if not _ROOT or not _ROOT[0].is_dir():
+            _ROOT[:] = [Path(tempfile.mkdtemp(prefix="portable-models-verify-"))]
+        return _ROOT[0]
+
+
 def scratch_folder() -> Path:
     """A verify's own scratch folder: a free one, else a new one."""
     with _HELPER_LOCK:
@@ -45,7 +60,7 @@ def scratch_folder() -> Path:
             folder = _FREE_SCRATCH.pop()
             if folder.is_dir():
                 return folder
-    return Path(tempfile.mkdtemp(prefix="portable-models-verify-"))
+    return Path(tempfile.mkdtemp(prefix="run-", dir=scratch_root()))
 
 
 def scratch_done(folder: Path) -> None:
@@ -65,5 +80,5 @@ def scratch_done(folder: Path) -> None:
 def remove_free_scratch() -> None:
     with _HELPER_LOCK:
         folders, _FREE_SCRATCH[:] = list(_FREE_SCRATCH), []
-    for folder in folders:
+    for folder in folders + _ROOT:
         shutil.rmtree(folder, ignore_errors=True)

@@ -47,3 +47,22 @@ def test_demo_bundle_verifies_without_allowances(demo: tuple[Path, str]) -> None
     contract = json.loads((out / "contract.json").read_text())
     recorded = next(a for a in contract["artifacts"] if a["target"] == "coreml")
     assert recorded["parity"]["checked_by"] == coreml["checked_by"]  # the contract records it
+
+
+def test_bench_times_no_core_ml_latency_off_macos(demo: tuple[Path, str]) -> None:
+    """The MIL reference executor's time says nothing about Apple's runtime: off macOS, bench
+    prints n/a for Core ML and records no latency for it."""
+    out, _ = demo
+    r = cli("bench", str(out), "--runs", "2", "--warmup", "0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    coreml_line = next(line for line in r.stdout.splitlines() if line.startswith("coreml"))
+    contract = json.loads((out / "contract.json").read_text())
+    coreml = next(a for a in contract["artifacts"] if a["target"] == "coreml")
+    if sys.platform == "darwin":
+        assert "bench" in coreml["timings"]
+    else:
+        assert "n/a off macOS" in coreml_line and "ms" not in coreml_line
+        assert "bench" not in coreml["timings"]
+    onnx = next(a for a in contract["artifacts"] if a["target"] == "onnx")
+    assert onnx["timings"]["bench"]["p50_ms"] > 0
+    assert cli("verify", str(out)).returncode == 0  # bench's rewrite left the bundle whole
