@@ -56,7 +56,7 @@ def test_fixed_shape_fallback_runs_when_no_later_route_keeps_the_dims(
 
     _inject(monkeypatch, "FAIL_TFLITE")
     order = [route_by_name("litert-torch"), route_by_name("test-fail-convert")]
-    monkeypatch.setattr(pipeline, "routes_for", lambda target, source: order if target == "tflite" else [])
+    monkeypatch.setattr(pipeline, "routes_for", lambda target, source, precision=None: order if target == "tflite" else [])
     bundle = _export(tmp_path, ["tflite"])
     art = bundle.contract.artifact("tflite")
     assert art is not None and art.status == "pass", bundle.report()
