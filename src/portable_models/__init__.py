@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 from portable_models._version import __version__
 
 if TYPE_CHECKING:
-    from portable_models.api import Bundle, ExportOptions, VerifyReport, export, verify
+    from portable_models.api import Bundle, ExportOptions, export
     from portable_models.contract.model import Contract, load_contract
     from portable_models.core.spec import DimSpec, TensorSpec
     from portable_models.core.tolerance import Tolerance, TolerancePolicy
     from portable_models.diagnose import diagnose
     from portable_models.errors import PortableModelsError
     from portable_models.isolation.pool import shutdown_workers
+    from portable_models.rerun import VerifyReport, verify
 
 __all__ = [
     "__version__",

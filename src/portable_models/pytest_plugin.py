@@ -40,9 +40,9 @@ class BundleCollector(pytest.Collector):
 
     def report(self) -> Any:
         if self._report is None:
-            from portable_models.api import verify
             from portable_models.core.text import escape
             from portable_models.errors import PortableModelsError
+            from portable_models.rerun import verify
 
             try:
                 self._report = verify(self.bundle, trust_bundle=bool(self.config.getoption("pm_trust_bundle")))

@@ -21,7 +21,7 @@ def assert_parity(bundle: str | Path, *, targets: Sequence[str] | None = None,
     and raise :class:`ParityAssertionError` unless every chosen artifact passes
     (``unverified``/``skipped`` only pass for targets in ``allow_unverified``).
     ``trust_bundle``: as for :func:`portable_models.verify`."""
-    from portable_models.api import verify
+    from portable_models.rerun import verify
 
     report = verify(bundle, targets=targets, allow_unverified=allow_unverified, trust_bundle=trust_bundle)
     if not report.ok:
