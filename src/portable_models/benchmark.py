@@ -30,7 +30,7 @@ from portable_models.core.targets import TARGET_INFO
 from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import UsageError
 from portable_models.isolation.pool import JobFailed, Pool, WorkerLimits, shared_pool
-from portable_models.isolation.sandbox import confinement, sandbox_reason
+from portable_models.isolation.sandbox import confine_or_why
 from portable_models.run.registry import runtime_info
 
 __all__ = ["bench"]
@@ -52,8 +52,7 @@ def bench(bundle: str | Path, *, runs: int = 20, warmup: int = 3, threads: int |
                          fix=f"choose among {', '.join(a.key for a in contract.artifacts)}")
     scan, entries = admission.scan, admission.entries
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-bench-"))
-    confine = confinement(root, scratch)
-    unconfined = None if confine is not None else sandbox_reason() or "the sandbox is off"
+    confine, unconfined = confine_or_why(root, scratch)
     try:
         pool = shared_pool(WorkerLimits(timeout_s=timeout_s)).confined(confine)
         for art in contract.artifacts:

@@ -32,7 +32,7 @@ from portable_models.core.targets import TARGET_INFO
 from portable_models.core.tolerance import TolerancePolicy
 from portable_models.errors import ContractError, UsageError
 from portable_models.isolation.pool import Pool, WorkerLimits, shared_pool
-from portable_models.isolation.sandbox import confinement, sandbox_reason
+from portable_models.isolation.sandbox import confine_or_why
 from portable_models.run.base import COMPUTE_UNITS
 from portable_models.verify_kept import helper, scratch_done, scratch_folder, scratch_root
 
@@ -109,8 +109,7 @@ def verify(bundle: str | Path, *, targets: Sequence[str] | None = None,
     admission = admit(root, contract)
     scan, entries = admission.scan, admission.entries
     scratch = scratch_folder()
-    confine = confinement(root, scratch_root())  # the same for every verify: warm workers stay
-    unconfined = None if confine is not None else sandbox_reason() or "the sandbox is off"
+    confine, unconfined = confine_or_why(root, scratch_root())  # the same for every verify: warm workers stay
     # the worker runs every artifact in one job, each right after hashing its files; this
     # thread hashes the bundle's other files meanwhile, and the helper thread compares each
     # artifact's outputs while the worker runs the next

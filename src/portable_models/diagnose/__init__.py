@@ -76,7 +76,7 @@ def diagnose(bundle: str | Path, *, targets: Sequence[str] | None = None, case: 
     from portable_models.core.paths import user_path
     from portable_models.errors import UsageError
     from portable_models.isolation.pool import WorkerLimits, shared_pool
-    from portable_models.isolation.sandbox import confinement, sandbox_reason
+    from portable_models.isolation.sandbox import confine_or_why
 
     root = user_path(bundle)
     contract = load_contract(root)
@@ -87,8 +87,7 @@ def diagnose(bundle: str | Path, *, targets: Sequence[str] | None = None, case: 
     raise_on_problems(root, admission.problems)
     chosen = [a for a in contract.artifacts if not targets or a.target in targets or a.key in targets]
     scratch = Path(tempfile.mkdtemp(prefix="portable-models-diagnose-"))
-    confine = confinement(root, scratch)
-    unconfined = None if confine is not None else sandbox_reason() or "the sandbox is off"
+    confine, unconfined = confine_or_why(root, scratch)
     pool = shared_pool(WorkerLimits(timeout_s=timeout_s)).confined(confine)
     report = DiagnoseReport(path=root)
     try:

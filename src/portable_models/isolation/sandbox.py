@@ -33,6 +33,7 @@ from portable_models.errors import PortableModelsError
 __all__ = [
     "CONFINE_ENV",
     "Confinement",
+    "confine_or_why",
     "confinement",
     "sandbox_reason",
     "SandboxError",
@@ -320,6 +321,13 @@ def confinement(root: Path, *writable: Path) -> Confinement | None:
     if sandbox_reason() is not None:
         return None
     return Confinement(read=(str(root.resolve()),), write=tuple(str(p.resolve()) for p in writable))
+
+
+def confine_or_why(root: Path, *writable: Path) -> tuple[Confinement | None, str | None]:
+    """:func:`confinement`, and why the workers run outside the sandbox where it is None
+    (what a refusal of a code-bearing artifact names)."""
+    confine = confinement(root, *writable)
+    return confine, None if confine is not None else sandbox_reason() or "the sandbox is off"
 
 
 
