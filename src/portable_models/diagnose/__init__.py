@@ -106,17 +106,14 @@ def _one(pool: Any, root: Path, contract: Any, art: Any, case: int, scratch: Pat
     from portable_models.diagnose.job import first_divergent
     from portable_models.isolation.pool import JobFailed
 
-    out: dict[str, Any] = {"key": art.key, "target": art.target, "case": case, "records": []}
-    if refused is not None:
-        out["error"] = refused.reason
+    out: dict[str, Any] = {"key": art.key, "target": art.target, "route": art.route_name, "case": case, "records": []}
+    why = _not_localisable(contract, art) if refused is None else refused.reason
+    if why is not None:
+        out["error"] = why
         return out
-    if contract.source.get("framework") != "torch":
-        out["error"] = f"the reference activations need a torch source (this one is {contract.source.get('framework')})"
-        return out
-    if art.target != "onnx":
-        out["error"] = f"no per-module taps for {art.target} yet: only ONNX artifacts are localised"
-        return out
-    payload = {"target": art.target, "artifact": str(root / art.file), "io": art.io.to_dict(),
+    framework = contract.source.get("framework")
+    payload = {"target": art.target, "route": art.route_name, "artifact": str(root / art.file), "io": art.io.to_dict(),
+               "framework": framework, "work": str(scratch / art.key),
                "source": str(bundle_path(root, contract.source["file"], what="source file")),
                "inputs": str(bundle_path(root, contract.golden["inputs"], what="golden inputs")),
                "input_names": [s.name for s in contract.inputs], "case": case,
@@ -134,3 +131,20 @@ def _one(pool: Any, root: Path, contract: Any, art: Any, case: int, scratch: Pat
     out["records"] = result["records"]
     out["first"] = first_divergent(out["records"], tol.atol or 0.0, tol.rtol or 0.0)
     return out
+
+
+def _not_localisable(contract: Any, art: Any) -> str | None:
+    """Why ``art`` cannot be localised here, or None."""
+    import importlib.util
+
+    from portable_models.diagnose.job import TAPS
+
+    framework = contract.source.get("framework")
+    if framework not in ("torch", "keras"):
+        return f"the reference activations need a torch or Keras source (this one is {framework})"
+    if art.file is None:
+        return "no artifact file (the target was not built)"
+    tap = TAPS.get(art.target)
+    if tap is None or importlib.util.find_spec(tap.partition(":")[0]) is None:
+        return f"no per-module taps for {art.target} yet"
+    return None

@@ -1,125 +1,92 @@
-"""The ``diagnose`` job, run in a worker (confined like a verify's): the captured program run
-node by node on one golden case (the reference activations, keyed by the source module that
-made each), the artifact run in its runtime with its intermediate values exposed, and the
-two compared module by module, in execution order. Activations stay in the worker; only the
-per-module records come back.
-
-Supported here: ONNX (intermediate values exposed as graph outputs, mapped back to source
-modules through the exporter's ``pkg.torch.onnx.name_scopes`` node metadata). Other targets
-are reported as not localisable yet, with the reason.
+"""The ``diagnose`` job, run in a worker (confined like a verify's): the source run node by
+node on one golden case (the reference activations, keyed by the source module that made
+each, streamed to disk), the artifact run in its runtime by its target's tap with its
+intermediate values exposed, and the two compared module by module as the tap yields them.
+Activations stay in the worker; only the per-module records come back.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from portable_models.core.arrays import to_numpy
+from portable_models.diagnose.taps import Held, ModuleRef, ReferenceStore, TapRequest, Tapped
 
-__all__ = ["diagnose_job", "first_divergent", "module_records"]
+__all__ = ["TAPS", "diagnose_job", "first_divergent", "metrics", "module_records"]
 
-#: a frame of a torch.fx node's stack trace
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
+#: target -> its tap (``module:function``), imported in the worker only
+TAPS = {
+    "onnx": "portable_models.diagnose.onnx:taps",
+    "tflite": "portable_models.diagnose.tflite:taps",
+    "coreml": "portable_models.diagnose.coreml:taps",
+    "executorch": "portable_models.diagnose.executorch:taps",
+    "torchscript": "portable_models.diagnose.torchscript:taps",
+}
 
 
 def diagnose_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Per module of the source, in execution order: the reference's and the artifact's
     output compared (``records``), and the spans the artifact holds as one unit."""
+    from portable_models.core.imports import load_impl
+    from portable_models.diagnose.reference import keras_reference, torch_reference
     from portable_models.run.job import golden_inputs
 
     case = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"),
                          payload.get("golden_cases"))[int(payload["case"])]
-    reference = _reference(Path(payload["source"]), [case[name] for name in payload["input_names"]])
-    if payload["target"] != "onnx":
-        raise NotImplementedError(f"no per-module taps for {payload['target']} yet")
-    got = _onnx_taps(Path(payload["artifact"]), {b["name"]: case[k] for k, b in payload["io"]["inputs"].items()})
-    return {"records": module_records(reference, got)}
+    work = Path(payload.get("work") or ".").resolve()
+    store = ReferenceStore(work / "reference")
+    args = [case[name] for name in payload["input_names"]]
+    if payload.get("framework") == "keras":
+        keras_reference(Path(payload["source"]), args, store)
+    else:
+        torch_reference(Path(payload["source"]), args, store)
+    tap = load_impl(TAPS[payload["target"]])
+    request = TapRequest(artifact=Path(payload["artifact"]), io=payload["io"], case=case,
+                         modules=store.refs(), work=work, payload=payload)
+    return {"records": module_records(store, tap(request))}
 
 
-def _source_location(trace: str) -> str | None:
-    """The innermost frame of ``trace`` that is not torch's own: the user's line."""
-    frames = [m for m in _FRAME.finditer(trace or "") if "/torch/" not in m.group("file")]
-    if not frames:
-        return None
-    last = frames[-1]
-    return f"{last.group('file')}:{last.group('line')}"
-
-
-def _reference(source: Path, args: list[np.ndarray]) -> list[dict[str, Any]]:
-    """Every call_function node of the captured program, run on ``args``: its module path,
-    op, source location and output (the last node of a module is the module's output)."""
-    import torch
-
-    program = torch.export.load(str(source))
-    module = program.module()
-    recorded: list[dict[str, Any]] = []
-
-    class Tap(torch.fx.Interpreter):
-        def run_node(self, n: Any) -> Any:
-            out = super().run_node(n)
-            if n.op == "call_function" and isinstance(out, torch.Tensor) and out.dtype.is_floating_point:
-                stack = list((n.meta.get("nn_module_stack") or {}).values())
-                recorded.append({"node": n.name, "module": stack[-1][0] if stack else "",
-                                 "op": str(n.target), "where": _source_location(n.meta.get("stack_trace") or ""),
-                                 "value": to_numpy(out).astype(np.float64)})
-            return out
-
-    with torch.no_grad():
-        Tap(module).run(*[torch.from_numpy(np.ascontiguousarray(a)) for a in args])
-    return recorded
-
-
-def _onnx_taps(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The output of the last node of each source module in the ONNX graph, by module path
-    (from the exporter's ``pkg.torch.onnx.name_scopes``), read by onnxruntime."""
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    typed = {v.name: v for v in [*model.graph.value_info, *model.graph.output]}
-    last: dict[str, str] = {}
-    for node in model.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
-        if scopes is None or not node.output:
-            continue
-        names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
-        if len(names) >= 2 and node.output[0] in typed:
-            last[names[-2]] = node.output[0]
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(typed[v] for v in dict.fromkeys(last.values()) if v not in present)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    wanted = list(dict.fromkeys(last.values()))
-    values = dict(zip(wanted, session.run(wanted, feeds), strict=True))
-    return {module: np.asarray(values[value], dtype=np.float64) for module, value in last.items()}
-
-
-def module_records(reference: list[dict[str, Any]], got: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def module_records(store: ReferenceStore, stream: Any) -> list[dict[str, Any]]:
     """One record per source module, in the order its output was made: the artifact's
-    value of that module's output against the reference's (or the span it was held in)."""
-    outputs: dict[str, dict[str, Any]] = {}
-    for rec in reference:  # the last tensor a module makes is its output
-        outputs.pop(rec["module"], None)
-        outputs[rec["module"]] = rec
+    value of that module's output against the reference's, compared as the tap yields it
+    (or the unit it was held in, or why it could not be seen)."""
+    refs = {ref.module: ref for ref in store.refs()}
+    compared: dict[str, dict[str, Any]] = {}
+    held: dict[str, str] = {}
+    for item in stream:
+        if isinstance(item, Held):
+            for module in item.modules:
+                held.setdefault(module, item.why)
+        elif isinstance(item, Tapped) and item.module in refs:
+            compared[item.module] = _compare(refs[item.module], store.value(item.module), item.value)
     records = []
-    for module, rec in outputs.items():
-        entry = {"module": module or "(top level)", "op": rec["op"], "where": rec["where"],
-                 "shape": list(rec["value"].shape)}
-        value = got.get(module)
-        if value is None:
-            entry["status"] = "fused (not in the artifact)"  # held in one node with a later module
-        elif value.shape != rec["value"].shape:
-            entry["status"] = "not comparable"
-            entry["artifact_shape"] = list(value.shape)
+    for module, ref in refs.items():
+        entry: dict[str, Any] = {"module": module or "(top level)", "op": ref.op, "where": ref.where,
+                                 "shape": list(ref.shape)}
+        if module in compared:
+            entry.update(compared[module])
+        elif module in held:
+            entry["status"] = f"held in one unit: {held[module]}"
         else:
-            entry.update(_metrics(rec["value"], value))
+            entry["status"] = "fused (not in the artifact)"  # held in one node with a later module
         records.append(entry)
     return records
 
 
-def _metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+def _compare(ref: ModuleRef, expected: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    got = np.asarray(got)
+    if got.shape != tuple(ref.shape):
+        if got.size == int(np.prod(ref.shape)) and got.squeeze().shape == expected.squeeze().shape:
+            got = got.reshape(ref.shape)  # a runtime that drops or adds unit dims
+        else:
+            return {"status": "not comparable", "artifact_shape": list(got.shape)}
+    return metrics(np.asarray(expected, dtype=np.float64), got.astype(np.float64))
+
+
+def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """Max abs error, cosine and SQNR of ``got`` against ``ref``, and ``ref``'s magnitude."""
     diff = np.abs(got - ref)
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     noise = float(np.sum(diff ** 2))
@@ -135,11 +102,23 @@ def first_divergent(records: list[dict[str, Any]], atol: float, rtol: float) -> 
     """The first module, in execution order, whose output is off by more than the output
     tolerance scaled to that tensor (``atol`` in proportion to its magnitude against the
     final output's, plus ``rtol`` of its magnitude); every module before it agrees, so its
-    error is its own, not inherited from its input."""
+    error is its own, not inherited from its input. Its ``span`` lists the modules since the
+    last one compared (fused into it, or held in one unit with it): the error is in one of
+    them, and the report names them all rather than pretend to know which."""
     compared = [r for r in records if r.get("status") == "compared"]
     if not compared:
         return None
     final = max(compared[-1]["ref_max"], 1e-30)
     for rec in compared:
         rec["bound"] = atol * max(rec["ref_max"] / final, 1.0) + rtol * rec["ref_max"]
-    return next((rec for rec in compared if rec["max_abs"] > rec["bound"]), None)
+    span: list[str] = []
+    for rec in records:
+        if rec.get("status") != "compared":
+            span.append(rec["module"])
+            continue
+        if rec["max_abs"] > rec["bound"]:
+            first = dict(rec)
+            first["span"] = [*span, rec["module"]]
+            return first
+        span = []
+    return None
