@@ -93,6 +93,10 @@ def encoder() -> tuple[Any, tuple[Any, ...], dict[str, Any], list[str]]:
             return self.head(self.block(self.embed(features)).mean(dim=1))
 
     model = Encoder().eval()
+    with torch.no_grad():  # trained-looking norms (all-ones weights would be one shared constant)
+        for norm in (model.block.norm1, model.block.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.2, 0.2)
     example = (torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(12)),)
     options = {"input_names": ["features"], "output_names": ["scores"]}
     return model, example, options, ["embed", "block.norm1", "block.qkv", "block.proj", "block.norm2",

@@ -37,6 +37,17 @@ def drift_onnx(job: ConvertJob) -> ConvertResult:
     return result
 
 
+def drift_c2_onnx(job: ConvertJob) -> ConvertResult:
+    """The real ONNX route, then module ``c2``'s weights scaled by 1.05 (one layer off)."""
+    from faults_onnx import corrupt
+
+    from portable_models.convert.onnx import convert_torch_onnx
+
+    result = convert_torch_onnx(job)
+    corrupt(job.out_dir / result.file, "c2", 1.05, job.out_dir, {})
+    return result
+
+
 def segfault(job: ConvertJob) -> Any:
     os.kill(os.getpid(), signal.SIGSEGV)
 
@@ -58,6 +69,7 @@ def _row(name: str, target: str, fn: str, runtime: str) -> RouteInfo:
 
 FAIL_TFLITE = (_row("test-fail-convert", "tflite", "fail_convert", "litert"),)
 DRIFT_ONNX = (_row("test-drift-onnx", "onnx", "drift_onnx", "onnxruntime"),)
+DRIFT_C2_ONNX = (_row("test-drift-c2", "onnx", "drift_c2_onnx", "onnxruntime"),)
 MISBEHAVE = (
     _row("test-segfault", "torchscript", "segfault", "torchscript"),
     _row("test-hang", "onnx", "hang", "onnxruntime"),

@@ -64,6 +64,9 @@ class ExportOptions(CaptureOptions):
     tolerance: TolerancePolicy | Mapping[str, Mapping[str, float | None]] | None = None
     precision: str | Sequence[str] = "fp32"
     routes: Mapping[str, str] = field(default_factory=dict)
+    #: after an artifact fails parity, name the first source module whose output drifts in
+    #: it (``reports/diagnose.json``, the HTML report); costs nothing when every artifact passes.
+    diagnose: bool = True
     overwrite: bool = False
     timeout_s: float = 600.0
     memory_mb: int | None = 8192
@@ -104,6 +107,8 @@ class Bundle:
 
     path: Path
     contract: Contract
+    #: where each artifact that failed parity first diverges (``reports/diagnose.json``)
+    diagnosis: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,7 +122,12 @@ class Bundle:
             for a in self.contract.artifacts)
 
     def report(self) -> str:
-        return render_table(self.contract)
+        text = render_table(self.contract)
+        if self.diagnosis:
+            from portable_models.diagnose import summary
+
+            text += "\n" + summary(self.diagnosis)
+        return text
 
 
 def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: Path) -> Captured:
@@ -174,14 +184,32 @@ def export(model: Any, example_inputs: Any, *, out: str | Path, options: ExportO
             task = _task(opts, captured, st.path)
         artifacts = _convert_all(pool, captured, st.path, opts, targets, precisions, policy, task)
         with writing("the bundle", st.path):
-            shutil.rmtree(st.path / ".attempts", ignore_errors=True)
+            missed = {a.key: a.meta.pop("_diagnosable") for a in artifacts if "_diagnosable" in a.meta}
             contract = _contract(captured, st.path, opts, policy, artifacts, name=opts.name or dest.name, task=task)
+            diagnosis = _diagnose_failures(pool, st.path, contract, missed, opts)
+            shutil.rmtree(st.path / ".attempts", ignore_errors=True)
             _check_artifact_hashes(st.path, artifacts)
-            write_reports(contract, st.path / "reports")
+            write_reports(contract, st.path / "reports", diagnosis=diagnosis)
             contract.files = list_files(st.path)
             st.write_text("contract.json", contract.to_json())
             st.commit()
-    return Bundle(path=dest, contract=contract)
+    return Bundle(path=dest, contract=contract, diagnosis=diagnosis)
+
+
+def _diagnose_failures(pool: Any, root: Path, contract: Contract, missed: dict[str, dict[str, Any]],
+                       opts: ExportOptions) -> dict[str, Any] | None:
+    """Where each target that failed parity first diverges, in its closest miss (the failed
+    artifact, still in ``.attempts``); None when none failed or when asked not to."""
+    if not opts.diagnose or not missed:
+        return None
+    from portable_models.core.iomap import IoMap
+    from portable_models.diagnose import diagnose_staged
+
+    stand_ins = [dataclasses.replace(a, file=Path(missed[a.key]["file"]).relative_to(root).as_posix(),
+                                     route_name=missed[a.key]["route"],
+                                     io=IoMap.from_dict(missed[a.key]["io"]) if missed[a.key]["io"] else None)
+                 for a in contract.artifacts if a.key in missed]
+    return diagnose_staged(pool, root, contract, stand_ins).to_dict(relative_to=root)
 
 
 def _check_artifact_hashes(root: Path, artifacts: list[Artifact]) -> None:

@@ -92,6 +92,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         _show_logs(args.out, sys.stderr)
     sys.stdout.write(_report(bundle, args.format))
+    if bundle.diagnosis:  # where each failing artifact first diverges (reports/diagnose.json)
+        from portable_models.diagnose import summary
+
+        (sys.stdout if args.format == "table" else sys.stderr).write("\n" + summary(bundle.diagnosis))
     return 0 if bundle.passed(args.allow_unverified or ()) else 1
 
 
@@ -108,7 +112,7 @@ def _export_file(args: argparse.Namespace, tol: dict[str, Any], defaults: dict[s
         cases=args.cases, precision=args.precision, timeout_s=args.timeout, jobs=args.jobs,
         memory_mb=args.memory_limit, overwrite=args.overwrite, routes=routes,
         tolerance=TolerancePolicy(defaults=defaults, per_output=tol["per_output"]),
-        progress=progress, name=args.name, cache=not args.no_cache,
+        progress=progress, name=args.name, cache=not args.no_cache, diagnose=not args.no_diagnose,
     )
 
 
@@ -310,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="bundle name in the contract (default: the folder name)")
     c.add_argument("--no-cache", action="store_true",
                    help="convert everything again (default: reuse unchanged attempts)")
+    c.add_argument("--no-diagnose", action="store_true",
+                   help="do not localise a parity failure (default: name the first source module "
+                        "whose output drifts, in reports/diagnose.json; nothing runs when all pass)")
     c.add_argument("--format", **fmt)  # type: ignore[arg-type]
     c.add_argument("--allow-unverified", action=_ListAction, metavar="TARGET", help=_ALLOW_HELP)
     c.set_defaults(func=cmd_convert)

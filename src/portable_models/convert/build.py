@@ -300,8 +300,13 @@ class _Tries:
                     "code": "no_route", "message": f"no route reaches {target} from a {ctx.source_framework} source"
                     + (f" named {force_route!r}" if force_route else "")}}
             ctx.progress(self.key, status, self.attempts[-1].route if self.attempts else "no route")
-            return Artifact(target=target, status=status, precision=self.precision, attempts=self.attempts,
-                            parity=parity)
+            failed = Artifact(target=target, status=status, precision=self.precision, attempts=self.attempts,
+                              parity=parity)
+            if best is not None and best.status == "fail" and best.meta.get("_staged"):
+                # the closest miss, still in .attempts: what export diagnoses (never kept)
+                failed.meta["_diagnosable"] = {"file": best.meta["_staged"], "route": best.route_name,
+                                               "io": best.io.to_dict() if best.io else None}
+            return failed
         _keep(ctx, best, self.key)
         best.attempts = self.attempts
         ctx.progress(self.key, best.status, best.route_name or "")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DiagnoseReport", "diagnose"]
+__all__ = ["DiagnoseReport", "diagnose", "diagnose_staged", "summary"]
 
 
 @dataclass
@@ -33,8 +33,10 @@ class DiagnoseReport:
     def diverged(self) -> bool:
         return any(r.get("first") for r in self.results)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"bundle": str(self.path), "diverged": self.diverged, "artifacts": self.results}
+    def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """As JSON; ``relative_to``: the bundle's own folder (the report is kept in it)."""
+        return {"bundle": "." if relative_to is not None else str(self.path), "diverged": self.diverged,
+                "artifacts": self.results}
 
     def table(self) -> str:
         from portable_models.compare.parity import format_float as f
@@ -47,7 +49,7 @@ class DiagnoseReport:
                 lines.append(head + f"not localised: {escape(res['error'])}")
                 continue
             first = res.get("first")
-            lines.append(head + (f"first diverges at {escape(first['module'])} ({escape(first['op'])})"
+            lines.append(head + (f"first diverges at {_span_text(first)} ({escape(first['op'])})"
                                  + (f", {escape(first['where'])}" if first.get("where") else "")
                                  if first else "every module agrees within tolerance")
                          + f" (case {res['case']})")
@@ -61,6 +63,33 @@ class DiagnoseReport:
                              f"{f(rec['max_abs']):>10} {f(rec.get('bound')):>10} {f(rec['cosine']):>9} "
                              f"{f(rec['sqnr_db']):>8}{mark}")
         return "\n".join(lines) + "\n"
+
+
+def summary(data: dict[str, Any]) -> str:
+    """One line per diagnosed artifact (from :meth:`DiagnoseReport.to_dict`): where it first
+    diverges, or why it could not be localised."""
+    from portable_models.core.text import escape
+
+    lines = []
+    for res in data.get("artifacts", []):
+        first = res.get("first")
+        if res.get("error"):
+            text = f"not localised: {escape(res['error'])}"
+        elif first:
+            text = f"first diverges at {_span_text(first)}" + (f", {escape(first['where'])}" if first.get("where") else "")
+        else:
+            text = "every module agrees within tolerance on this case (the error is in the last step, or only on other cases)"
+        lines.append(f"diagnose [{escape(res['key'])}]: {text}")
+    return "\n".join(lines) + ("\n  per module: reports/diagnose.json, plot in reports/report.html\n" if lines else "")
+
+
+def _span_text(first: dict[str, Any]) -> str:
+    """The first divergent module, or the span it closes when modules before it are fused
+    into it or held with it in one unit."""
+    from portable_models.core.text import escape
+
+    span = [m for m in first.get("span") or [] if m != first["module"]]
+    return escape(first["module"]) + (f" (with {escape(', '.join(span))} before it, not seen apart)" if span else "")
 
 
 def diagnose(bundle: str | Path, *, targets: Sequence[str] | None = None, case: int = 0,
@@ -95,6 +124,22 @@ def diagnose(bundle: str | Path, *, targets: Sequence[str] | None = None, case: 
             refused = refusal(root, art, admission.entries, admission.scan, unconfined=unconfined,
                               trusted=trust_bundle)
             report.results.append(_one(pool, root, contract, art, case, scratch, refused))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def diagnose_staged(pool: Any, root: Path, contract: Any, artifacts: Sequence[Any], case: int = 0) -> DiagnoseReport:
+    """:func:`diagnose` for ``export``: the bundle being written at ``root`` (the user's own
+    model, just converted; no admission), its failing ``artifacts`` only, in ``pool``."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="portable-models-diagnose-"))
+    report = DiagnoseReport(path=root)
+    try:
+        for art in artifacts:
+            report.results.append(_one(pool, root, contract, art, case, scratch, None))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report

@@ -76,17 +76,35 @@ def module_records(store: ReferenceStore, stream: Any) -> list[dict[str, Any]]:
 
 
 def _compare(ref: ModuleRef, expected: np.ndarray, got: np.ndarray) -> dict[str, Any]:
-    got = np.asarray(got)
+    got = _aligned(np.asarray(got), tuple(ref.shape))
     if got.shape != tuple(ref.shape):
-        if got.size == int(np.prod(ref.shape)) and got.squeeze().shape == expected.squeeze().shape:
-            got = got.reshape(ref.shape)  # a runtime that drops or adds unit dims
-        else:
-            return {"status": "not comparable", "artifact_shape": list(got.shape)}
+        return {"status": "not comparable", "artifact_shape": list(got.shape)}
     return metrics(np.asarray(expected, dtype=np.float64), got.astype(np.float64))
 
 
+#: channels-last <-> channels-first, per rank: the only layout changes a runtime makes inside
+#: a graph that a comparison undoes by itself (a tap undoes any other)
+_LAYOUTS = {3: ((0, 2, 1),), 4: ((0, 3, 1, 2), (0, 2, 3, 1)), 5: ((0, 4, 1, 2, 3), (0, 2, 3, 4, 1))}
+
+
+def _aligned(got: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``got`` in the reference's ``shape``: as is when it has it; else with unit dims dropped
+    or added, or channels moved (first <-> last), when exactly that gives the shape."""
+    if got.shape == shape:
+        return got
+    if got.size == int(np.prod(shape)) and tuple(d for d in got.shape if d != 1) == tuple(d for d in shape if d != 1):
+        return got.reshape(shape)
+    fits = [perm for perm in _LAYOUTS.get(got.ndim, ()) if tuple(got.shape[i] for i in perm) == shape]
+    return np.transpose(got, fits[0]) if len(fits) == 1 else got
+
+
 def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
-    """Max abs error, cosine and SQNR of ``got`` against ``ref``, and ``ref``'s magnitude."""
+    """Max abs error, cosine and SQNR of ``got`` against ``ref``, and ``ref``'s magnitude
+    (JSON-safe: where either holds NaN or Inf, the count of such elements instead)."""
+    bad = int(np.sum(~np.isfinite(got))) + int(np.sum(~np.isfinite(ref)))
+    if bad:
+        return {"status": "compared", "nonfinite": bad, "max_abs": None, "cosine": None, "sqnr_db": None,
+                "ref_max": float(np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0))}
     diff = np.abs(got - ref)
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     noise = float(np.sum(diff ** 2))
@@ -116,7 +134,7 @@ def first_divergent(records: list[dict[str, Any]], atol: float, rtol: float) -> 
         if rec.get("status") != "compared":
             span.append(rec["module"])
             continue
-        if rec["max_abs"] > rec["bound"]:
+        if rec.get("nonfinite") or rec["max_abs"] > rec["bound"]:
             first = dict(rec)
             first["span"] = [*span, rec["module"]]
             return first

@@ -3,11 +3,14 @@ graph output, and the last such value of each module is read back from onnxrunti
 
 torch.onnx (dynamo) writes ``pkg.torch.onnx.name_scopes`` on each node: the module path
 from the top, one entry per level, ending with the node's own name. tf2onnx and Keras's
-exporter name nodes ``<model>/<layer>/<op>``; the layer is read from the node name.
+exporter name nodes ``<model>/<layer>/<op>``; the layer is read from the node name. Values
+inside a tf2onnx graph may be channels-first where the Keras layer's are channels-last; the
+comparison undoes that (:func:`~.job.module_records`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,8 @@ import numpy as np
 from portable_models.diagnose.taps import TapRequest, TapStream, Tapped
 
 __all__ = ["taps"]
+
+_UNIQUE = re.compile(r"_\d+$")
 
 
 def taps(req: TapRequest) -> TapStream:
@@ -44,4 +49,9 @@ def _module_of(node: Any, known: set[str]) -> str | None:
         names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
         return names[-2] if len(names) >= 2 and names[-2] in known else None
     parts = node.name.split("/")  # tf2onnx / keras: <model>/<layer>/.../<op>
-    return next((p for p in parts[1:-1] if p in known), None) if len(parts) >= 3 else None
+    for part in parts[1:-1] if len(parts) >= 3 else []:
+        # Keras 3 makes each layer's name scope unique with a suffix: layer "bn1" runs in "bn1_1"
+        for name in (part, _UNIQUE.sub("", part)):
+            if name in known:
+                return name
+    return None

@@ -130,9 +130,12 @@ def render(contract: Contract, fmt: str, *, problems: list[str] | None = None) -
     raise ValueError(f"unknown report format {fmt!r}")
 
 
-def write_reports(contract: Contract, folder: Path) -> None:
+def write_reports(contract: Contract, folder: Path, *, diagnosis: dict[str, Any] | None = None) -> None:
+    """parity.json/.md, junit.xml and report.html; diagnose.json too when export diagnosed a failure."""
     folder.mkdir(parents=True, exist_ok=True)
+    if diagnosis is not None:
+        (folder / "diagnose.json").write_text(json.dumps(diagnosis, indent=1, allow_nan=False), encoding="utf-8")
     (folder / "parity.json").write_text(to_json(contract), encoding="utf-8")
     (folder / "parity.md").write_text(to_markdown(contract), encoding="utf-8")
     (folder / "junit.xml").write_text(to_junit(contract), encoding="utf-8")
-    (folder / "report.html").write_text(to_html(contract), encoding="utf-8")
+    (folder / "report.html").write_text(to_html(contract, diagnosis=diagnosis), encoding="utf-8")

@@ -167,7 +167,58 @@ def _ms(value: Any) -> float:
     return ms if ms is not None and math.isfinite(ms) and ms >= 0 else 0.0
 
 
-def to_html(contract: Contract, *, problems: list[str] | None = None) -> str:
+_LINE_COLORS = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#9a6700", "#57606a")
+
+
+def _diagnose_section(diagnosis: dict[str, Any] | None) -> str:
+    """Error per source module along the network (max abs over its bound, log scale), one
+    line per diagnosed artifact, the first divergent module marked; then where each diverges."""
+    results = [r for r in (diagnosis or {}).get("artifacts", []) if r.get("records")]
+    if not diagnosis:
+        return ""
+    items = []
+    for res in diagnosis.get("artifacts", []):
+        first = res.get("first")
+        text = (f"not localised: {res['error']}" if res.get("error") else
+                f"first diverges at {first['module']} ({first.get('op')})" + (f", {first['where']}" if first.get("where") else "")
+                if first else "every module agrees within tolerance")
+        items.append(f"<li><b>{escape(res.get('key'))}</b>: {escape(text, limit=NOTE_MAX)}</li>")
+    modules = list(dict.fromkeys(rec["module"] for r in results for rec in r["records"]))
+    svg = ""
+    if modules:
+        w, h, left, bottom = 640, 220, 40, 60
+        step = (w - left - 10) / max(len(modules) - 1, 1)
+
+        def y(ratio: float) -> float:  # log10(max abs / bound), clipped to [-6, 3]; 0 is the bound
+            return 10 + (3 - max(-6.0, min(3.0, math.log10(max(ratio, 1e-12))))) * (h - bottom - 10) / 9
+
+        parts = [f'<svg width="{w}" height="{h}" role="img" aria-label="error per module">',
+                 f'<line x1="{left}" x2="{w - 10}" y1="{y(1):.1f}" y2="{y(1):.1f}" stroke="#999" stroke-dasharray="4"/>',
+                 f'<text x="2" y="{y(1) + 4:.1f}" font-size="10">bound</text>']
+        for i, name in enumerate(modules):
+            parts.append(f'<text x="{left + i * step:.1f}" y="{h - bottom + 12}" font-size="9" '
+                         f'transform="rotate(40 {left + i * step:.1f} {h - bottom + 12})">{escape(name, limit=40)}</text>')
+        for k, res in enumerate(results):
+            color = _LINE_COLORS[k % len(_LINE_COLORS)]
+            points = [(modules.index(rec["module"]), number(rec.get("max_abs")), number(rec.get("bound")))
+                      for rec in res["records"] if rec.get("status") == "compared"]
+            xy = [(left + i * step, y(m / b if b else (0.0 if m == 0 else 1e3))) for i, m, b in points
+                  if m is not None and b is not None and math.isfinite(m)]
+            if xy:
+                parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
+                             + " ".join(f"{a:.1f},{b:.1f}" for a, b in xy) + '"/>')
+                parts.append(f'<text x="{w - 150}" y="{14 + 12 * k}" font-size="11" fill="{color}">'
+                             f'{escape(res.get("key"), limit=40)}</text>')
+        parts.append("</svg>")
+        svg = "".join(parts)
+    return ("<h2>Where it diverges</h2><ul class='notes'>" + "".join(items) + "</ul>" + svg
+            + '<p class="muted">Per source module in execution order: the artifact\'s max abs error on that '
+              "module's output over the output tolerance scaled to it (log scale; above the dashed line "
+              "is over). Details: reports/diagnose.json.</p>")
+
+
+def to_html(contract: Contract, *, problems: list[str] | None = None,
+            diagnosis: dict[str, Any] | None = None) -> str:
     """The report page. Every string from the contract goes through
     :func:`text.escape_html` (controls made visible, then HTML's entities)."""
     ok = not problems and bool(contract.artifacts) and all(a.status == "pass" for a in contract.artifacts)
@@ -188,6 +239,7 @@ def to_html(contract: Contract, *, problems: list[str] | None = None) -> str:
         if notes else "",
         *(_artifact_section(a) for a in contract.artifacts),
         _latency_section(contract),
+        _diagnose_section(diagnosis),
         '<p class="muted">Verdicts: |artifact − reference| ≤ atol + rtol·|reference| per element (float64), '
         "cosine floor, exact integers, NaN/Inf by position. A Core ML verdict from the MIL reference "
         "executor checks the program's meaning (weights, layouts, attributes), not Apple's kernels.</p>",
