@@ -27,6 +27,7 @@ replaces, so the first module of the pair is reported fused.
 
 from __future__ import annotations
 
+import operator
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import TapRequest, TapStream, Tapped
+from portable_models.diagnose.taps import Tapped, TapRequest, TapStream
 
 __all__ = ["mil_name", "taps", "var_modules"]
 
@@ -49,10 +50,11 @@ def taps(req: TapRequest) -> TapStream:
     import_coremltools()
     executor = load_executor(req.artifact)
     wanted = var_modules(req, executor.loaded)
+    shapes = {ref.module: int(np.prod(ref.shape)) for ref in req.modules}  # a name that lies is not compared
     for op, values in executor.stream(req.feeds()):
         for var, value in zip(op.outputs, values, strict=False):
             module = wanted.get(var.name)
-            if module is not None:
+            if module is not None and np.size(value) == shapes.get(module):
                 yield Tapped(module, np.asarray(value, dtype=np.float32))
 
 
@@ -62,19 +64,21 @@ def var_modules(req: TapRequest, loaded: Any) -> dict[str, str]:
 
     function = loaded.function
     names = {_plain(op_out.name): op_out.name for op in function.operations for op_out in op.outputs}
+    outputs: dict[str, str] | None = None  # the decomposed program's own last nodes
     if str(req.payload.get("route", "")).endswith("coremltools-trace"):
         fx_graph, node_names = _traced_names(req)
+        outputs = {ref.module: ref.last_node for ref in req.modules}  # the reference's node names
     else:
         fx_graph, node_names = _exported_names(req)
     values = {node: names[var] for node, var in node_names.items() if var in names}
-    outputs = [n for n in fx_graph.nodes if n.op == "output"]
-    if outputs:  # the program's outputs carry the model's output names, in order
-        results = outputs[0].args[0]
+    ends = [n for n in fx_graph.nodes if n.op == "output"]
+    if ends:  # the program's outputs carry the model's output names, in order
+        results = ends[0].args[0]
         results = results if isinstance(results, (list, tuple)) else [results]
         for node, var in zip(results, function.outputs, strict=False):
             if hasattr(node, "name"):
                 values.setdefault(node.name, var.name)
-    return {var: module for var, module in module_outputs(fx_graph, values).items()}
+    return module_outputs(fx_graph, values, outputs)
 
 
 def mil_name(name: str) -> str:
@@ -100,7 +104,11 @@ def _exported_names(req: TapRequest) -> tuple[Any, dict[str, str]]:
 
     program, _ = _decomposed_program(_route_job(req), always=True)
     graph = program.graph
-    return graph, {n.name: mil_name(n.name) for n in graph.nodes if n.op == "call_function"}
+    names = {n.name: mil_name(n.name) for n in graph.nodes if n.op == "call_function"}
+    for n in graph.nodes:  # getitem(x, 0) of a multi-output op: coremltools names that value x
+        if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0:
+            names[n.name] = mil_name(n.args[0].name)
+    return graph, names
 
 
 def _traced_names(req: TapRequest) -> tuple[Any, dict[str, str]]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import TapRequest, TapStream, Tapped
+from portable_models.diagnose.taps import Tapped, TapRequest, TapStream
 
 __all__ = ["fx_node_of", "module_last_nodes", "module_outputs", "taps"]
 
@@ -33,6 +33,9 @@ __all__ = ["fx_node_of", "module_last_nodes", "module_outputs", "taps"]
 _FX_FRAME = re.compile(r"<eval_with_key>\.\d+\((\d+)\): forward")
 #: a line of fx's generated code: ``name = <call>`` (one node per line)
 _ASSIGN = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")
+#: ops ``torch.jit.freeze`` folds into the node before them or removes as identities
+_FOLDED = {"batch_norm", "_native_batch_norm_legit_no_training", "dropout", "clone", "contiguous",
+           "alias", "detach"}
 
 
 def taps(req: TapRequest) -> TapStream:
@@ -44,7 +47,8 @@ def taps(req: TapRequest) -> TapStream:
     flat = _flat_module(torch.export.load(str(req.payload["source"])))
     graph = module.forward.graph
     values = graph_values(graph, flat.code.splitlines(), flat.graph)
-    handles = module_outputs(flat.graph, values)
+    handles = module_outputs(flat.graph, values, {ref.module: ref.last_node for ref in req.modules},
+                             carry=True)
     if not handles:
         return
     wanted = list(handles.items())
@@ -103,26 +107,36 @@ def module_last_nodes(fx_graph: Any) -> dict[str, str]:
     return last
 
 
-def module_outputs(fx_graph: Any, values: dict[str, Any]) -> dict[Any, str]:
+def module_outputs(fx_graph: Any, values: dict[str, Any], outputs: dict[str, str] | None = None, *,
+                   carry: bool = False) -> dict[Any, str]:
     """``values`` (fx node name -> the artifact's handle of that node's value) as handle ->
-    module, for every module whose output node has a value. A value moves onto its node's
-    only user while that user has none of its own, takes the node as its first argument and
-    is used itself: the user was folded into the node or removed as an identity, and its
-    consumers read this value."""
+    module, for every module whose output node (``outputs``: module -> node; by default
+    :func:`module_last_nodes`) has a value.
+
+    With ``carry`` (TorchScript's freezing folds a batch norm into the convolution before
+    it and drops identities), a value moves onto its node's only user while that user is
+    such an op with no value of its own, takes the node as its first argument and is used
+    itself: its consumers read this value. Core ML's fusions name the fused op after the
+    last node instead, so no carrying is needed there (a carried value would be wrong)."""
     nodes = {n.name: n for n in fx_graph.nodes}
     at: dict[str, Any] = {}
     for name, handle in values.items():
         node = nodes.get(name)
         if node is None:
             continue
-        while len(node.users) == 1:
+        while carry and len(node.users) == 1:
             (user,) = node.users
-            if (user.name in values or user.op != "call_function" or not user.users
-                    or not user.args or user.args[0] is not node):
+            if (user.name in values or user.op != "call_function" or not user.users or not user.args
+                    or user.args[0] is not node or _op_name(user.target) not in _FOLDED):
                 break
             node = user
         at[node.name] = handle
-    return {at[last]: module for module, last in module_last_nodes(fx_graph).items() if last in at}
+    outputs = module_last_nodes(fx_graph) if outputs is None else outputs
+    return {at[last]: module for module, last in outputs.items() if last in at}
+
+
+def _op_name(target: Any) -> str:
+    return str(getattr(target, "__name__", target)).split(".")[0]
 
 
 def _with_outputs(graph: Any, wanted: list[tuple[int, int]]) -> Any:

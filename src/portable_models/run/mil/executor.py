@@ -17,11 +17,17 @@ intermediates, so fp16 programs can differ from it by about an fp16 ulp per op. 
 executor is not thread-safe (ops delegated to coremltools are given their run-time
 values on the loaded program's own Vars for the duration of the call). All
 intermediate values of one run are kept until the run ends.
+
+Intermediate values can be watched: ``run(feeds, observer=f)`` calls ``f(op, values)``
+after every op it computes (nested blocks included, once per loop iteration), and
+:meth:`MilExecutor.stream` yields each top-level op with its values as it is computed
+(``diagnose`` compares them as they come). Ops folded when the program was loaded are
+constants and are not reported. A plain ``run`` pays one ``is None`` test per op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,7 +37,10 @@ from portable_models.run.mil.kernels import CONTROL_FLOW_OPS, KERNELS, Kernel
 from portable_models.run.mil.kernels_infer import no_kernel_error
 from portable_models.run.mil.loader import LoadedProgram, numpy_dtype
 
-__all__ = ["MilExecutor", "iter_ops", "op_types"]
+__all__ = ["MilExecutor", "Observer", "iter_ops", "op_types"]
+
+#: called with an op and its outputs' values (as stored: in the program's dtypes)
+Observer = Callable[[Any, list[Any]], None]
 
 _CACHED_PREFIX = "constexpr_"
 
@@ -67,6 +76,7 @@ class MilExecutor:
         self.function = loaded.function
         self.kernels = KERNELS if kernels is None else kernels
         self._cache: dict[Any, Any] = {}
+        self._observer: Observer | None = None
         self.check_coverage()
         # ops whose outputs coremltools already computed when it loaded the program
         self._folded = {id(op) for op in iter_ops(self.function)
@@ -92,15 +102,39 @@ class MilExecutor:
             raise no_kernel_error(missing[0], extra, checked=self.checked())
 
     # -- running -------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Feeds by program input name -> outputs by model output name."""
+    def run(self, feeds: Mapping[str, np.ndarray], *, observer: Observer | None = None) -> dict[str, np.ndarray]:
+        """Feeds by program input name -> outputs by model output name; ``observer`` (if
+        given) sees every op's outputs as they are computed."""
+        env = self._bind(feeds)
+        self._observer = observer
+        try:
+            with np.errstate(all="ignore"):
+                self.run_block(self.function, env)
+        finally:
+            self._observer = None
+        return self._results(env)
+
+    def stream(self, feeds: Mapping[str, np.ndarray]) -> Generator[tuple[Any, list[Any]], None, dict[str, np.ndarray]]:
+        """Run the function one top-level op at a time, yielding ``(op, values)`` for each
+        op computed (a ``while_loop`` or ``cond`` once, with its results); the outputs by
+        model output name are the generator's return value."""
+        env = self._bind(feeds)
+        for op in self.function.operations:
+            with np.errstate(all="ignore"):
+                computed = self._run_op(op, env)
+            if computed:
+                yield op, [self.value(v, env) for v in op.outputs]
+        return self._results(env)
+
+    def _bind(self, feeds: Mapping[str, np.ndarray]) -> dict[Any, Any]:
         env: dict[Any, Any] = {}
         for name, var in self.function.inputs.items():
             if name not in feeds:
                 raise RuntimeRunError(f"input '{name}' not fed (the model takes {list(self.function.inputs)})")
             env[var] = self._coerce_input(name, var, feeds[name])
-        with np.errstate(all="ignore"):
-            self.run_block(self.function, env)
+        return env
+
+    def _results(self, env: Mapping[Any, Any]) -> dict[str, np.ndarray]:
         results: dict[str, np.ndarray] = {}
         by_name = {v.name: v for v in self.function.outputs}
         for name in self.loaded.outputs:
@@ -132,7 +166,8 @@ class MilExecutor:
                 args[name] = _upcast(self.value(var, env))
         return args
 
-    def _run_op(self, op: Any, env: dict[Any, Any]) -> None:
+    def _run_op(self, op: Any, env: dict[Any, Any]) -> bool:
+        """Compute ``op`` into ``env``; False for an op whose value is already known."""
         op_type = op.op_type
         if op_type in CONTROL_FLOW_OPS:
             values = self._run_control_flow(op, env)
@@ -141,7 +176,7 @@ class MilExecutor:
             if kernel is None:
                 raise no_kernel_error(op_type, checked=self.checked())
             if id(op) in self._folded or op.outputs[0] in self._cache:
-                return  # folded when the program was loaded, or a cached constexpr
+                return False  # folded when the program was loaded, or a cached constexpr
             values = _call(kernel, op, self._args(op, env))
         outs = list(values) if len(op.outputs) > 1 else [values]
         if len(outs) != len(op.outputs):
@@ -149,6 +184,9 @@ class MilExecutor:
         store = self._cache if op_type.startswith(_CACHED_PREFIX) else env
         for var, val in zip(op.outputs, outs, strict=False):
             store[var] = _coerce_output(op, var, val)
+        if self._observer is not None:
+            self._observer(op, [store[var] for var in op.outputs])
+        return True
 
     def _run_control_flow(self, op: Any, env: dict[Any, Any]) -> Any:
         if op.op_type == "cond":
