@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import Held, TapRequest, TapStream, Tapped
+from portable_models.diagnose.taps import Held, Tapped, TapRequest, TapStream
 
 __all__ = ["ETRECORD_NAMES", "ProgramMap", "Step", "program_map", "taps"]
 
 #: where the tap looks for an ETRecord, next to the artifact
 ETRECORD_NAMES = ("model.etrecord", "etrecord.bin")
 METHOD = "forward"
-_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64", "HALF": "float16", "BFLOAT16": "bfloat16",
-           "INT": "int32", "LONG": "int64", "BYTE": "uint8", "CHAR": "int8", "SHORT": "int16",
-           "BOOL": "bool"}
-
-
 @dataclass
 class Step:
     """One instruction of the plan: the modules whose nodes it runs (in node order) and, for
@@ -176,8 +172,8 @@ class _Snapshot:
 
     def _note(self, node: Any) -> str | None:
         handle = node.meta.get("debug_handle")
-        if node.op != "call_function" or not isinstance(handle, int):
-            return None
+        if node.op != "call_function" or not isinstance(handle, int) or node.target is operator.getitem:
+            return None  # a getitem is its producer's (and carries no module stack)
         stack = list((node.meta.get("nn_module_stack") or {}).values())
         self.module[handle] = stack[-1][0] if stack else ""
         return self.module[handle]
@@ -266,7 +262,7 @@ def _difference(a: Any, b: Any, path: str = "plan") -> str | None:
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             return f"{path}: {len(a)} against {len(b)} entries"
-        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _difference(x, y, f"{path}[{i}]"))), None)
+        return next((d for i, (x, y) in enumerate(zip(a, b, strict=True)) if (d := _difference(x, y, f"{path}[{i}]"))), None)
     return None if a == b else f"{path}: {a!r} against {b!r}"
 
 
@@ -274,7 +270,6 @@ def _difference(a: Any, b: Any, path: str = "plan") -> str | None:
 def _run_traced(req: TapRequest) -> dict[int, list[np.ndarray | None]]:
     """Instruction index -> the tensors its debug events logged, in order."""
     import torch
-    from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
     from executorch.extension.pybindings import portable_lib
 
     from portable_models.core.iomap import IoMap
@@ -294,26 +289,67 @@ def _run_traced(req: TapRequest) -> dict[int, list[np.ndarray | None]]:
     module.write_etdump_result_to_file(str(dump), str(buffer))
     data = buffer.read_bytes()
     logged: dict[int, list[np.ndarray | None]] = {}
-    for run in deserialize_from_etdump_flatcc(dump.read_bytes()).run_data:
-        for event in run.events or []:
-            debug = event.debug_event
-            if debug is None or debug.chain_index != 0 or debug.delegate_debug_id_int not in (-1, None):
-                continue
-            logged.setdefault(int(debug.instruction_id), []).append(_tensor(debug.debug_entry, data))
+    for chain, instruction, delegated, tensor in _debug_events(dump.read_bytes()):
+        if chain == 0 and not delegated:
+            logged.setdefault(instruction, []).append(None if tensor is None else _tensor(*tensor, data))
     return logged
 
 
-def _tensor(entry: Any, data: bytes) -> np.ndarray | None:
-    tensor = entry.tensor
-    if tensor is None or tensor.offset is None or tensor.offset < 0:
+def _debug_events(dump: bytes) -> Iterator[tuple[int, int, bool, tuple[int, list[int], int] | None]]:
+    """(chain, instruction, logged inside a delegate, (scalar type, sizes, offset) or None)
+    for every debug event of a size-prefixed ETDump, read with the ``flatbuffers`` package:
+    ExecuTorch's own reader converts through ``flatc``, which a confined worker may not run.
+    Field slots follow ``devtools/etdump/etdump_schema_flatcc.fbs``."""
+    import flatbuffers
+    from flatbuffers.table import Table
+
+    def table(tab: Table, slot: int) -> Table | None:
+        off = tab.Offset(4 + 2 * slot)
+        return Table(tab.Bytes, tab.Indirect(off + tab.Pos)) if off else None
+
+    def vector(tab: Table, slot: int) -> list[Table]:
+        off = tab.Offset(4 + 2 * slot)
+        if not off:
+            return []
+        start = tab.Vector(off)
+        return [Table(tab.Bytes, tab.Indirect(start + 4 * i)) for i in range(tab.VectorLen(off))]
+
+    def scalar(tab: Table, slot: int, kind: Any, default: int) -> int:
+        off = tab.Offset(4 + 2 * slot)
+        return int(tab.Get(kind, off + tab.Pos)) if off else default
+
+    buf = bytearray(dump[4:])  # the size prefix
+    root = Table(buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
+    n = flatbuffers.number_types
+    for run in vector(root, 1):  # ETDump.run_data
+        for event in vector(run, 3):  # RunData.events
+            debug = table(event, 2)  # Event.debug_event
+            if debug is None:
+                continue
+            entry = table(debug, 2)  # DebugEvent.debug_entry
+            tensor = table(entry, 1) if entry is not None else None  # Value.tensor
+            found = None
+            if tensor is not None:
+                off = tensor.Offset(6)  # Tensor.sizes
+                sizes = [int(tensor.Get(n.Int64Flags, tensor.Vector(off) + 8 * i))
+                         for i in range(tensor.VectorLen(off))] if off else []
+                found = (scalar(tensor, 0, n.Int8Flags, 0), sizes, scalar(tensor, 3, n.Int64Flags, -1))
+            yield (scalar(debug, 0, n.Uint64Flags, 0), scalar(debug, 1, n.Int32Flags, -1),
+                   scalar(debug, 3, n.Int32Flags, -1) != -1, found)
+
+
+#: ExecuTorch ScalarType codes -> numpy dtype
+_CODES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
+          7: "float64", 11: "bool"}
+
+
+def _tensor(code: int, sizes: list[int], offset: int, data: bytes) -> np.ndarray | None:
+    if offset < 0 or code not in _CODES:
         return None
-    name = _DTYPES.get(tensor.scalar_type.name)
-    if name is None or name == "bfloat16":
-        return None
-    dtype = np.dtype(name)
-    count = int(np.prod(tensor.sizes)) if tensor.sizes else 1
-    raw = data[tensor.offset: tensor.offset + count * dtype.itemsize]
-    return np.frombuffer(raw, dtype=dtype).reshape(tensor.sizes).copy()
+    dtype = np.dtype(_CODES[code])
+    count = int(np.prod(sizes)) if sizes else 1
+    raw = data[offset: offset + count * dtype.itemsize]
+    return np.frombuffer(raw, dtype=dtype).reshape(sizes).copy() if len(raw) == count * dtype.itemsize else None
 
 
 def _debug_bytes(artifact: Path) -> int:
