@@ -23,7 +23,9 @@ one run on this machine. Results: bench/results/bench.json and bench.md.
    --jobs 1 (one worker, one artifact at a time; its own workers, after the default's pairs)
    is shown, not gated. The cold verify and its floor are timed as whole processes,
    COLD_PAIRS pairs back to back (the order flipping): the median of the pairs' ratios;
-6. the caller's peak RSS growth during an export (target < 100 MB).
+6. the caller's peak RSS growth during an export (target < 100 MB);
+7. `portable-models diagnose` of the demo (all five targets) against `portable-models verify`,
+   both fresh processes, DIAGNOSE_PAIRS pairs (target <= 3x; the median of the pairs).
 
 It prints each step's seconds as it goes (the whole run took 6-9 min here, with the VM's speed,
 most of it the converters' own time: nine first exports of the demo or their direct replays at
@@ -66,6 +68,8 @@ WARM_PAIRS = 60
 ROUNDS = max(1, int(os.environ.get("PM_BENCH_ROUNDS", "3")))
 #: cold verify / cold floor pairs (whole processes, ~12-15 s each side here)
 COLD_PAIRS = 3
+#: cold diagnose / cold verify pairs of the demo bundle (whole processes)
+DIAGNOSE_PAIRS = 2
 
 
 def cold_import_ms(runs: int = 7) -> tuple[float, list[str]]:
@@ -179,6 +183,18 @@ def cold_verify_pairs(bundle: Path) -> tuple[list[float], list[float]]:
     return verify, direct
 
 
+def diagnose_pairs(bundle: Path) -> tuple[list[float], list[float]]:
+    """`portable-models diagnose` (every artifact, case 0) and `portable-models verify`, each a
+    fresh process, back to back DIAGNOSE_PAIRS times, the order flipping."""
+    verify = ("-m", "portable_models.cli", "verify", str(bundle), "-q")
+    diagnose = ("-m", "portable_models.cli", "diagnose", str(bundle), "-q")
+    d, v = [], []
+    for n in range(DIAGNOSE_PAIRS):
+        for which in ((diagnose, verify) if n % 2 == 0 else (verify, diagnose)):
+            (d if which is diagnose else v).append(_process_s(*which))
+    return d, v
+
+
 class Steps:
     """Each step's seconds, printed to stderr as the bench goes."""
 
@@ -289,6 +305,10 @@ def main() -> int:
         r["verify_cold_pair_ratios"] = [v / d for v, d in zip(r["verify_cold_runs_s"], r["runtimes_cold_runs_s"],
                                                               strict=True)]
         steps.done("cold verify pairs")
+        r["diagnose_cold_runs_s"], r["diagnose_verify_runs_s"] = diagnose_pairs(bundle.path)
+        r["diagnose_pair_ratios"] = [d / v for d, v in zip(r["diagnose_cold_runs_s"], r["diagnose_verify_runs_s"],
+                                                           strict=True)]
+        steps.done("diagnose / verify pairs")
         # warm verify where the runtimes have real work: the fixed cost per artifact matters less
         big, big_example = larger_model()
         larger = pm.export(big, (big_example,), out=work / "larger", targets=["onnx", "torchscript"],
@@ -309,6 +329,8 @@ def main() -> int:
         "verify / runtimes' load+run (warm), larger CNN (onnx, torchscript)":
             r["larger_warm"]["verify_s"] / r["larger_warm"]["runtimes_warm_s"],
         "verify CLI / runtimes' import+load+run (cold)": min(r["verify_cold_runs_s"]) / min(r["runtimes_cold_runs_s"]),
+        "diagnose CLI (all targets) / verify CLI (cold)": min(r["diagnose_cold_runs_s"])
+        / min(r["diagnose_verify_runs_s"]),
     }
     med = statistics.median
     ratios = {
@@ -321,6 +343,7 @@ def main() -> int:
         "verify / runtimes' load+run (warm), larger CNN (onnx, torchscript)": (
             med(r["larger_warm"]["pair_ratios"]), 1.2),
         "verify CLI / runtimes' import+load+run (cold)": (med(r["verify_cold_pair_ratios"]), 1.2),
+        "diagnose CLI (all targets) / verify CLI (cold)": (med(r["diagnose_pair_ratios"]), 3.0),
     }
     r["ratios"] = {k: {"value": round(v, 3), "target": t, "met": v <= t,
                        **({"best_vs_best": round(best[k], 3)} if k in best else {})}
@@ -349,7 +372,8 @@ def main() -> int:
               f"runs (s): sequential {_runs(r['export_seq_runs_s'])}, "
               f"jobs=2 {_runs(r['export_jobs2_runs_s'])}, direct {_runs(r['direct_runs_total_s'])}; rounds' ratios: "
               f"export+verify/direct {_runs(r['export_vs_direct_rounds'], 3)}, jobs=2/sequential "
-              f"{_runs(r['jobs2_vs_seq_rounds'], 3)}; cold verify/floor pairs {_runs(r['verify_cold_pair_ratios'], 3)}",
+              f"{_runs(r['jobs2_vs_seq_rounds'], 3)}; cold verify/floor pairs {_runs(r['verify_cold_pair_ratios'], 3)}; "
+              f"diagnose {_runs(r['diagnose_cold_runs_s'])} s against verify {_runs(r['diagnose_verify_runs_s'])} s",
               "", f"bench: {r['total_s']:.0f} s, {ROUNDS} round(s): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in r["steps_s"].items())]
     (RESULTS / "bench.md").write_text("\n".join(table) + "\n")

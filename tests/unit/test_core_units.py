@@ -253,6 +253,19 @@ def test_io_map_undoes_layout() -> None:
     np.testing.assert_array_equal(b.to_logical(b.to_physical(nchw)), nchw)
 
 
+def test_io_map_quantises_a_fully_integer_tensor_and_reads_it_back() -> None:
+    """An int8 io tensor: fed as round(x / scale) + zero_point (clipped), read back as
+    (q - zero_point) * scale; within half a step of the float value where it is in range."""
+    b = Binding(name="x", perm=(0, 2, 3, 1), quant={"dtype": "int8", "scale": 0.01, "zero_point": -5})
+    x = np.linspace(-1.5, 1.5, 24, dtype=np.float32).reshape(1, 2, 3, 4)
+    q = b.to_physical(x)
+    assert q.dtype == np.int8 and q.shape == (1, 3, 4, 2) and q.min() == -128 and q.max() == 127
+    back = b.to_logical(q)
+    inside = (x >= (-128 + 5) * 0.01) & (x <= (127 + 5) * 0.01)
+    assert back.dtype == np.float32 and np.all(np.abs(back - x)[inside] <= 0.005 + 1e-6)
+    assert Binding.from_dict(b.to_dict()) == b
+
+
 def test_nhwc_output_undone_by_io_map_passes_parity() -> None:
     ref = np.random.default_rng(0).standard_normal((1, 3, 4, 5)).astype(np.float32)
     io = IoMap(outputs={"y": Binding(name="Y", perm=(0, 2, 3, 1))})

@@ -70,14 +70,10 @@ def _pass_steps(job: Any) -> list[Any]:
 def _truth(job: Any, artifact: Path) -> dict[str, Any]:
     """A quantised variant, whichever route made it, must be what its label says before it is
     checked (:mod:`portable_models.run.truth`): its facts, and its size against its fp32 twin."""
-    from portable_models.errors import ConversionError
-    from portable_models.run import check_truth, onnx_facts
+    from portable_models.run import check_truth, facts_of
 
-    if artifact.suffix != ".onnx":
-        raise ConversionError(f"no truth check for a {artifact.suffix} {job.precision} variant", stage="truth",
-                              fix="this target carries no quantised variant yet")
-    twin = job.prior_artifacts.get("onnx")  # the fp32 twin (ONNX is the one target with int8 variants)
+    twin = job.prior_artifacts.get({".onnx": "onnx", ".tflite": "tflite"}.get(artifact.suffix, ""))  # its fp32 twin
     fp32_bytes = twin.stat().st_size if twin is not None else None
-    facts = onnx_facts(artifact)
+    facts = facts_of(artifact)
     check_truth(job.precision, facts, fp32_bytes)
     return {"truth": facts, **({"size_ratio_to_fp32": round(facts["bytes"] / fp32_bytes, 4)} if fp32_bytes else {})}

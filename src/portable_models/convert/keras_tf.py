@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
@@ -202,11 +204,40 @@ def _tflite_bytes(job: ConvertJob, model: Any, names: dict[str, str]) -> bytes:
         if job.precision == "float16":
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
             conv.target_spec.supported_types = [tf.float16]
+        elif job.precision == "int8-dynamic":  # dynamic range: int8 weights, float activations
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        elif job.precision == "int8":  # static: activation ranges from the calibration data
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+            conv.representative_dataset = _representative(job)
         return bytes(conv.convert())
     except PortableModelsError:
         raise
     except Exception as exc:  # the converter's own failure fails this route only
         raise _fail(job, "tf.lite.TFLiteConverter", exc) from exc
+
+
+_TFLITE_FILES = {"float32": "model.tflite", "float16": "model_fp16.tflite",
+                 "int8-dynamic": "model_int8_dynamic.tflite", "int8": "model_int8.tflite"}
+
+
+def _representative(job: ConvertJob) -> Callable[[], Any]:
+    """The calibration cases as the converter's representative dataset: one row at a time
+    (a batch of one fits a fixed or a dynamic batch axis), inputs in the signature's order."""
+    from portable_models.core.golden import load_cases
+
+    calibration = job.options.get("calibration") or {}
+    if not calibration.get("file"):
+        raise ConversionError("int8 needs calibration data", stage=f"convert:{job.route}",
+                              fix="pass calibration=[{input: array}, …] (--calibration FILE.npz)")
+    cases = load_cases(Path(calibration["file"]))
+    names = [s.name for s in job.inputs]
+
+    def rows() -> Any:
+        for case in cases:
+            for i in range(len(case[names[0]])):
+                yield [np.ascontiguousarray(case[n][i:i + 1]) for n in names]
+
+    return rows
 
 
 def _check_ops(job: ConvertJob, path: Path) -> list[str]:
@@ -238,11 +269,14 @@ def _check_tflite(job: ConvertJob, path: Path, names: dict[str, str]) -> None:
 
 
 def convert_tf_tflite(job: ConvertJob) -> ConvertResult:
-    """tf.function -> TFLiteConverter -> ``model.tflite`` (``model_fp16.tflite``)."""
-    if job.precision not in ("float32", "float16"):
-        raise ConversionError(f"tflite makes float32 or float16, not {job.precision!r}",
+    """tf.function -> TFLiteConverter -> ``model.tflite`` (``model_fp16.tflite``, and the int8
+    variants by the converter's own quantiser: ``model_int8_dynamic.tflite``, dynamic-range
+    int8 weights; ``model_int8.tflite``, int8 weights and activations calibrated on the
+    calibration data as its representative dataset, float input and output kept)."""
+    if job.precision not in _TFLITE_FILES:
+        raise ConversionError(f"tflite makes {', '.join(_TFLITE_FILES)}, not {job.precision!r}",
                               stage=f"convert:{job.route}")
-    name = "model.tflite" if job.precision == "float32" else "model_fp16.tflite"
+    name = _TFLITE_FILES[job.precision]
     model, names = _load(job), tf_names(job)
     unroll_note = ""
     try:
@@ -259,11 +293,17 @@ def convert_tf_tflite(job: ConvertJob) -> ConvertResult:
     ops = _check_ops(job, path)
     detail: dict[str, Any] = {"from": "frozen concrete_function", "float16_weights": job.precision == "float16",
                               "select_tf_ops": False, "rnn_unrolled": bool(unroll_note)}
+    if job.precision.startswith("int8"):
+        detail.update({"optimizations": ["DEFAULT"],
+                       "representative_dataset": job.precision == "int8"})
     steps = [_tf_step(job, names), Step(step="tf.lite.TFLiteConverter",
                                         version=package_version("tensorflow"), detail=detail)]
     meta: dict[str, Any] = {"signature": "serving_default", "rnn_unrolled": bool(unroll_note),
                             "ops": ops,
-                            "weights": "float16" if job.precision == "float16" else "float32"}
+                            "weights": {"float16": "float16", "float32": "float32"}.get(job.precision, "int8")}
+    if job.precision == "int8":
+        calibration = job.options["calibration"]
+        meta["calibration"] = {"sha256": calibration["sha256"], "cases": calibration["cases"]}
     if unroll_note:
         meta["note"] = unroll_note
     return ConvertResult(file=name, io=_io(job, names), steps=steps, precision=job.precision,

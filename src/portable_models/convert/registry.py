@@ -45,6 +45,11 @@ ROUTES: tuple[RouteInfo, ...] = (
               impl="portable_models.convert.tflite:convert_litert_torch",
               requires=_TORCH_LITERT, runtime="litert", fixed_fallback=True,
               description="litert_torch.convert from the captured program"),
+    RouteInfo(name="litert-torch-pt2e", target="tflite", source="torch",
+              impl="portable_models.convert.tflite:convert_litert_torch_pt2e",
+              requires=(*_TORCH_LITERT, "torchao"), runtime="litert", precisions=("int8-dynamic", "int8"),
+              description="PT2E quantisation with litert-torch's quantizer (per-channel int8; int8: "
+                          "calibrated, fully integer), then litert_torch.convert; fixed shapes"),
     RouteInfo(name="onnx2tf", target="tflite", source="torch",
               impl="portable_models.convert.onnx2tf:convert_onnx2tf",
               requires=("torch", "onnx", "onnx2tf", "tensorflow", "tf-keras"), runtime="litert",
@@ -96,7 +101,9 @@ ROUTES: tuple[RouteInfo, ...] = (
     RouteInfo(name="keras-tflite", target="tflite", source="keras",
               impl="portable_models.convert.keras_tf:convert_tf_tflite",
               requires=("keras", "tensorflow", "ai-edge-litert"), runtime="litert",
-              framework="tf", description="TFLiteConverter from a frozen tf.function"),
+              framework="tf", precisions=("float32", "float16", "int8-dynamic", "int8"),
+              description="TFLiteConverter from a frozen tf.function (int8: the converter's own "
+                          "quantiser, dynamic range or with the calibration data as representative dataset)"),
     RouteInfo(name="keras-litert-torch", target="tflite", source="keras",
               impl="portable_models.convert.keras_bridge:convert_bridge_litert",
               requires=("keras", *_TORCH_LITERT), runtime="litert", framework="keras-torch",

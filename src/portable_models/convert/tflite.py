@@ -7,6 +7,11 @@ else the artifact is fixed-shape (``meta["dynamic"]``) — or, when the job says
 route refuses (:class:`DynamicDimsRefused`) and the pipeline tries the later routes first. int64/float64 io become 32-bit
 (``enable_x64=False``): ``meta["io_dtypes"]`` has the physical dtypes.
 
+``litert-torch-pt2e``: the int8 variants, quantised by PT2E with litert-torch's own
+quantizer (symmetric, per-channel int8 weights; ``int8-dynamic``: activations quantised at run
+time, float io; ``int8``: activation ranges observed on the calibration data, fully integer,
+io int8 too: the io map records each io tensor's scale and zero point). Fixed shapes.
+
 The second route, ``onnx2tf``, is in :mod:`portable_models.convert.onnx2tf`.
 """
 
@@ -28,7 +33,7 @@ from portable_models.errors import ConversionError, DynamicDimsRefused, Portable
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["convert_litert_torch"]
+__all__ = ["convert_litert_torch", "convert_litert_torch_pt2e"]
 
 
 # -- shared helpers ------------------------------------------------------------------
@@ -163,6 +168,100 @@ def convert_litert_torch(job: ConvertJob) -> ConvertResult:
     steps = [Step(step="litert_torch.convert", version=package_version("litert-torch"),
                   detail=detail)]
     return ConvertResult(file=name, io=io, steps=steps, precision=job.precision, meta=meta)
+
+
+_PT2E_FILES = {"int8-dynamic": "model_int8_dynamic.tflite", "int8": "model_int8.tflite"}
+
+
+def convert_litert_torch_pt2e(job: ConvertJob) -> ConvertResult:
+    """PT2E quantisation with litert-torch's quantizer, then ``litert_torch.convert``."""
+    import litert_torch
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if job.precision not in _PT2E_FILES:
+        raise ConversionError(f"litert-torch-pt2e makes int8-dynamic or int8, not {job.precision!r}",
+                              stage=f"convert:{job.route}")
+    dynamic = job.precision == "int8-dynamic"
+    phys_in = _identifiers(job.input_names)
+    module = _named_module(_load_program(job).module(), phys_in, job.output_names)
+    kwargs = dict(zip(phys_in, _torch_samples(job), strict=True))
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                              is_dynamic=dynamic))
+    rows = 0
+    try:
+        prepared = prepare_pt2e(torch.export.export(module, (), kwargs).module(), quantizer)
+        with torch.no_grad():
+            if dynamic:
+                prepared(**kwargs)
+            else:
+                for feed in _calibration_feeds(job, phys_in, kwargs):
+                    prepared(**feed)
+                    rows += 1
+            quantized = convert_pt2e(prepared, fold_quantize=False)
+        model = litert_torch.convert(quantized, sample_kwargs=kwargs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        dest = job.out_dir / _PT2E_FILES[job.precision]
+        model.export(str(dest))
+    except PortableModelsError:
+        raise
+    except Exception as exc:
+        raise _fail(job, "PT2E quantisation + litert_torch.convert", exc) from exc
+    io_dtypes = _check_signature(job, dest, phys_in, job.output_names)
+    details = {**dict(zip(("in", "out"), _signature_quant(dest), strict=True))}
+    io = IoMap(inputs={k: Binding(name=p, quant=details["in"].get(p)) for k, p in zip(job.input_names, phys_in, strict=True)},
+               outputs={k: Binding(name=k, quant=details["out"].get(k)) for k in job.output_names})
+    meta: dict[str, Any] = {"dynamic": False, "signature": "serving_default", "io_dtypes": io_dtypes, "weights": "int8"}
+    if not dynamic:
+        calibration = job.options["calibration"]
+        meta["calibration"] = {"sha256": calibration["sha256"], "cases": calibration["cases"], "rows": rows}
+    steps = [Step(step="torchao prepare_pt2e/convert_pt2e", version=package_version("torchao"),
+                  detail={"quantizer": "litert_torch PT2EQuantizer", "symmetric": True, "per_channel": True,
+                          "is_dynamic": dynamic, "calibration_rows": rows}),
+             Step(step="litert_torch.convert", version=package_version("litert-torch"),
+                  detail={"dynamic_shapes": False, "quant_config": "pt2e_quantizer"})]
+    return ConvertResult(file=dest.name, io=io, steps=steps, precision=job.precision, meta=meta)
+
+
+def _calibration_feeds(job: ConvertJob, names: list[str], sample: dict[str, Any]) -> Any:
+    """The calibration data in the sample's shape (the artifact's fixed shape): all cases'
+    rows, in order, cut into batches of the sample's size (a last, short batch is dropped)."""
+    import torch
+
+    from portable_models.core.golden import load_cases
+
+    calibration = job.options.get("calibration") or {}
+    if not calibration.get("file"):
+        raise ConversionError("int8 needs calibration data", stage=f"convert:{job.route}",
+                              fix="pass calibration=[{input: array}, …] (--calibration FILE.npz)")
+    cases = load_cases(Path(calibration["file"]))
+    rows = {n: np.concatenate([np.asarray(c[n]) for c in cases]) for n in job.input_names}
+    batch = int(sample[names[0]].shape[0]) if sample[names[0]].ndim else 1
+    total = len(rows[job.input_names[0]])
+    if total < batch:
+        raise ConversionError(f"{total} calibration rows do not fill one batch of {batch} (the example's)",
+                              stage=f"convert:{job.route}",
+                              fix="give at least as many calibration rows as the example input's batch")
+    for start in range(0, total - batch + 1, batch):
+        yield {p: torch.from_numpy(np.ascontiguousarray(rows[n][start:start + batch]))
+               for n, p in zip(job.input_names, names, strict=True)}
+
+
+def _signature_quant(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per io tensor of the signature that is integer with a scale: its quantisation."""
+    from portable_models.run import signature_details
+
+    out = []
+    for details in signature_details(path):
+        found = {}
+        for name, d in details.items():
+            scale, zero = d.get("quantization", (0.0, 0))
+            if np.dtype(d["dtype"]).kind in "iu" and scale:
+                found[name] = {"dtype": np.dtype(d["dtype"]).name, "scale": float(scale), "zero_point": int(zero)}
+        out.append(found)
+    return out[0], out[1]
 
 
 def _check_signature(job: ConvertJob, path: Path, ins: list[str],

@@ -3,6 +3,10 @@
 ``perm`` is the axis permutation from the logical layout to the physical one:
 ``physical = logical.transpose(perm)``. To read a physical output back into the
 logical layout, apply the inverse permutation. ``None`` means no change.
+
+``quant`` says that the physical tensor is integer (a fully integer int8 artifact's input or
+output): ``physical = clip(round(logical / scale) + zero_point)`` as ``dtype``, and back
+``logical = (physical - zero_point) * scale``. ``None``: the physical tensor is the logical one.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ class Binding:
     name: str
     layout: str | None = None
     perm: tuple[int, ...] | None = None
+    #: {"dtype": "int8", "scale": float, "zero_point": int} when the physical tensor is quantised
+    quant: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "perm": list(self.perm) if self.perm else None}
         if self.layout is not None:
             out["layout"] = self.layout
+        if self.quant is not None:
+            out["quant"] = dict(self.quant)
         return out
 
     @classmethod
@@ -42,14 +50,22 @@ class Binding:
             name=str(data["name"]),
             layout=data.get("layout"),
             perm=tuple(int(p) for p in perm) if perm else None,
+            quant=dict(data["quant"]) if data.get("quant") else None,
         )
 
     def to_physical(self, logical: np.ndarray) -> np.ndarray:
-        if not self.perm:
-            return logical
-        return np.ascontiguousarray(np.transpose(logical, self.perm))
+        out = logical if not self.perm else np.ascontiguousarray(np.transpose(logical, self.perm))
+        if self.quant is None:
+            return out
+        dtype = np.dtype(self.quant["dtype"])
+        limits = np.iinfo(dtype)
+        q = np.round(np.asarray(out, dtype=np.float64) / float(self.quant["scale"])) + int(self.quant["zero_point"])
+        return np.clip(q, limits.min, limits.max).astype(dtype)
 
     def to_logical(self, physical: np.ndarray) -> np.ndarray:
+        if self.quant is not None:
+            physical = ((np.asarray(physical, dtype=np.float64) - int(self.quant["zero_point"]))
+                        * float(self.quant["scale"])).astype(np.float32)
         if not self.perm:
             return physical
         if physical.ndim != len(self.perm):

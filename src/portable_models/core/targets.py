@@ -46,8 +46,9 @@ TARGET_INFO: dict[str, TargetInfo] = {
     "torchscript": TargetInfo(runtime="torchscript", file_format="torchscript", runs_code=True, cost=0.2,
                               family="torch"),
     "executorch": TargetInfo(runtime="executorch", file_format="pte", cost=8.0, family="torch"),
-    "tflite": TargetInfo(runtime="litert", file_format="tflite", precisions=("float32", "float16"), cost=10.7,
-                         family="onnx", consumes=("onnx",)),
+    "tflite": TargetInfo(runtime="litert", file_format="tflite",
+                         precisions=("float32", "float16", "int8-dynamic", "int8"), cost=10.7,
+                         family="onnx", consumes=("onnx", "tflite")),
     "coreml": TargetInfo(runtime="coreml", file_format="mlpackage", precisions=("float32", "float16"), cost=3.2,
                          family="torch", checker="mil-reference", runtime_platforms=("darwin",)),
 }

@@ -8,13 +8,14 @@ from typing import Any
 from portable_models.run.base import RuntimeInfo
 from portable_models.run.registry import RUNTIMES, runtime_info
 
-__all__ = ["RUNTIMES", "LiteRTRunner", "RuntimeInfo", "check_truth", "onnx_facts", "runtime_info", "shape_fits",
+__all__ = ["RUNTIMES", "LiteRTRunner", "RuntimeInfo", "check_truth", "facts_of", "onnx_facts", "runtime_info", "shape_fits",
            "signature_details"]
 
 #: what the routes use to check their artifact the way it will be checked here (the TFLite
 #: signature, a quantised variant's truth), loaded on first use
 _LAZY = {"LiteRTRunner": "portable_models.run.litert", "shape_fits": "portable_models.run.litert",
          "signature_details": "portable_models.run.litert", "check_truth": "portable_models.run.truth",
+         "facts_of": "portable_models.run.truth",
          "onnx_facts": "portable_models.run.truth"}
 
 

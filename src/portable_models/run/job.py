@@ -112,7 +112,7 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
 def _check_truth(payload: dict[str, Any]) -> None:
     """A quantised variant is what its label says (``payload["truth"]``: its precision),
     read from its bytes before it is loaded (:mod:`portable_models.run.truth`)."""
-    if payload.get("truth") and payload.get("format") == "onnx":
-        from portable_models.run.truth import check_truth, onnx_facts
+    if payload.get("truth") and payload.get("format") in ("onnx", "tflite"):
+        from portable_models.run.truth import check_truth, facts_of
 
-        check_truth(str(payload["truth"]), onnx_facts(Path(payload["artifact"])), payload.get("fp32_bytes"))
+        check_truth(str(payload["truth"]), facts_of(Path(payload["artifact"])), payload.get("fp32_bytes"))

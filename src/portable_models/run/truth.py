@@ -11,7 +11,7 @@ from typing import Any
 
 from portable_models.errors import PortableModelsError
 
-__all__ = ["TruthError", "check_truth", "onnx_facts"]
+__all__ = ["TruthError", "check_truth", "facts_of", "onnx_facts", "tflite_facts"]
 
 #: the least share of weight bytes a variant must hold as 8-bit integers to be called int8
 MIN_INT8_SHARE = 0.5
@@ -51,6 +51,50 @@ def onnx_facts(path: Path) -> dict[str, Any]:
             "bytes": path.stat().st_size}
 
 
+def tflite_facts(path: Path) -> dict[str, Any]:
+    """What a .tflite file holds, read through LiteRT's own interpreter (its tensor and op
+    listings, before anything runs): constant tensor bytes by dtype (a tensor no op makes and
+    no input feeds), the share stored as 8-bit integers, the ops, how many op outputs are int8
+    activations (static quantisation), how many ops take a float activation with an int8 weight
+    and answer in float (dynamic-range "hybrid" ops), and the input/output dtypes."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    listing = getattr(it, "_get_ops_details", None)
+    ops = listing() if listing is not None else []
+    tensors = {d["index"]: d for d in it.get_tensor_details()}
+    produced = {o for op in ops for o in op["outputs"] if o >= 0}
+    fed = {d["index"] for d in it.get_input_details()}
+    dtype = {i: np.dtype(d["dtype"]) for i, d in tensors.items()}
+    constant = {i for i in tensors if i not in produced and i not in fed and tensors[i]["shape"].size}
+    by_dtype: Counter[str] = Counter()
+    for i in constant:
+        by_dtype[str(dtype[i])] += int(np.prod(tensors[i]["shape"])) * dtype[i].itemsize
+    total = sum(by_dtype.values())
+    int8 = (np.dtype(np.int8), np.dtype(np.uint8))
+    activations = sum(1 for op in ops for o in op["outputs"] if o >= 0 and dtype[o] in int8)
+    hybrid = sum(1 for op in ops
+                 if any(i in constant and dtype[i] in int8 for i in op["inputs"] if i >= 0)
+                 and any(i not in constant and dtype[i] == np.float32 for i in op["inputs"] if i >= 0)
+                 and all(dtype[o] == np.float32 for o in op["outputs"] if o >= 0))
+    io = {d["name"]: str(np.dtype(d["dtype"])) for d in [*it.get_input_details(), *it.get_output_details()]}
+    return {"format": "tflite", "weight_bytes": total, "weight_bytes_by_dtype": dict(by_dtype),
+            "int8_share": round((by_dtype["int8"] + by_dtype["uint8"]) / total, 4) if total else 0.0,
+            "ops": dict(Counter(op["op_name"] for op in ops)), "quantized_activations": activations,
+            "dynamic_ops": hybrid, "io_dtypes": io, "bytes": path.stat().st_size}
+
+
+def facts_of(path: Path) -> dict[str, Any]:
+    """The truth facts of an artifact, by its format (ONNX, TFLite)."""
+    if path.suffix == ".onnx":
+        return onnx_facts(path)
+    if path.suffix == ".tflite":
+        return tflite_facts(path)
+    raise TruthError(f"no truth check for a {path.suffix} file", stage="truth",
+                     fix="this target carries no quantised variant yet")
+
+
 def _element_bytes(init: Any) -> int:
     """Bytes of an initializer stored in typed fields rather than raw_data."""
     for field_name, size in (("float_data", 4), ("int32_data", 4), ("int64_data", 8), ("double_data", 8)):
@@ -64,16 +108,23 @@ def check_truth(precision: str, facts: dict[str, Any], fp32_bytes: int | None = 
     """Raise :class:`TruthError` unless ``facts`` (:func:`onnx_facts`) show a ``precision``
     variant: most weight bytes 8-bit, dynamic quantisation ops for ``int8-dynamic``,
     quantised activations for ``int8``, and smaller than its fp32 twin."""
-    found = (f"{facts['int8_share']:.0%} of weight bytes int8, quantisation ops {facts['quant_ops'] or 'none'}, "
-             f"{facts['quantized_activations']} activation QuantizeLinear")
+    tflite = facts.get("format") == "tflite"
+    found = (f"{facts['int8_share']:.0%} of weight bytes int8, "
+             + (f"{facts['dynamic_ops']} dynamic-range ops, {facts['quantized_activations']} int8 activations"
+                if tflite else f"quantisation ops {facts['quant_ops'] or 'none'}, "
+                               f"{facts['quantized_activations']} activation QuantizeLinear"))
     problems = []
     if facts["int8_share"] < MIN_INT8_SHARE:
         problems.append(f"less than {MIN_INT8_SHARE:.0%} of its weight bytes are int8")
-    if precision == "int8-dynamic" and not {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} & set(
-            facts["quant_ops"]):
-        problems.append("it quantises no activation at run time (no DynamicQuantizeLinear)")
+    dynamic = facts["dynamic_ops"] if tflite else {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} & set(
+        facts["quant_ops"])
+    if precision == "int8-dynamic" and not dynamic:
+        problems.append("it quantises no activation at run time (no dynamic-range op)" if tflite
+                        else "it quantises no activation at run time (no DynamicQuantizeLinear)")
     if precision == "int8" and facts["quantized_activations"] == 0:
-        problems.append("its activations are not quantised (no QuantizeLinear on an activation): "
+        problems.append("its activations are not quantised (no int8 activation): static int8 needs calibrated "
+                        "activation ranges" if tflite else
+                        "its activations are not quantised (no QuantizeLinear on an activation): "
                         "static int8 needs calibrated activation ranges")
     if fp32_bytes and facts["bytes"] >= 0.9 * fp32_bytes:
         problems.append(f"it is {facts['bytes']} bytes, not smaller than its fp32 twin's {fp32_bytes}")

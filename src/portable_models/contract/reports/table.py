@@ -101,9 +101,11 @@ def next_steps(contract: Contract) -> list[str]:
             ratio = art.meta.get("size_ratio_to_fp32")
             judged = "; ".join(f"{name}: cosine {fmt(res.get('cosine'))}, SQNR {fmt(res.get('sqnr_db'))} dB"
                                for name, res in outputs_of(art).items())
+            ops = (f"{truth.get('dynamic_ops', 0)} dynamic-range ops" if truth.get("format") == "tflite"
+                   else f"ops {', '.join(sorted(truth.get('quant_ops') or {})) or 'none'}")
             lines.append(f"{art.key}: {fmt(ratio)}x the fp32 size; truth: {fmt(100 * truth.get('int8_share', 0))}% of "
                          f"weight bytes int8, {truth.get('quantized_activations', 0)} quantised activations, "
-                         f"ops {', '.join(sorted(truth.get('quant_ops') or {})) or 'none'}; {judged}")
+                         f"{ops}; {judged}")
         acc = art.parity.get("accuracy")
         if isinstance(acc, dict):
             lines.append(f"{art.key}: accuracy {fmt(acc.get('artifact'))} against the source's {fmt(acc.get('source'))} "
