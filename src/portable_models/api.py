@@ -39,9 +39,9 @@ from portable_models.rerun import VerifyReport, verify  # verify's home; part of
 __all__ = ["ExportOptions", "Bundle", "VerifyReport", "export", "verify", "load_contract"]
 
 _PRECISIONS = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-               "int8-dynamic": "int8-dynamic", "int8": "int8"}
+               "int8-weight": "int8-weight", "int8-dynamic": "int8-dynamic", "int8": "int8"}
 #: the order variants are built and reported in (float32, the reference twin, first)
-_VARIANTS = ["float32", "float16", "int8-dynamic", "int8"]
+_VARIANTS = ["float32", "float16", "int8-weight", "int8-dynamic", "int8"]
 
 
 @dataclass(kw_only=True)
@@ -90,7 +90,7 @@ def _precisions(value: str | Sequence[str]) -> list[str]:
     out = []
     for n in names:
         if n not in _PRECISIONS:
-            raise UsageError(f"unknown precision {n!r}", fix="use fp32, fp16, int8-dynamic or int8")
+            raise UsageError(f"unknown precision {n!r}", fix="use fp32, fp16, int8-weight, int8-dynamic or int8")
         out.append(_PRECISIONS[n])
     return sorted(set(out) | {"float32"}, key=_VARIANTS.index)
 

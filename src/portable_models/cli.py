@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32 atol, or per output with NAME=VALUE (repeatable)")
     c.add_argument("--rtol", action="append", metavar="[NAME=]VALUE", help="likewise for rtol")
     c.add_argument("--precision", action=_ListAction, default=["fp32"],
-                   items=("fp32", "fp16", "int8-dynamic", "int8"), metavar="PRECISION",
+                   items=("fp32", "fp16", "int8-weight", "int8-dynamic", "int8"), metavar="PRECISION",
                    help="fp32 (always built), fp16 (TFLite, Core ML), int8-dynamic and int8 (ONNX, "
                         "onnxruntime's quantiser; int8 needs --calibration), each judged by its own "
                         "tolerance or budget")

@@ -301,7 +301,7 @@ def test_to_dict_turns_nonfinite_metrics_into_none():
 def test_tolerance_policy_round_trip():
     policy = TolerancePolicy(per_output={"logits": {"atol": 1e-3, "cosine_min": None}})
     d = policy.to_dict()
-    assert set(d) == {"float32", "float16", "bfloat16", "int8-dynamic", "int8", "outputs"}
+    assert set(d) == {"float32", "float16", "bfloat16", "int8-weight", "int8-dynamic", "int8", "outputs"}
     assert TolerancePolicy.from_dict(json.loads(json.dumps(d))) == policy
     partial = TolerancePolicy.from_dict({"float32": {"atol": 1e-3}})
     assert partial.resolve("y", "float32").atol == 1e-3

@@ -72,8 +72,12 @@ def _truth(job: Any, artifact: Path) -> dict[str, Any]:
     checked (:mod:`portable_models.run.truth`): its facts, and its size against its fp32 twin."""
     from portable_models.run import check_truth, facts_of
 
-    twin = job.prior_artifacts.get({".onnx": "onnx", ".tflite": "tflite"}.get(artifact.suffix, ""))  # its fp32 twin
-    fp32_bytes = twin.stat().st_size if twin is not None else None
+    from portable_models.core.hashing import path_bytes
+    from portable_models.core.targets import TARGET_INFO
+
+    target = next((t for t, info in TARGET_INFO.items() if artifact.suffix == "." + info.file_format), "")
+    twin = job.prior_artifacts.get(target)  # its fp32 twin (the target consumes its own float32 artifact)
+    fp32_bytes = path_bytes(twin) if twin is not None else None
     facts = facts_of(artifact)
     check_truth(job.precision, facts, fp32_bytes)
     return {"truth": facts, **({"size_ratio_to_fp32": round(facts["bytes"] / fp32_bytes, 4)} if fp32_bytes else {})}

@@ -37,6 +37,11 @@ ROUTES: tuple[RouteInfo, ...] = (
               impl="portable_models.convert.executorch:convert_xnnpack",
               requires=_TORCH_ET, runtime="executorch",
               description="to_edge_transform_and_lower with the XNNPACK partitioner"),
+    RouteInfo(name="executorch-xnnpack-pt2e", target="executorch", source="torch",
+              impl="portable_models.convert.executorch:convert_xnnpack_quantized",
+              requires=_TORCH_ET, runtime="executorch", precisions=("int8-dynamic", "int8"),
+              description="PT2E with the XNNPACK quantizer (per-channel int8; int8: calibrated static, "
+                          "int8-dynamic: activations quantised at run time), lowered to XNNPACK"),
     RouteInfo(name="executorch-portable", target="executorch", source="torch",
               impl="portable_models.convert.executorch:convert_portable",
               requires=_TORCH_ET, runtime="executorch",
@@ -129,6 +134,19 @@ ROUTES: tuple[RouteInfo, ...] = (
                             "quantize_static QDQ per-channel with the calibration data (int8)")
       for name, source in (("ort-quantize", "torch"), ("keras-ort-quantize", "keras"),
                            ("onnx-ort-quantize", "onnx"))),
+    *(RouteInfo(name=name, target="tflite", source=source,
+                impl="portable_models.convert.tflite_quantize:convert_ai_edge_quantizer",
+                requires=("ai-edge-quantizer", "ai-edge-litert"), runtime="litert", framework="none",
+                precisions=("int8-weight",),
+                description="ai-edge-quantizer's weight-only int8 recipe on the fp32 TFLite twin")
+      for name, source in (("aeq-quantize", "torch"), ("keras-aeq-quantize", "keras"), ("onnx-aeq-quantize", "onnx"))),
+    *(RouteInfo(name=name, target="coreml", source=source,
+                impl="portable_models.convert.coreml_quantize:convert_coreml_optimize",
+                requires=("coremltools",), runtime="coreml", framework="none",
+                precisions=("int8-weight",),
+                description="coremltools.optimize.coreml linear weight quantisation (int8, per channel) "
+                            "of the fp32 Core ML twin")
+      for name, source in (("coreml-optimize", "torch"), ("keras-coreml-optimize", "keras"))),
 )
 
 

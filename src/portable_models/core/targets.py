@@ -45,12 +45,14 @@ TARGET_INFO: dict[str, TargetInfo] = {
                        cost=4.8, family="onnx", consumes=("onnx",)),
     "torchscript": TargetInfo(runtime="torchscript", file_format="torchscript", runs_code=True, cost=0.2,
                               family="torch"),
-    "executorch": TargetInfo(runtime="executorch", file_format="pte", cost=8.0, family="torch"),
+    "executorch": TargetInfo(runtime="executorch", file_format="pte", precisions=("float32", "int8-dynamic", "int8"),
+                             cost=8.0, family="torch", consumes=("executorch",)),
     "tflite": TargetInfo(runtime="litert", file_format="tflite",
-                         precisions=("float32", "float16", "int8-dynamic", "int8"), cost=10.7,
+                         precisions=("float32", "float16", "int8-weight", "int8-dynamic", "int8"), cost=10.7,
                          family="onnx", consumes=("onnx", "tflite")),
-    "coreml": TargetInfo(runtime="coreml", file_format="mlpackage", precisions=("float32", "float16"), cost=3.2,
-                         family="torch", checker="mil-reference", runtime_platforms=("darwin",)),
+    "coreml": TargetInfo(runtime="coreml", file_format="mlpackage", precisions=("float32", "float16", "int8-weight"),
+                         cost=3.2, family="torch", consumes=("coreml",), checker="mil-reference",
+                         runtime_platforms=("darwin",)),
 }
 
 #: every target, in the order reports list them.

@@ -112,7 +112,7 @@ def bench_job(payload: dict[str, Any]) -> dict[str, Any]:
 def _check_truth(payload: dict[str, Any]) -> None:
     """A quantised variant is what its label says (``payload["truth"]``: its precision),
     read from its bytes before it is loaded (:mod:`portable_models.run.truth`)."""
-    if payload.get("truth") and payload.get("format") in ("onnx", "tflite"):
+    if payload.get("truth"):
         from portable_models.run.truth import check_truth, facts_of
 
         check_truth(str(payload["truth"]), facts_of(Path(payload["artifact"])), payload.get("fp32_bytes"))

@@ -45,9 +45,10 @@ def onnx_facts(path: Path) -> dict[str, Any]:
     activations = sum(1 for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in weights)
     io = {v.name: onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()
           for v in [*graph.input, *graph.output] if v.name not in weights}
-    return {"weight_bytes": total, "weight_bytes_by_dtype": dict(by_dtype),
+    dynamic = sum(n for op, n in quant_ops.items() if op in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"))
+    return {"format": "onnx", "weight_bytes": total, "weight_bytes_by_dtype": dict(by_dtype),
             "int8_share": round((by_dtype["int8"] + by_dtype["uint8"]) / total, 4) if total else 0.0,
-            "quant_ops": quant_ops, "quantized_activations": activations, "io_dtypes": io,
+            "quant_ops": quant_ops, "quantized_activations": activations, "dynamic_ops": dynamic, "io_dtypes": io,
             "bytes": path.stat().st_size}
 
 
@@ -85,14 +86,24 @@ def tflite_facts(path: Path) -> dict[str, Any]:
             "dynamic_ops": hybrid, "io_dtypes": io, "bytes": path.stat().st_size}
 
 
+#: artifact suffix -> the function that reads its truth facts (``module:function``); each
+#: returns at least ``int8_share``, ``quantized_activations``, ``dynamic_ops`` and ``bytes``
+FACTS = {".onnx": "portable_models.run.truth:onnx_facts", ".tflite": "portable_models.run.truth:tflite_facts",
+         ".pte": "portable_models.run.truth_pte:pte_facts",
+         ".mlpackage": "portable_models.run.truth_coreml:coreml_facts"}
+
+
 def facts_of(path: Path) -> dict[str, Any]:
-    """The truth facts of an artifact, by its format (ONNX, TFLite)."""
-    if path.suffix == ".onnx":
-        return onnx_facts(path)
-    if path.suffix == ".tflite":
-        return tflite_facts(path)
-    raise TruthError(f"no truth check for a {path.suffix} file", stage="truth",
-                     fix="this target carries no quantised variant yet")
+    """The truth facts of an artifact, by its format."""
+    import importlib.util
+
+    from portable_models.core.imports import load_impl
+
+    reader = FACTS.get(path.suffix)
+    if reader is None or importlib.util.find_spec(reader.partition(":")[0]) is None:
+        raise TruthError(f"no truth check for a {path.suffix} file", stage="truth",
+                         fix="this target carries no quantised variant yet")
+    return dict(load_impl(reader)(path))
 
 
 def _element_bytes(init: Any) -> int:
@@ -105,27 +116,24 @@ def _element_bytes(init: Any) -> int:
 
 
 def check_truth(precision: str, facts: dict[str, Any], fp32_bytes: int | None = None) -> None:
-    """Raise :class:`TruthError` unless ``facts`` (:func:`onnx_facts`) show a ``precision``
-    variant: most weight bytes 8-bit, dynamic quantisation ops for ``int8-dynamic``,
-    quantised activations for ``int8``, and smaller than its fp32 twin."""
-    tflite = facts.get("format") == "tflite"
-    found = (f"{facts['int8_share']:.0%} of weight bytes int8, "
-             + (f"{facts['dynamic_ops']} dynamic-range ops, {facts['quantized_activations']} int8 activations"
-                if tflite else f"quantisation ops {facts['quant_ops'] or 'none'}, "
-                               f"{facts['quantized_activations']} activation QuantizeLinear"))
+    """Raise :class:`TruthError` unless ``facts`` (:func:`facts_of`) show a ``precision``
+    variant: most weight bytes 8-bit; activations quantised at run time for ``int8-dynamic``,
+    calibrated int8 activations for ``int8``, float activations for ``int8-weight``; smaller
+    than its fp32 twin."""
+    detail = (f"quantisation ops {facts['quant_ops'] or 'none'}, " if facts.get("format") == "onnx" and "quant_ops" in facts
+              else "")
+    found = (f"{facts['int8_share']:.0%} of weight bytes int8, {detail}{facts.get('dynamic_ops', 0)} dynamic-range "
+             f"ops, {facts['quantized_activations']} int8 activations")
     problems = []
     if facts["int8_share"] < MIN_INT8_SHARE:
         problems.append(f"less than {MIN_INT8_SHARE:.0%} of its weight bytes are int8")
-    dynamic = facts["dynamic_ops"] if tflite else {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} & set(
-        facts["quant_ops"])
-    if precision == "int8-dynamic" and not dynamic:
-        problems.append("it quantises no activation at run time (no dynamic-range op)" if tflite
-                        else "it quantises no activation at run time (no DynamicQuantizeLinear)")
+    if precision == "int8-dynamic" and not facts.get("dynamic_ops"):
+        problems.append("it quantises no activation at run time (no dynamic-range op)")
     if precision == "int8" and facts["quantized_activations"] == 0:
         problems.append("its activations are not quantised (no int8 activation): static int8 needs calibrated "
-                        "activation ranges" if tflite else
-                        "its activations are not quantised (no QuantizeLinear on an activation): "
-                        "static int8 needs calibrated activation ranges")
+                        "activation ranges")
+    if precision == "int8-weight" and (facts["quantized_activations"] or facts.get("dynamic_ops")):
+        problems.append("it quantises activations too: int8-weight keeps them float")
     if fp32_bytes and facts["bytes"] >= 0.9 * fp32_bytes:
         problems.append(f"it is {facts['bytes']} bytes, not smaller than its fp32 twin's {fp32_bytes}")
     if problems:
