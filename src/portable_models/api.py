@@ -59,6 +59,8 @@ class ExportOptions(CaptureOptions):
     #: ``accuracy_drop_max`` points fails it. ``label_output``: the output with the class
     #: scores (default: the first).
     labels: Sequence[Any] | None = None
+    #: one class index per row of each ``eval_samples`` case (the held-out real data)
+    eval_labels: Sequence[Any] | None = None
     label_output: str | None = None
     accuracy_drop_max: float = ACCURACY_DROP_MAX
     tolerance: TolerancePolicy | Mapping[str, Mapping[str, float | None]] | None = None
@@ -281,7 +283,7 @@ def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: Export
                             options={"trust_model": opts.trust_model,
                                      "keras_custom_modules": captured.meta.get("custom_modules") or [],
                                      **_calibration(opts, captured, root)},
-                            task=task)
+                            task=task, real_cases=_real_cases(captured.meta.get("eval")))
         if opts.progress:
             ctx.progress = opts.progress
         if opts.targets == "all":  # "all" means every target this source has a route to
@@ -332,23 +334,43 @@ def _calibration(opts: ExportOptions, captured: Captured, root: Path) -> dict[st
     return {"calibration": {"file": str(path), "sha256": golden.cases_digest(cases), "cases": len(cases)}}
 
 
+def _real_cases(spec: Mapping[str, Any] | None) -> tuple[int, ...]:
+    """The golden case indices of the held-out real data (``golden.eval``)."""
+    return tuple(range(int(spec["first"]), int(spec["first"]) + int(spec["cases"]))) if spec else ()
+
+
 def _task(opts: ExportOptions, captured: Captured, root: Path) -> TaskCheck | None:
-    """The labels of the real samples, checked against them and written into the bundle
-    (``golden/labels.npz``) so that ``verify`` judges every artifact's accuracy again."""
-    if opts.labels is None:
+    """The labels of the real samples (``labels=`` for ``samples=``, ``eval_labels=`` for
+    ``eval_samples=``; the other golden cases get none), checked against them and written into
+    the bundle (``golden/labels.npz``) so that ``verify`` judges every artifact's accuracy again."""
+    if opts.labels is None and opts.eval_labels is None:
         return None
-    if captured.meta.get("samples") != "user":
-        raise UsageError("labels= needs samples=: the labels name the classes of the real sample inputs",
-                         fix="pass samples=[{input: array}, …] with one labels entry per sample")
+    if opts.labels is not None and opts.eval_labels is not None:
+        raise UsageError("labels= and eval_labels= both given",
+                         fix="label one real set: the samples (labels=) or the held-out eval samples (eval_labels=)")
     cases = captured.golden_outputs
+    if opts.labels is not None:
+        if captured.meta.get("samples") != "user":
+            raise UsageError("labels= needs samples=: the labels name the classes of the real sample inputs",
+                             fix="pass samples=[{input: array}, …] with one labels entry per sample")
+        first, given = 0, opts.labels
+    else:
+        if not captured.meta.get("eval"):
+            raise UsageError("eval_labels= needs eval_samples=: the labels name the classes of the held-out inputs",
+                             fix="pass eval_samples=[{input: array}, …] with one eval_labels entry per eval sample")
+        first, given = int(captured.meta["eval"]["first"]), opts.eval_labels
+    labelled = cases[first:first + len(given)] if opts.eval_labels is None else cases[first:]
     output = opts.label_output or captured.outputs[0].name
     if output not in cases[0]:
         raise UsageError(f"label_output {output!r} is not an output", fix=f"use one of {list(cases[0])}")
-    labels = tuple(np.asarray(lab, dtype=np.int64).reshape(-1) for lab in opts.labels)
-    rows = [int(np.prod(case[output].shape[:-1])) for case in cases]
-    if len(labels) != len(cases) or [a.size for a in labels] != rows:
-        raise UsageError(f"labels give {[a.size for a in labels]} rows for the {rows} rows of the samples",
+    arrays = tuple(np.asarray(lab, dtype=np.int64).reshape(-1) for lab in given)
+    rows = [int(np.prod(case[output].shape[:-1])) for case in labelled]
+    if len(arrays) != len(labelled) or [a.size for a in arrays] != rows:
+        raise UsageError(f"labels give {[a.size for a in arrays]} rows for the {rows} rows of the "
+                         f"{'samples' if opts.eval_labels is None else 'eval samples'}",
                          fix="give one class index per row of each sample case, in order")
+    none = np.zeros(0, dtype=np.int64)  # a case without labels (random, or not the labelled set)
+    labels = tuple([none] * first + list(arrays) + [none] * (len(cases) - first - len(arrays)))
     golden.save_cases(root / "golden" / "labels.npz", [{"labels": a} for a in labels])
     return TaskCheck(labels=labels, output=output, source_accuracy=accuracy(cases, labels, output),
                      drop_max=opts.accuracy_drop_max)
@@ -368,6 +390,7 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
                 "cases": len(captured.golden_inputs), "seed": opts.seed,
                 "samples": captured.meta.get("samples", "example+random"),
                 **({"constant_outputs": constant} if (constant := captured.meta.get("constant_outputs")) else {}),
+                **({"eval": captured.meta["eval"]} if captured.meta.get("eval") else {}),
                 **({"labels": "golden/labels.npz", "task": task.to_contract()} if task is not None else {})},
         tolerance=policy.to_dict(), artifacts=artifacts,
         options={"targets": _targets(opts.targets), "precision": _precisions(opts.precision),

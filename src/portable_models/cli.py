@@ -108,7 +108,8 @@ def _export_file(args: argparse.Namespace, tol: dict[str, Any], defaults: dict[s
     return export_file(
         args.src, out=args.out, inputs=[parse_input_option(t) for t in args.input or []],
         dynamic=[parse_dynamic_option(t) for t in args.dynamic or []], model_class=args.model_class,
-        samples=args.samples, calibration=args.calibration, trust=args.trust_model, targets=args.targets or "all",
+        samples=args.samples, calibration=args.calibration, eval_file=args.eval, trust=args.trust_model,
+        targets=args.targets or "all",
         cases=args.cases, precision=args.precision, timeout_s=args.timeout, jobs=args.jobs,
         memory_mb=args.memory_limit, overwrite=args.overwrite, routes=routes,
         tolerance=TolerancePolicy(defaults=defaults, per_output=tol["per_output"]),
@@ -299,11 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rtol", action="append", metavar="[NAME=]VALUE", help="likewise for rtol")
     c.add_argument("--precision", action=_ListAction, default=["fp32"],
                    items=("fp32", "fp16", "int8-weight", "int8-dynamic", "int8"), metavar="PRECISION",
-                   help="fp32 (always built), fp16 (TFLite, Core ML), int8-dynamic and int8 (ONNX, "
-                        "onnxruntime's quantiser; int8 needs --calibration), each judged by its own "
-                        "tolerance or budget")
+                   help="fp32 (always built), fp16 (TFLite, Core ML), int8-weight (TFLite, Core ML), "
+                        "int8-dynamic and int8 (ONNX, TFLite, ExecuTorch; int8 needs --calibration), each "
+                        "made by the converter's own quantiser and judged by its own tolerance or budget")
     c.add_argument("--calibration", metavar="FILE.npz",
                    help="real inputs that calibrate the int8 variant (same form as --samples)")
+    c.add_argument("--eval", metavar="FILE.npz",
+                   help="held-out real inputs (same form as --samples; an array 'labels' per case: its class "
+                        "indices): every artifact is judged on them beside the random cases, a quantised "
+                        "variant by them")
     c.add_argument("--route", action="append", metavar="TARGET=ROUTE", help="force one route")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds per conversion job")
     c.add_argument("--memory-limit", type=int, default=8192, metavar="MB", help="per worker")

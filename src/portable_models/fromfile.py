@@ -71,8 +71,8 @@ def _example(loaded: Any, framework: str, inputs: Sequence[TensorSpec],
 
 def export_file(src: str | Path, *, out: str | Path, inputs: Sequence[TensorSpec] = (),
                 dynamic: Sequence[tuple[str, int, DimSpec]] = (), model_class: str | None = None,
-                samples: str | Path | None = None, calibration: str | Path | None = None, trust: bool = False,
-                **options: Any) -> Any:
+                samples: str | Path | None = None, calibration: str | Path | None = None,
+                eval_file: str | Path | None = None, trust: bool = False, **options: Any) -> Any:
     """Load a saved model safely and export it like :func:`portable_models.export`."""
     from portable_models.api import export
     from portable_models.capture import framework_of
@@ -102,6 +102,15 @@ def export_file(src: str | Path, *, out: str | Path, inputs: Sequence[TensorSpec
         opts["samples"] = cases
     if calibration:
         opts["calibration"] = load_samples(user_path(calibration))
+    if eval_file:  # held-out inputs; an array named "labels" in a case is that case's labels
+        held = load_samples(user_path(eval_file))
+        labels = [case.pop("labels") for case in held if "labels" in case]
+        if labels and len(labels) != len(held):
+            raise UsageError(f"{eval_file}: {len(labels)} of its {len(held)} cases have labels",
+                             fix="give every eval case a labels array, or none")
+        opts["eval_samples"] = held
+        if labels:
+            opts["eval_labels"] = labels
     opts["source_trust"] = loaded.trust
     opts.setdefault("trust_model", trust)
     return export(loaded.model, example, out=out, **opts)

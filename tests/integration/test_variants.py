@@ -149,13 +149,20 @@ def test_a_model_that_quantises_badly_fails_its_budget(digits: dict[str, Any], t
 def test_tflite_int8_variants_from_torch(digits: dict[str, Any], tmp_path: Path) -> None:
     """litert-torch's own PT2E quantizer: int8-dynamic (hybrid ops, float io) and int8
     (calibrated, fully integer: the io map carries the input's and output's scale and zero
-    point, so the golden float cases are fed and read back through it); both keep the digits
+    point, so the golden float cases are fed and read back through it); ai-edge-quantizer's
+    weight-only recipe on the fp32 twin (int8-weight, fed like the twin). All keep the digits
     accuracy within the budget, pass their truth check, and verify re-judges them."""
-    bundle = _export(digits, tmp_path / "tfl", targets=["tflite"])
+    bundle = _export(digits, tmp_path / "tfl", targets=["tflite"],
+                     precision=["fp32", "int8-weight", "int8-dynamic", "int8"])
     report = bundle.report()
     assert bundle.ok, report
     arts = {a.key: a for a in bundle.contract.artifacts}
-    assert set(arts) == {"tflite", "tflite-int8-dynamic", "tflite-int8"}, report
+    assert set(arts) == {"tflite", "tflite-int8-weight", "tflite-int8-dynamic", "tflite-int8"}, report
+    weight_only = arts["tflite-int8-weight"]  # ai-edge-quantizer on the fp32 twin: int8 weights, float compute
+    assert weight_only.route_name == "aeq-quantize" and weight_only.io == arts["tflite"].io
+    truth = weight_only.meta["truth"]
+    assert truth["int8_share"] > 0.8 and truth["quantized_activations"] == truth["dynamic_ops"] == 0, truth
+    assert weight_only.parity["accuracy"]["drop_points"] <= 1.0
     for key in ("tflite-int8-dynamic", "tflite-int8"):
         art = arts[key]
         assert art.route_name == "litert-torch-pt2e"
@@ -202,3 +209,45 @@ def test_tflite_int8_variants_from_keras(digits: dict[str, Any], tmp_path: Path)
     assert arts["tflite-int8"].meta["truth"]["quantized_activations"] > 0
     assert arts["tflite-int8"].meta["calibration"]["cases"] == 20
     assert pm.verify(tmp_path / "k").ok
+
+
+def test_held_out_eval_data_rules_a_variant_and_random_cases_are_judged_beside_it(
+        digits: dict[str, Any], tmp_path: Path) -> None:
+    """eval_samples / eval_labels (the held-out digits) beside the seeded random golden cases:
+    the contract records the eval set by hash and count; each artifact's accuracy is measured
+    on it; a quantised variant's verdict is the real data's, the random cases' verdict is kept
+    beside it; the CLI takes the same set as --eval with a 'labels' array per case; verify
+    re-judges the same from the bundle."""
+    import subprocess
+    import sys
+
+    bundle = pm.export(digits["model"], (torch.from_numpy(digits["samples"][0]["image"]),), out=tmp_path / "ev",
+                       targets=["onnx"], precision=["fp32", "int8"], eval_samples=digits["samples"],
+                       eval_labels=digits["labels"], calibration=digits["calibration"], input_names=["image"],
+                       output_names=["logits"], dynamic_dims={"image": {0: ("batch", 1, 64)}},
+                       input_ranges={"image": (0.0, 1.0)})
+    assert bundle.ok, bundle.report()
+    golden = bundle.contract.golden
+    assert golden["samples"] == "example+random" and golden["eval"]["cases"] == 9 and golden["eval"]["first"] == 4
+    arts = {a.key: a for a in bundle.contract.artifacts}
+    for key, rules in (("onnx", "all"), ("onnx-int8", "real")):
+        split = arts[key].parity["real_vs_random"]
+        assert (split["real_cases"], split["random_cases"], split["rules"]) == (9, 4, rules), split
+        assert arts[key].parity["accuracy"]["rows"] == 9 * ROWS
+    assert arts["onnx-int8"].parity["status"] == arts["onnx-int8"].parity["real_vs_random"]["real"]
+    again = {a.key: a for a in pm.verify(tmp_path / "ev").results}
+    for key in arts:
+        assert again[key].parity["real_vs_random"] == arts[key].parity["real_vs_random"]
+        assert again[key].parity["accuracy"]["artifact"] == arts[key].parity["accuracy"]["artifact"]
+
+    torch.export.save(torch.export.export(digits["model"], (torch.from_numpy(digits["samples"][0]["image"]),)),
+                      str(tmp_path / "digits.pt2"))
+    np.savez(tmp_path / "eval.npz", **{f"{i}/{k}": v for i, (case, lab) in enumerate(zip(
+        digits["samples"], digits["labels"], strict=True)) for k, v in {**case, "labels": lab}.items()})
+    r = subprocess.run([sys.executable, "-m", "portable_models.cli", "convert", "digits.pt2", "--out", "cli",
+                        "--targets", "onnx", "--input", "image:40x1x8x8:float32:0..1", "--eval", "eval.npz",
+                        "--format", "json"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    made = load_contract(tmp_path / "cli")
+    assert made.golden["eval"]["cases"] == 9 and made.golden["task"]["output"]
+    assert made.artifacts[0].parity["accuracy"]["rows"] == 9 * ROWS

@@ -54,6 +54,9 @@ class CaptureOptions:
     input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     layouts: Mapping[str, str | None] = field(default_factory=dict)
     samples: Sequence[Mapping[str, np.ndarray]] | None = None
+    #: held-out real inputs, appended to the golden cases after the samples (or the seeded
+    #: random cases): every artifact is judged on both, and a quantised variant by the real ones
+    eval_samples: Sequence[Mapping[str, np.ndarray]] | None = None
     cases: int = 4
     seed: int = 0
     #: allow loading that can run code (Keras Lambda layers) — the caller's explicit opt-in.

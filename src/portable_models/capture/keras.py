@@ -348,7 +348,8 @@ def capture_keras(model: Any, example_inputs: Any, opts: CaptureOptions, source_
     axes, dims = normalise_dynamic_dims(wanted)
     _check_axes(axes, dims, names, arrays, free)
     specs = _input_specs(names, arrays, axes, keys, opts)
-    cases = _cases(specs, dims, dict(zip(names, arrays, strict=True)), opts)
+    cases, eval_meta = golden.with_eval_cases(_cases(specs, dims, dict(zip(names, arrays, strict=True)), opts),
+                                              specs, opts.eval_samples)
     struct, flat = _run(model, specs, cases)
     out_names = _output_names(model, struct, len(flat[0]), opts.output_names)
     outputs = [dict(zip(out_names, o, strict=True)) for o in flat]
@@ -362,7 +363,7 @@ def capture_keras(model: Any, example_inputs: Any, opts: CaptureOptions, source_
         dims=dims, golden_inputs=cases, golden_outputs=outputs,
         meta={"samples": "user" if opts.samples else "example+random", "constant_outputs": constant,
               "keras_backend": keras.backend.backend(), "keras_class": type(model).__name__,
-              "custom_modules": custom_modules(model), "trust": "trusted" if trust else "safe"},
+              "custom_modules": custom_modules(model), "trust": "trusted" if trust else "safe", **eval_meta},
     )
 
 

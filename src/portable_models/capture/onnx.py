@@ -114,6 +114,7 @@ def capture_onnx(src: OnnxModelFile, example_inputs: Any, copts: Any, source_dir
     example = {s.name: np.asarray(a) for s, a in zip(ins, arrays, strict=True)}
     cases = ([{s.name: np.asarray(c[s.name]) for s in ins} for c in copts.samples] if copts.samples
              else golden.make_inputs(ins, dims, example, cases=copts.cases, seed=copts.seed))
+    cases, eval_meta = golden.with_eval_cases(cases, ins, copts.eval_samples)
     model_file = _copy(path, source_dir, extra)
     outputs = _reference(model_file, ins, outs, cases)
     constant = golden.check_outputs(outputs, [o.name for o in outs])
@@ -121,4 +122,4 @@ def capture_onnx(src: OnnxModelFile, example_inputs: Any, copts: Any, source_dir
     return Captured(framework="onnx", version=package_version("onnx"), source_file=model_file,
                     inputs=ins, outputs=out_specs, dims=dims, golden_inputs=cases, golden_outputs=outputs,
                     meta={"samples": "user" if copts.samples else "example+random", "external_data": extra,
-                          "constant_outputs": constant})
+                          "constant_outputs": constant, **eval_meta})

@@ -220,13 +220,14 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
         cases = [{s.name: np.asarray(c[s.name]) for s in in_specs} for c in opts.samples]
     else:
         cases = golden.make_inputs(in_specs, dims, example, cases=opts.cases, seed=opts.seed)
+    cases, eval_meta = golden.with_eval_cases(cases, in_specs, opts.eval_samples)
     out_names, outputs = _run_eager(model, in_specs, cases, opts.output_names)
     _check_deterministic(model, in_specs, cases[0], outputs[0], opts.output_names)
     constant = golden.check_outputs(outputs, out_names)
     dynamic_shapes = _dynamic_shapes(names, args, axes, dims)
     key, how = _capture_key(model, opts, in_specs, dims, out_names, cases, outputs)
     meta = {"samples": "user" if opts.samples else "example+random", "capture_cache": how,
-            "constant_outputs": constant}
+            "constant_outputs": constant, **eval_meta}
     if key is not None and (out_specs := _cached_capture(key, source_dir)) is not None:
         return Captured(framework="torch", version=package_version("torch") or torch.__version__,
                         source_file=source_dir / "model.pt2", inputs=in_specs, outputs=out_specs, dims=dims,

@@ -21,6 +21,8 @@ def accuracy(outputs: Sequence[Mapping[str, np.ndarray]], labels: Sequence[np.nd
     """Top-1 accuracy of ``output`` (class scores on the last axis) against ``labels``."""
     hits = total = 0
     for case, want in zip(outputs, labels, strict=True):
+        if not np.size(want):  # a case without labels
+            continue
         scores = np.asarray(case[output])
         got = np.argmax(scores.reshape(-1, scores.shape[-1]), axis=1)
         want = np.asarray(want).reshape(-1)

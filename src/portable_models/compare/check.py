@@ -334,6 +334,9 @@ class CheckJob:
     fp32_bytes: int | None = None
     #: labels for the golden cases: the artifact's accuracy is judged too (None: no labels)
     task: TaskCheck | None = None
+    #: the golden cases that are held-out real data (``eval_samples``), the rest being random
+    #: or the example: both are judged apart, and a quantised variant's verdict is the real one
+    real_cases: tuple[int, ...] = ()
 
     def payload(self, runtime: str, **extra: Any) -> dict[str, Any]:
         """What a ``run`` or ``bench`` job of the artifact with ``runtime`` is given."""
@@ -380,12 +383,34 @@ class CheckJob:
             record["checked"] = error.checked
         return _Ran(job=self, runtime=runtime, cases=cases, failure=record)
 
+    def _real_and_random(self, golden_outputs: Cases, actual: Cases,
+                         cases: Sequence[int] | None) -> dict[str, Any] | None:
+        """The comparison on the real (eval) cases and on the others apart, when this run
+        has both (None otherwise)."""
+        ran = list(range(len(golden_outputs))) if cases is None else list(cases)
+        real = [k for k, i in enumerate(ran) if i in self.real_cases]
+        other = [k for k in range(len(ran)) if k not in real]
+        if not real or not other:
+            return None
+        part = {name: compare_outputs([golden_outputs[k] for k in idx], [actual[k] for k in idx],
+                                      precision=self.precision, policy=self.policy, output_names=self.output_names)
+                for name, idx in (("real", real), ("random", other))}
+        return {**part, "counts": (len(real), len(other))}
+
     def compare(self, result: dict[str, Any], actual: Cases, golden_outputs: Cases,
                 cases: Sequence[int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
         results = compare_outputs(golden_outputs, actual, precision=self.precision, policy=self.policy,
                                   output_names=self.output_names)
+        split = self._real_and_random(golden_outputs, actual, cases)
+        if split is not None and self.precision.startswith("int8"):  # real data rules a quantised variant
+            results = split["real"]
         record = {"status": verdict(results), "runtime": result["runtime"], "checked_by": result["label"],
                   "outputs": {r.name: r.to_dict() for r in results}}
+        if split is not None:
+            record["real_vs_random"] = {
+                "real": verdict(split["real"]), "random": verdict(split["random"]),
+                "real_cases": split["counts"][0], "random_cases": split["counts"][1],
+                "rules": "real" if self.precision.startswith("int8") else "all"}
         for name, res in record["outputs"].items():
             hist = error_histogram(golden_outputs, actual, name)
             if hist is not None:

@@ -66,6 +66,10 @@ class TargetContext:
     task: TaskCheck | None = None
     timeout_s: float | None = None
     prior: dict[str, Path] = field(default_factory=dict)
+    #: the golden cases that are held-out real data (judged apart from the random ones)
+    real_cases: tuple[int, ...] = ()
+    #: the io map of each artifact in ``prior``
+    prior_io: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: Progress = _no_progress
     cache: bool = True
     _inputs_digest: str = ""
@@ -111,6 +115,8 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
     key = route.target if precision == "float32" else f"{route.target}-{precision}"
     label = "+".join([route.name, *passes])
     options = {**ctx.options, "compat_passes": list(passes)} if passes else ctx.options
+    if ctx.prior_io:  # how to feed each twin handed over (a variant made from it is fed the same way)
+        options = {**options, "prior_io": dict(ctx.prior_io)}
     log = ctx.root / "logs" / f"{key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -156,7 +162,7 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
     job = CheckJob(pool=ctx.pool, artifact=out_dir / conv["file"], io=io, golden_inputs=ctx.golden_inputs,
                    golden_outputs=ctx.golden_outputs, policy=ctx.policy, precision=precision, log=log,
                    work_dir=attempt_dir / "run", timeout_s=ctx.timeout_s, options=ctx.runner_options(precision),
-                   task=ctx.task)
+                   task=ctx.task, real_cases=ctx.real_cases)
     parity, timings = check_artifact(job, route.runtime, cases)
     attempt = Attempt(route=label, status=parity["status"], seconds=time.monotonic() - start,
                       stage=parity.get("stage") or ("compare" if parity["status"] == "fail" else None),
@@ -330,3 +336,5 @@ def _keep(ctx: TargetContext, art: Artifact, key: str) -> None:
     art.bytes = path_bytes(dest)
     if art.precision == "float32" and any(art.target in t.consumes for t in TARGET_INFO.values()):
         ctx.prior[art.target] = dest  # a later target converts from it
+        if art.io is not None:
+            ctx.prior_io[art.target] = art.io.to_dict()

@@ -34,6 +34,7 @@ from portable_models.errors import (
 )
 
 __all__ = [
+    "with_eval_cases",
     "Cases",
     "case_sizes",
     "make_inputs",
@@ -355,6 +356,24 @@ def _group(path: Path, members: list[tuple[str, np.ndarray]],
                         stage="load", fix="members are named <case>/<tensor>")
         by_case.setdefault(int(case), {})[name] = arr
     return [by_case[i] for i in sorted(by_case)]
+
+
+def with_eval_cases(cases: Cases, specs: Sequence[TensorSpec],
+                    eval_samples: Sequence[Mapping[str, Any]] | None) -> tuple[Cases, dict[str, Any]]:
+    """``cases`` and then the held-out real inputs ``eval_samples`` (each an array per input,
+    cast to its declared dtype), and the meta that says where they start and how many."""
+    if not eval_samples:
+        return cases, {}
+    from portable_models.core.arrays import to_numpy
+
+    extra = []
+    for i, case in enumerate(eval_samples):
+        missing = [s.name for s in specs if s.name not in case]
+        if missing:
+            raise UsageError(f"eval sample {i} lacks {missing}", stage="capture",
+                             fix="give every eval sample an array per input name")
+        extra.append({s.name: np.ascontiguousarray(to_numpy(case[s.name]).astype(s.dtype)) for s in specs})
+    return [*cases, *extra], {"eval": {"first": len(cases), "cases": len(extra), "sha256": cases_digest(extra)}}
 
 
 def check_outputs(cases: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> list[str]:

@@ -106,6 +106,12 @@ def next_steps(contract: Contract) -> list[str]:
             lines.append(f"{art.key}: {fmt(ratio)}x the fp32 size; truth: {fmt(100 * truth.get('int8_share', 0))}% of "
                          f"weight bytes int8, {truth.get('quantized_activations', 0)} quantised activations, "
                          f"{ops}; {judged}")
+        split = art.parity.get("real_vs_random")
+        if isinstance(split, dict) and split.get("real") != split.get("random"):
+            lines.append(f"{art.key}: the {split.get('random_cases')} random golden cases say {split.get('random')}, "
+                         f"the {split.get('real_cases')} held-out real ones say {split.get('real')}"
+                         + (" (real data rules a quantised variant)" if split.get("rules") == "real"
+                            else " (every case must pass at this precision)"))
         acc = art.parity.get("accuracy")
         if isinstance(acc, dict):
             lines.append(f"{art.key}: accuracy {fmt(acc.get('artifact'))} against the source's {fmt(acc.get('source'))} "
