@@ -114,3 +114,23 @@ MISLABELLED_INT8 = (
               impl="injected_routes:int8_without_calibration", requires=("onnx", "onnxruntime"),
               runtime="onnxruntime", framework="none", precisions=("int8",)),
 )
+
+
+def fake_pte_int8(job: ConvertJob) -> ConvertResult:
+    """A mislabelled ExecuTorch variant: the float32 .pte twin, copied and called int8."""
+    import shutil
+
+    from portable_models.convert.base import Step
+    from portable_models.core.iomap import IoMap
+
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(job.prior_artifacts["executorch"], job.out_dir / "model_int8.pte")
+    return ConvertResult(file="model_int8.pte", io=IoMap.identity(job.input_names, job.output_names),
+                         precision=job.precision, steps=[Step(step="copy", version="0")],
+                         meta={"method": "forward", "positional_inputs": job.input_names})
+
+
+MISLABELLED_PTE = (
+    RouteInfo(name="test-fake-pte-int8", target="executorch", source="torch", impl="injected_routes:fake_pte_int8",
+              requires=("torch",), runtime="executorch", framework="none", precisions=("int8",)),
+)

@@ -17,6 +17,15 @@ the written file against the declared maxima.
 
 The program is fed positionally: physical names are the logical names, and the
 order is the io map's input order (``meta["positional_inputs"]``).
+
+The int8 variants, ``executorch-xnnpack-pt2e``: PT2E on the captured program's module with
+ExecuTorch's ``XNNPACKQuantizer`` (symmetric, per-channel int8 weights; ``int8``: activation
+ranges observed on the calibration data; ``int8-dynamic``: activations quantised at run time),
+re-exported with the program's dynamic dims (fixed shapes, ``meta["dynamic"] = False``, where
+the export refuses them), lowered to XNNPACK like the float32 route. Float io. Known gap of
+the quantizer: in dynamic mode it leaves a conv that feeds a single ``relu`` in float (its
+conv+relu pattern is static-only), so a conv-relu network is mostly float and fails its
+int8-dynamic truth check (:mod:`portable_models.run.truth_pte` reads what the .pte holds).
 """
 
 from __future__ import annotations
@@ -24,16 +33,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.convert.torch_program import load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
-from portable_models.errors import ConversionError, MissingDependencyError
+from portable_models.errors import ConversionError, DynamicDimsRefused, MissingDependencyError
 
-__all__ = ["convert_xnnpack", "convert_portable", "ARTIFACT", "METHOD"]
+__all__ = ["convert_xnnpack", "convert_portable", "convert_xnnpack_quantized", "ARTIFACT", "METHOD"]
 
 ARTIFACT = "model.pte"
 METHOD = "forward"
+#: the quantised variants' file names, by precision
+QUANTIZED_ARTIFACTS = {"int8-dynamic": "model_int8_dynamic.pte", "int8": "model_int8.pte"}
 
 
 def convert_xnnpack(job: ConvertJob) -> ConvertResult:
@@ -142,6 +155,99 @@ def _to_executorch(job: ConvertJob, edge: Any) -> Any:
     except Exception as exc:
         raise ConversionError(f"executorch to_executorch failed: {type(exc).__name__}: {exc}",
                               stage="convert:executorch") from exc
+
+
+# -- the int8 variants --------------------------------------------------------------------
+def convert_xnnpack_quantized(job: ConvertJob) -> ConvertResult:
+    """PT2E with ``XNNPACKQuantizer`` (int8: calibrated static; int8-dynamic), then
+    ``to_edge_transform_and_lower`` with the XNNPACK partitioner and ``to_executorch``."""
+    if job.precision not in QUANTIZED_ARTIFACTS:
+        raise ConversionError(f"route {job.route!r} makes int8-dynamic or int8, not {job.precision!r}",
+                              stage="convert:executorch", fix="the float32 twin comes from executorch-xnnpack")
+    _require("executorch.exir")
+    _require("torchao.quantization.pt2e.quantize_pt2e")
+    ep = _load_program(job)
+    _check_signature(job, ep)
+    dynamic = job.precision == "int8-dynamic"
+    quantized, rows = _quantize(job, ep, dynamic)
+    qep, note = _reexport(job, quantized, _declared_bounds(job, ep))
+    bounds = _declared_bounds(job, qep)
+    _pin_bounds(job, qep, bounds)
+    edge = _lower(job, qep, "xnnpack")
+    pinned = _pin_bounds(job, edge.exported_program(), bounds)
+    program = _to_executorch(job, edge)
+    path = job.out_dir / QUANTIZED_ARTIFACTS[job.precision]
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(program.buffer)
+    meta: dict[str, Any] = {"backend": "xnnpack", "method": METHOD, "positional_inputs": job.input_names,
+                            "dynamic": note is None, "weights": "int8",
+                            "planned_dims": _check_written(job, path, bounds), **_delegation(edge)}
+    if note is not None:
+        meta["dynamic_note"] = note
+    if pinned:
+        meta["bounds_restored"] = pinned
+    if not dynamic:
+        calibration = job.options["calibration"]
+        meta["calibration"] = {"sha256": calibration["sha256"], "cases": calibration["cases"], "rows": rows}
+    steps = _steps("xnnpack", package_version("torch") or "")
+    steps.insert(1, Step(step="torchao prepare_pt2e/convert_pt2e", version=package_version("torchao"),
+                         detail={"quantizer": "executorch XNNPACKQuantizer", "symmetric": True,
+                                 "per_channel": True, "is_dynamic": dynamic, "calibration_rows": rows,
+                                 "executorch": package_version("executorch")}))
+    steps.insert(2, Step(step="torch.export.export", version=package_version("torch") or "",
+                         detail={"dynamic_shapes": note is None}))
+    return ConvertResult(file=path.name, io=IoMap.identity(job.input_names, job.output_names), steps=steps,
+                         precision=job.precision, meta=meta)
+
+
+def _quantize(job: ConvertJob, ep: Any, dynamic: bool) -> tuple[Any, int]:
+    """prepare_pt2e → (int8: run the calibration data through it) → convert_pt2e; the rows seen."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from portable_models.convert.tflite import _calibration_feeds  # the calibration cases, batched
+
+    sample = {n: torch.from_numpy(np.ascontiguousarray(job.sample_inputs[n])) for n in job.input_names}
+    feeds = [sample] if dynamic else list(_calibration_feeds(job, job.input_names, sample))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    try:
+        prepared = prepare_pt2e(ep.module(), XNNPACKQuantizer().set_global(config))
+        with torch.no_grad():
+            for feed in feeds:
+                prepared(*[feed[n] for n in job.input_names])
+            return convert_pt2e(prepared), 0 if dynamic else sum(len(f[job.input_names[0]]) for f in feeds)
+    except Exception as exc:
+        raise ConversionError(f"PT2E quantisation (XNNPACKQuantizer) failed: {type(exc).__name__}: {exc}"[:600],
+                              file=str(job.source_file), stage="convert:executorch") from exc
+
+
+def _reexport(job: ConvertJob, module: Any, bounds: dict[str, tuple[int, int]]) -> tuple[Any, str | None]:
+    """``torch.export`` of the quantised module with the program's dynamic dims (declared
+    bounds); fixed at the sample's shape where the export refuses them (the note says why)."""
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(job.sample_inputs[n])) for n in job.input_names)
+    dims = {d: torch.export.Dim(d, min=lo, max=hi) for d, (lo, hi) in bounds.items()}
+    shapes = tuple({a: dims[d] for a, d in spec.dynamic_axes.items() if d in dims} or None for spec in job.inputs)
+    note = None
+    if any(shapes):
+        try:
+            return torch.export.export(module, args, dynamic_shapes=shapes), None
+        except Exception as exc:
+            if not job.fixed_shape_fallback:
+                raise DynamicDimsRefused(
+                    f"torch.export of the quantised module refused the dynamic dims ({type(exc).__name__}: {exc})"[:400],
+                    stage="convert:executorch", fix="a fixed-shape conversion is tried if no route keeps them") from exc
+            note = f"dynamic dims refused, fixed shape used: {type(exc).__name__}: {exc}"[:400]
+    try:
+        return torch.export.export(module, args), note
+    except Exception as exc:
+        raise ConversionError(f"torch.export of the quantised module failed: {type(exc).__name__}: {exc}"[:600],
+                              file=str(job.source_file), stage="convert:executorch") from exc
 
 
 # -- dynamic dims -----------------------------------------------------------------------
