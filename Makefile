@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench clean constraints
+.PHONY: demo test lint typecheck unit bench diagnose-sweep clean constraints
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# diagnose on a fault seeded in every layer with weights of three models, all five targets
+# (~15 min on 2 cores): the tally goes to docs/diagnose_sweep.md
+diagnose-sweep: $(STAMP)
+	PM_DIAGNOSE_SWEEP=all $(BIN)/python -m pytest -s tests/integration/test_diagnose_faults.py -k "seeded or intact"
 
 # Regenerate constraints.txt from the current .venv (after a deliberate upgrade).
 constraints: $(STAMP)

@@ -25,7 +25,9 @@ one run on this machine. Results: bench/results/bench.json and bench.md.
    COLD_PAIRS pairs back to back (the order flipping): the median of the pairs' ratios;
 6. the caller's peak RSS growth during an export (target < 100 MB);
 7. `portable-models diagnose` of the demo (all five targets) against `portable-models verify`,
-   both fresh processes, DIAGNOSE_PAIRS pairs (target <= 3x; the median of the pairs).
+   both fresh processes, DIAGNOSE_PAIRS pairs (target <= 3x; the median of the pairs);
+8. the demo's quantised variants (ONNX, TFLite, ExecuTorch; int8-weight, int8-dynamic, int8)
+   against its fp32 artifacts: size ratio and p50 latency ratio, same runtime, same run (shown).
 
 It prints each step's seconds as it goes (the whole run took 6-9 min here, with the VM's speed,
 most of it the converters' own time: nine first exports of the demo or their direct replays at
@@ -70,6 +72,8 @@ ROUNDS = max(1, int(os.environ.get("PM_BENCH_ROUNDS", "3")))
 COLD_PAIRS = 3
 #: cold diagnose / cold verify pairs of the demo bundle (whole processes)
 DIAGNOSE_PAIRS = 2
+#: timed runs per artifact for the variant rows
+VARIANT_RUNS = 50
 
 
 def cold_import_ms(runs: int = 7) -> tuple[float, list[str]]:
@@ -181,6 +185,40 @@ def cold_verify_pairs(bundle: Path) -> tuple[list[float], list[float]]:
             direct.append(_process_s(*floor))
             verify.append(_process_s(*cli))
     return verify, direct
+
+
+def variant_rows(work: Path) -> list[dict[str, Any]]:
+    """The demo model's quantised variants against its fp32 artifact, same runtime, same run:
+    size ratio and latency ratio (the bench's p50, VARIANT_RUNS runs) per (target, variant)."""
+    import torch
+
+    import portable_models as pm
+    from portable_models.demo import build_demo_model
+
+    model, example = build_demo_model()
+    g = torch.Generator().manual_seed(1)
+    calibration = [{"image": torch.rand(2, 3, 32, 32, generator=g).numpy()} for _ in range(16)]
+    made = pm.export(model, (example,), out=work / "variants", targets=["onnx", "tflite", "executorch"],
+                     precision=["fp32", "int8-weight", "int8-dynamic", "int8"], calibration=calibration,
+                     input_names=["image"], input_ranges={"image": (0.0, 1.0)}, name="demo-variants")
+    contract = pm.bench(made.path, runs=VARIANT_RUNS)
+    arts = {a.key: a for a in contract.artifacts}
+    rows = []
+    for art in contract.artifacts:
+        twin = arts.get(art.target)
+        if art.precision == "float32" or twin is None:
+            continue
+        row: dict[str, Any] = {"target": art.target, "variant": art.precision, "status": art.status}
+        mine, base = art.timings.get("bench") or {}, twin.timings.get("bench") or {}
+        if art.bytes and twin.bytes:
+            row["size_ratio"] = round(art.bytes / twin.bytes, 3)
+        if mine.get("p50_ms") and base.get("p50_ms"):
+            row.update(p50_ms=mine["p50_ms"], fp32_p50_ms=base["p50_ms"],
+                       latency_ratio=round(mine["p50_ms"] / base["p50_ms"], 3), runtime=mine.get("runtime"))
+        rows.append(row)
+    for key in (contract.options or {}).get("not_built") or []:
+        rows.append({"target": key["target"], "variant": key["precision"], "status": "not built"})
+    return rows
 
 
 def diagnose_pairs(bundle: Path) -> tuple[list[float], list[float]]:
@@ -309,6 +347,8 @@ def main() -> int:
         r["diagnose_pair_ratios"] = [d / v for d, v in zip(r["diagnose_cold_runs_s"], r["diagnose_verify_runs_s"],
                                                            strict=True)]
         steps.done("diagnose / verify pairs")
+        r["variants"] = variant_rows(work)
+        steps.done("quantised variants: export, bench")
         # warm verify where the runtimes have real work: the fixed cost per artifact matters less
         big, big_example = larger_model()
         larger = pm.export(big, (big_example,), out=work / "larger", targets=["onnx", "torchscript"],
@@ -376,6 +416,12 @@ def main() -> int:
               f"diagnose {_runs(r['diagnose_cold_runs_s'])} s against verify {_runs(r['diagnose_verify_runs_s'])} s",
               "", f"bench: {r['total_s']:.0f} s, {ROUNDS} round(s): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in r["steps_s"].items())]
+    table += ["", "| variant (demo) | size / fp32 | p50 latency / fp32 (same runtime, same run) | status |",
+              "|---|---|---|---|"]
+    table += [f"| {v['target']} {v['variant']} | {v.get('size_ratio', 'n/a')} | "
+              f"{v.get('latency_ratio', 'n/a')}"
+              + (f" ({v['p50_ms']:.3f} vs {v['fp32_p50_ms']:.3f} ms)" if "p50_ms" in v else "")
+              + f" | {v['status']} |" for v in r["variants"]]
     (RESULTS / "bench.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return 0

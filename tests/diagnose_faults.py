@@ -165,8 +165,19 @@ class Outcome:
     why: str | None = None  # a miss's reason
 
     @property
+    def seeded(self) -> bool:
+        """The fault could be put in the artifact (a weight folded into another op's, e.g. a
+        batch norm's into its convolution, has no tensor of its own to scale)."""
+        return not (self.why or "").startswith("not corrupted")
+
+    @property
     def hit(self) -> bool:
         return self.why is None and self.layer in (self.span or [self.named])
+
+    @property
+    def exact(self) -> bool:
+        """Named on its own, not inside a span of several modules."""
+        return self.hit and self.named == self.layer and len(self.span) <= 1
 
 
 def seed_and_diagnose(base: Path, model: str, layer: str, targets: Iterable[str], dest: Path) -> list[Outcome]:
@@ -203,11 +214,23 @@ def seed_and_diagnose(base: Path, model: str, layer: str, targets: Iterable[str]
     return list(outcomes.values())
 
 
+def hit_rate(outcomes: list[Outcome]) -> float:
+    """Hits among the faults that could be seeded."""
+    seeded = [o for o in outcomes if o.seeded]
+    return sum(o.hit for o in seeded) / len(seeded) if seeded else 0.0
+
+
 def tally(outcomes: list[Outcome]) -> str:
-    """Hits per target, and every miss with its reason."""
+    """Per target: hits among the seeded faults (and how many of them named the module on its
+    own rather than inside a span), the faults that could not be seeded; every miss and every
+    span, with its reason."""
     lines = []
     for target in sorted({o.target for o in outcomes}):
         mine = [o for o in outcomes if o.target == target]
-        lines.append(f"{target}: {sum(o.hit for o in mine)}/{len(mine)} named first")
+        seeded = [o for o in mine if o.seeded]
+        lines.append(f"{target}: {sum(o.hit for o in seeded)}/{len(seeded)} named first "
+                     f"({sum(o.exact for o in seeded)} on their own), {len(mine) - len(seeded)} not seedable")
     lines += [f"  miss {o.model}/{o.target}/{o.layer}: {o.why}" for o in outcomes if not o.hit]
+    lines += [f"  span {o.model}/{o.target}/{o.layer}: {o.named} with {o.span}" for o in outcomes
+              if o.hit and not o.exact]
     return "\n".join(lines)

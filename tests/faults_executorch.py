@@ -1,7 +1,7 @@
 """Seeded fault for ExecuTorch artifacts: scale a module's weight constant inside the .pte.
 
 The tensor is found through the program, not guessed: the instructions the diagnose tap maps
-to the module (:func:`portable_models.diagnose.executorch.program_map`) are read from the
+to the module (:func:`portable_models.diagnosis.executorch.program_map`) are read from the
 execution plan (``exir._serialize``), and the constant among their arguments that holds the
 source's ``<module>.weight`` (byte for byte, same sizes) is the one scaled. A constant buffer
 that other values share (two LayerNorms with equal weights are stored once) is copied, and
@@ -22,7 +22,7 @@ def corrupt(artifact: Path, module: str, factor: float, bundle: Path, art: dict[
     import torch
     from executorch.exir._serialize._program import deserialize_pte_binary, serialize_pte_binary
 
-    METHOD, program_map = _tap_helpers()
+    from portable_models.diagnosis.executorch import METHOD, program_map
 
     source = bundle / "source" / "model.pt2"
     state = torch.export.load(str(source)).state_dict
@@ -39,22 +39,6 @@ def corrupt(artifact: Path, module: str, factor: float, bundle: Path, art: dict[
     if not _scale_constant(pte.program, plan, steps, raw, scaled, list(state[name].shape)):
         _scale_named(pte, steps, raw, scaled, module)
     artifact.write_bytes(bytes(serialize_pte_binary(pte, extract_delegate_segments=True)))
-
-
-def _tap_helpers() -> tuple[str, Any]:
-    """The tap's map, imported without leaving ``portable_models.diagnose`` (the function)
-    shadowed by the subpackage of the same name, as importing a submodule does."""
-    import importlib
-
-    import portable_models
-
-    before = portable_models.__dict__.get("diagnose")
-    tap = importlib.import_module("portable_models.diagnose.executorch")
-    if before is None:
-        portable_models.__dict__.pop("diagnose", None)
-    else:
-        portable_models.diagnose = before
-    return tap.METHOD, tap.program_map
 
 
 def _scale_constant(program: Any, plan: Any, steps: list[Any], raw: bytes, scaled: bytes,

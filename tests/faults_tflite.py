@@ -2,7 +2,7 @@
 buffer, in place (the flatbuffer's bytes, nothing else recomputed).
 
 The file's tensor names do not say which module a constant belongs to (see
-:mod:`portable_models.diagnose.tflite`), so the constant is found the way the tap names
+:mod:`portable_models.diagnosis.tflite`), so the constant is found the way the tap names
 activations: the route's conversion rebuilt with source-node locations, which label each
 constant with the source nodes it was folded from. The module's weight is
 
@@ -84,8 +84,8 @@ def _source_weights(bundle: Path, module: str) -> list[np.ndarray]:
 
 def _labels_in_a_child(artifact: Path, bundle: Path, art: dict[str, Any],
                        module: str) -> tuple[dict[int, list[str]], set[str]]:
-    """:func:`_constant_labels` in a child interpreter: importing the ``portable_models.diagnose``
-    package here would shadow ``portable_models.diagnose`` the function (PEP 562's lazy name)
+    """:func:`_constant_labels` in a child interpreter: importing the ``portable_models.diagnosis``
+    package here would shadow ``portable_models.diagnosis`` the function (PEP 562's lazy name)
     for the caller, and the rebuild's memory goes with the child."""
     import subprocess
     import sys
@@ -103,9 +103,9 @@ def _constant_labels(artifact: Path, bundle: Path, art: dict[str, Any],
     """Every constant's source nodes (the rebuilt file's labels), and ``module``'s nodes."""
     import torch
 
-    from portable_models.diagnose import tflite
-    from portable_models.diagnose.reference import torch_reference
-    from portable_models.diagnose.taps import ReferenceStore, TapRequest
+    from portable_models.diagnosis import tflite
+    from portable_models.diagnosis.reference import torch_reference
+    from portable_models.diagnosis.taps import ReferenceStore, TapRequest
 
     contract = json.loads((bundle / "contract.json").read_text())
     source = bundle / contract["source"]["file"]

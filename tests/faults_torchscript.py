@@ -8,7 +8,6 @@ unfrozen module's parameter ``<module>.weight`` is scaled directly."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ def corrupt(artifact: Path, module: str, factor: float, bundle: Path, art: dict[
     import torch
 
     from portable_models.convert.torchscript import _flat_module
+    from portable_models.diagnosis.torchscript import _FOLDED, _op_name, fx_node_of
 
     ts = torch.jit.load(str(artifact), map_location="cpu")
     params = dict(ts.named_parameters())
@@ -44,26 +44,6 @@ def corrupt(artifact: Path, module: str, factor: float, bundle: Path, art: dict[
                 torch.jit.save(ts, str(artifact))
                 return
     raise LookupError(f"no constant weight of {module} in {artifact.name}")
-
-
-# The tap's helpers (portable_models.diagnose.torchscript), copied: importing a submodule of
-# portable_models.diagnose here would bind the package attribute ``diagnose`` to the
-# subpackage, shadowing the lazy ``portable_models.diagnose`` function the harness calls.
-_FX_FRAME = re.compile(r"<eval_with_key>\.\d+\((\d+)\): forward")
-_ASSIGN = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")
-_FOLDED = {"batch_norm", "_native_batch_norm_legit_no_training", "dropout", "clone", "contiguous",
-           "alias", "detach"}
-
-
-def fx_node_of(source_range: str, lines: list[str]) -> str | None:
-    frame = _FX_FRAME.search(source_range or "")
-    index = int(frame.group(1)) - 1 if frame else -1
-    assigned = _ASSIGN.match(lines[index]) if 0 <= index < len(lines) else None
-    return assigned.group(1) if assigned else None
-
-
-def _op_name(target: Any) -> str:
-    return str(getattr(target, "__name__", target)).split(".")[0]
 
 
 def _module_of(node: Any) -> str:

@@ -40,7 +40,6 @@ def drift_onnx(job: ConvertJob) -> ConvertResult:
 def drift_c2_onnx(job: ConvertJob) -> ConvertResult:
     """The real ONNX route, then module ``c2``'s weights scaled by 1.05 (one layer off)."""
     from faults_onnx import corrupt
-
     from portable_models.convert.onnx import convert_torch_onnx
 
     result = convert_torch_onnx(job)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from portable_models.contract.model import Contract, load_contract
     from portable_models.core.spec import DimSpec, TensorSpec
     from portable_models.core.tolerance import Tolerance, TolerancePolicy
-    from portable_models.diagnose import diagnose
+    from portable_models.diagnosis import diagnose
     from portable_models.errors import PortableModelsError
     from portable_models.isolation.pool import shutdown_workers
     from portable_models.rerun import VerifyReport, verify
@@ -54,7 +54,7 @@ _LAZY = {
     "DimSpec": "portable_models.core.spec",
     "PortableModelsError": "portable_models.errors",
     "shutdown_workers": "portable_models.isolation.pool",
-    "diagnose": "portable_models.diagnose",
+    "diagnose": "portable_models.diagnosis",
 }
 
 

@@ -126,7 +126,7 @@ class Bundle:
     def report(self) -> str:
         text = render_table(self.contract)
         if self.diagnosis:
-            from portable_models.diagnose import summary
+            from portable_models.diagnosis import summary
 
             text += "\n" + summary(self.diagnosis)
         return text
@@ -205,7 +205,7 @@ def _diagnose_failures(pool: Any, root: Path, contract: Contract, missed: dict[s
     if not opts.diagnose or not missed:
         return None
     from portable_models.core.iomap import IoMap
-    from portable_models.diagnose import diagnose_staged
+    from portable_models.diagnosis import diagnose_staged
 
     stand_ins = [dataclasses.replace(a, file=Path(missed[a.key]["file"]).relative_to(root).as_posix(),
                                      route_name=missed[a.key]["route"],
@@ -334,6 +334,18 @@ def _calibration(opts: ExportOptions, captured: Captured, root: Path) -> dict[st
     return {"calibration": {"file": str(path), "sha256": golden.cases_digest(cases), "cases": len(cases)}}
 
 
+def _not_built(captured: Captured, opts: ExportOptions) -> dict[str, Any]:
+    """The requested (target, precision) pairs no target here carries, with the reason."""
+    from portable_models.core.targets import not_built_reason
+
+    targets = _targets(opts.targets)
+    if opts.targets == "all":
+        targets = [t for t in targets if routes_for(t, captured.framework)]
+    missing = [{"target": t, "precision": p, "reason": not_built_reason(t, p)}
+               for p in _precisions(opts.precision) for t in targets if p not in TARGET_INFO[t].precisions]
+    return {"not_built": missing} if missing else {}
+
+
 def _real_cases(spec: Mapping[str, Any] | None) -> tuple[int, ...]:
     """The golden case indices of the held-out real data (``golden.eval``)."""
     return tuple(range(int(spec["first"]), int(spec["first"]) + int(spec["cases"]))) if spec else ()
@@ -349,6 +361,7 @@ def _task(opts: ExportOptions, captured: Captured, root: Path) -> TaskCheck | No
         raise UsageError("labels= and eval_labels= both given",
                          fix="label one real set: the samples (labels=) or the held-out eval samples (eval_labels=)")
     cases = captured.golden_outputs
+    given: Sequence[Any]
     if opts.labels is not None:
         if captured.meta.get("samples") != "user":
             raise UsageError("labels= needs samples=: the labels name the classes of the real sample inputs",
@@ -358,7 +371,7 @@ def _task(opts: ExportOptions, captured: Captured, root: Path) -> TaskCheck | No
         if not captured.meta.get("eval"):
             raise UsageError("eval_labels= needs eval_samples=: the labels name the classes of the held-out inputs",
                              fix="pass eval_samples=[{input: array}, …] with one eval_labels entry per eval sample")
-        first, given = int(captured.meta["eval"]["first"]), opts.eval_labels
+        first, given = int(captured.meta["eval"]["first"]), opts.eval_labels or ()
     labelled = cases[first:first + len(given)] if opts.eval_labels is None else cases[first:]
     output = opts.label_output or captured.outputs[0].name
     if output not in cases[0]:
@@ -394,7 +407,7 @@ def _contract(captured: Captured, root: Path, opts: ExportOptions, policy: Toler
                 **({"labels": "golden/labels.npz", "task": task.to_contract()} if task is not None else {})},
         tolerance=policy.to_dict(), artifacts=artifacts,
         options={"targets": _targets(opts.targets), "precision": _precisions(opts.precision),
-                 "routes": dict(opts.routes)},
+                 "routes": dict(opts.routes), **_not_built(captured, opts)},
     )
 
 

@@ -93,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _show_logs(args.out, sys.stderr)
     sys.stdout.write(_report(bundle, args.format))
     if bundle.diagnosis:  # where each failing artifact first diverges (reports/diagnose.json)
-        from portable_models.diagnose import summary
+        from portable_models.diagnosis import summary
 
         (sys.stdout if args.format == "table" else sys.stderr).write("\n" + summary(bundle.diagnosis))
     return 0 if bundle.passed(args.allow_unverified or ()) else 1
@@ -198,7 +198,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     import json
 
-    from portable_models.diagnose import diagnose
+    from portable_models.diagnosis import diagnose
 
     report = diagnose(args.bundle, targets=args.targets, case=args.case, timeout_s=args.timeout,
                       trust_bundle=args.trust_bundle)

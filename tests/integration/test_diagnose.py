@@ -126,10 +126,10 @@ def test_a_keras_source_is_localised_per_layer(tmp_path: Path) -> None:
     One layer's kernel changed in the ONNX file: that layer is named first."""
     keras = pytest.importorskip("keras")
     import onnx
-    from diagnose_faults import reseal
     from onnx import numpy_helper
 
     import portable_models as pm
+    from diagnose_faults import reseal
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((12, 12, 3), name="image")

@@ -12,52 +12,18 @@ import numpy as np
 import pytest
 
 import portable_models as pm
+from digits import ROWS
+from digits import digits as load_digits_set
 from portable_models.contract.model import load_contract
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.slow
 
-ROWS = 40  # rows per golden case
-
-
-class Digits(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = torch.nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.c1(x))
-        x = torch.max_pool2d(torch.relu(self.c2(x)), 2)
-        return self.fc(torch.flatten(x, 1))
-
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, Any]:
-    """The digits, split; a CNN trained on the first 1400 in a few seconds."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.images / 16.0).astype(np.float32)[:, None]
-    y = data.target.astype(np.int64)
-    torch.manual_seed(0)
-    model = Digits()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
-    for _ in range(80):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    model.eval()
-    test_x, test_y = x[1400:1400 + 9 * ROWS], y[1400:1400 + 9 * ROWS]
-    with torch.no_grad():
-        acc = float((model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())
-    assert acc > 0.9, acc
-    return {"model": model, "samples": [{"image": test_x[i:i + ROWS]} for i in range(0, len(test_x), ROWS)],
-            "labels": [test_y[i:i + ROWS] for i in range(0, len(test_y), ROWS)],
-            "calibration": [{"image": x[i:i + 20]} for i in range(0, 400, 20)]}
+    return load_digits_set()
 
 
 def _export(digits: dict[str, Any], out: Path, model: Any = None, **kw: Any) -> Any:
@@ -222,7 +188,7 @@ def test_held_out_eval_data_rules_a_variant_and_random_cases_are_judged_beside_i
     import sys
 
     bundle = pm.export(digits["model"], (torch.from_numpy(digits["samples"][0]["image"]),), out=tmp_path / "ev",
-                       targets=["onnx"], precision=["fp32", "int8"], eval_samples=digits["samples"],
+                       targets=["onnx", "torchscript"], precision=["fp32", "int8"], eval_samples=digits["samples"],
                        eval_labels=digits["labels"], calibration=digits["calibration"], input_names=["image"],
                        output_names=["logits"], dynamic_dims={"image": {0: ("batch", 1, 64)}},
                        input_ranges={"image": (0.0, 1.0)})
@@ -230,11 +196,15 @@ def test_held_out_eval_data_rules_a_variant_and_random_cases_are_judged_beside_i
     golden = bundle.contract.golden
     assert golden["samples"] == "example+random" and golden["eval"]["cases"] == 9 and golden["eval"]["first"] == 4
     arts = {a.key: a for a in bundle.contract.artifacts}
-    for key, rules in (("onnx", "all"), ("onnx-int8", "real")):
+    for key, rules in (("onnx", "all"), ("torchscript", "all"), ("onnx-int8", "real")):
         split = arts[key].parity["real_vs_random"]
         assert (split["real_cases"], split["random_cases"], split["rules"]) == (9, 4, rules), split
         assert arts[key].parity["accuracy"]["rows"] == 9 * ROWS
     assert arts["onnx-int8"].parity["status"] == arts["onnx-int8"].parity["real_vs_random"]["real"]
+    assert "torchscript-int8" not in arts  # no silent fp32 copy: said why, in the contract and the report
+    (skipped,) = bundle.contract.options["not_built"]
+    assert (skipped["target"], skipped["precision"]) == ("torchscript", "int8") and "quantize_dynamic" in skipped["reason"]
+    assert "torchscript-int8: not built: " in bundle.report()
     again = {a.key: a for a in pm.verify(tmp_path / "ev").results}
     for key in arts:
         assert again[key].parity["real_vs_random"] == arts[key].parity["real_vs_random"]

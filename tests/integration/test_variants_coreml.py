@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import portable_models as pm
+from digits import ROWS
+from digits import digits as load_digits_set
 from portable_models.run.mil import kernels_constexpr as kc
 
 torch = pytest.importorskip("torch")
@@ -20,46 +22,13 @@ pytest.importorskip("sklearn")
 pytest.importorskip("coremltools")
 pytestmark = pytest.mark.slow
 
-ROWS = 40  # rows per golden case
+
 RNG = np.random.default_rng(0)
-
-
-class Digits(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = torch.nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.c1(x))
-        x = torch.max_pool2d(torch.relu(self.c2(x)), 2)
-        return self.fc(torch.flatten(x, 1))
 
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, Any]:
-    """The digits, split; a CNN trained on the first 1400 in a few seconds."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = (data.images / 16.0).astype(np.float32)[:, None]
-    y = data.target.astype(np.int64)
-    torch.manual_seed(0)
-    model = Digits()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
-    for _ in range(80):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    model.eval()
-    test_x, test_y = x[1400:1400 + 9 * ROWS], y[1400:1400 + 9 * ROWS]
-    with torch.no_grad():
-        acc = float((model(torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())
-    assert acc > 0.9, acc
-    return {"model": model, "samples": [{"image": test_x[i:i + ROWS]} for i in range(0, len(test_x), ROWS)],
-            "labels": [test_y[i:i + ROWS] for i in range(0, len(test_y), ROWS)]}
+    return load_digits_set()
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,

@@ -10,68 +10,24 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import portable_models as pm
+from digits import ROWS
+from digits import digits as load_digits_set
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("executorch.backends.xnnpack.quantizer.xnnpack_quantizer")
 pytestmark = pytest.mark.slow
 
-ROWS = 40  # rows per golden case
-
-
-class Digits(torch.nn.Module):
-    """The CNN of test_variants.py; ``relu6`` instead of ``relu`` where said (see below)."""
-
-    def __init__(self, relu6: bool = False) -> None:
-        super().__init__()
-        self.act = torch.nn.functional.relu6 if relu6 else torch.relu
-        self.c1 = torch.nn.Conv2d(1, 16, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = torch.nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.c1(x))
-        x = torch.max_pool2d(self.act(self.c2(x)), 2)
-        return self.fc(torch.flatten(x, 1))
-
-
-def _train(x: np.ndarray, y: np.ndarray, relu6: bool) -> Digits:
-    torch.manual_seed(0)
-    model = Digits(relu6)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
-    for _ in range(80):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    return model.eval()
-
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, Any]:
-    """The digits, split; the CNN trained on the first 1400 in a few seconds, with relu and with relu6."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    # reshape, not [:, None]: numpy's new axis has stride 0, torch.export keeps it for the example
-    # input, and the float32 .pte refuses it ("0 in strides is not supported for ExecuTorch")
-    x = (data.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    y = data.target.astype(np.int64)
-    test_x, test_y = x[1400:1400 + 9 * ROWS], y[1400:1400 + 9 * ROWS]
-    models = {}
-    for relu6 in (False, True):
-        models[relu6] = _train(x, y, relu6)
-        with torch.no_grad():
-            acc = float((models[relu6](torch.from_numpy(test_x)).argmax(1).numpy() == test_y).mean())
-        assert acc > 0.9, acc
-    return {"relu": models[False], "relu6": models[True],
-            "samples": [{"image": test_x[i:i + ROWS]} for i in range(0, len(test_x), ROWS)],
-            "labels": [test_y[i:i + ROWS] for i in range(0, len(test_y), ROWS)],
-            "calibration": [{"image": x[i:i + 20]} for i in range(0, 400, 20)]}
+    """The digits CNN with relu, and with relu6 (XNNPACK's dynamic quantizer leaves a conv that
+    feeds a plain relu in float: only relu6 nets are int8-dynamic through it)."""
+    relu, relu6 = load_digits_set(), load_digits_set(relu6=True)
+    return {**relu, "relu": relu["model"], "relu6": relu6["model"]}
 
 
 def _export(digits: dict[str, Any], out: Path, model: Any, **kw: Any) -> Any:

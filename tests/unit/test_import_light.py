@@ -48,3 +48,13 @@ def test_lazy_names_stay_light() -> None:
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_diagnose_stays_the_function_after_its_package_is_imported() -> None:
+    """``pm.diagnose`` is a function; importing the package that holds it (and its taps) must
+    not replace it with a module, as a subpackage of the same name would."""
+    code = ("import portable_models as pm, importlib; f = pm.diagnose; "
+            "importlib.import_module('portable_models.diagnosis.taps'); "
+            "assert pm.diagnose is f and callable(pm.diagnose), pm.diagnose")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

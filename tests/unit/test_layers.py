@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "src" / "portable_models"
-PACKAGES = ("core", "contract", "isolation", "capture", "convert", "run", "compare", "diagnose")
+PACKAGES = ("core", "contract", "isolation", "capture", "convert", "run", "compare", "diagnosis")
 STAGES = ("capture", "convert", "run")
 BASE = ("errors", "_version")  # the root modules every layer may use
 

@@ -79,7 +79,7 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     import torch
 
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        example_inputs = (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         args = tuple(example_inputs)
     else:
@@ -89,7 +89,9 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
         if not isinstance(a, torch.Tensor):
             raise UsageError(f"example input {i} is a {type(a).__name__}, not a tensor", stage=_STAGE,
                              fix="pass tensors only")
-    return args
+    # fresh row-major strides: a view such as x[:, None] of a numpy array keeps a stride of 0 on
+    # its unit axis, which torch.export records and ExecuTorch refuses ("0 in strides")
+    return tuple(a.clone(memory_format=torch.contiguous_format) for a in args)
 
 
 def _dynamic_shapes(names: list[str], args: tuple[Any, ...], axes: dict[str, dict[int, str]],

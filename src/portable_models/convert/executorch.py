@@ -209,10 +209,12 @@ def _quantize(job: ConvertJob, ep: Any, dynamic: bool) -> tuple[Any, int]:
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from portable_models.convert.tflite import _calibration_feeds  # the calibration cases, batched
+    from portable_models.convert.torch_program import (
+        calibration_batches,  # the calibration cases, batched
+    )
 
     sample = {n: torch.from_numpy(np.ascontiguousarray(job.sample_inputs[n])) for n in job.input_names}
-    feeds = [sample] if dynamic else list(_calibration_feeds(job, job.input_names, sample))
+    feeds = [sample] if dynamic else list(calibration_batches(job, job.input_names, sample))
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
     try:
         prepared = prepare_pt2e(ep.module(), XNNPACKQuantizer().set_global(config))

@@ -70,10 +70,9 @@ def _pass_steps(job: Any) -> list[Any]:
 def _truth(job: Any, artifact: Path) -> dict[str, Any]:
     """A quantised variant, whichever route made it, must be what its label says before it is
     checked (:mod:`portable_models.run.truth`): its facts, and its size against its fp32 twin."""
-    from portable_models.run import check_truth, facts_of
-
     from portable_models.core.hashing import path_bytes
     from portable_models.core.targets import TARGET_INFO
+    from portable_models.run import check_truth, facts_of
 
     target = next((t for t, info in TARGET_INFO.items() if artifact.suffix == "." + info.file_format), "")
     twin = job.prior_artifacts.get(target)  # its fp32 twin (the target consumes its own float32 artifact)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
-from portable_models.convert.torch_program import load_program
+from portable_models.convert.torch_program import calibration_batches, load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.errors import ConversionError, DynamicDimsRefused, PortableModelsError
@@ -177,7 +177,10 @@ def convert_litert_torch_pt2e(job: ConvertJob) -> ConvertResult:
     """PT2E quantisation with litert-torch's quantizer, then ``litert_torch.convert``."""
     import litert_torch
     import torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -197,9 +200,9 @@ def convert_litert_torch_pt2e(job: ConvertJob) -> ConvertResult:
             if dynamic:
                 prepared(**kwargs)
             else:
-                for feed in _calibration_feeds(job, phys_in, kwargs):
+                for feed in calibration_batches(job, phys_in, kwargs):
                     prepared(**feed)
-                    rows += 1
+                    rows += int(next(iter(feed.values())).shape[0])
             quantized = convert_pt2e(prepared, fold_quantize=False)
         model = litert_torch.convert(quantized, sample_kwargs=kwargs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
         job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,30 +226,6 @@ def convert_litert_torch_pt2e(job: ConvertJob) -> ConvertResult:
              Step(step="litert_torch.convert", version=package_version("litert-torch"),
                   detail={"dynamic_shapes": False, "quant_config": "pt2e_quantizer"})]
     return ConvertResult(file=dest.name, io=io, steps=steps, precision=job.precision, meta=meta)
-
-
-def _calibration_feeds(job: ConvertJob, names: list[str], sample: dict[str, Any]) -> Any:
-    """The calibration data in the sample's shape (the artifact's fixed shape): all cases'
-    rows, in order, cut into batches of the sample's size (a last, short batch is dropped)."""
-    import torch
-
-    from portable_models.core.golden import load_cases
-
-    calibration = job.options.get("calibration") or {}
-    if not calibration.get("file"):
-        raise ConversionError("int8 needs calibration data", stage=f"convert:{job.route}",
-                              fix="pass calibration=[{input: array}, …] (--calibration FILE.npz)")
-    cases = load_cases(Path(calibration["file"]))
-    rows = {n: np.concatenate([np.asarray(c[n]) for c in cases]) for n in job.input_names}
-    batch = int(sample[names[0]].shape[0]) if sample[names[0]].ndim else 1
-    total = len(rows[job.input_names[0]])
-    if total < batch:
-        raise ConversionError(f"{total} calibration rows do not fill one batch of {batch} (the example's)",
-                              stage=f"convert:{job.route}",
-                              fix="give at least as many calibration rows as the example input's batch")
-    for start in range(0, total - batch + 1, batch):
-        yield {p: torch.from_numpy(np.ascontiguousarray(rows[n][start:start + batch]))
-               for n, p in zip(job.input_names, names, strict=True)}
 
 
 def _signature_quant(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:

@@ -4,7 +4,8 @@ them)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from portable_models.errors import ConversionError
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
-__all__ = ["load_program", "resized_inputs"]
+__all__ = ["calibration_batches", "load_program", "resized_inputs"]
 
 
 #: the compatibility passes the last :func:`load_program` of this worker applied, with the
@@ -74,3 +75,27 @@ def resized_inputs(job: ConvertJob) -> tuple[dict[str, np.ndarray], dict[str, in
                 arr = np.take(arr, idx, axis=axis)
         out[spec.name] = arr
     return out, sizes
+
+
+def calibration_batches(job: ConvertJob, names: list[str], sample: dict[str, Any]) -> Any:
+    """The calibration data in the sample's shape (the artifact's fixed shape): all cases'
+    rows, in order, cut into batches of the sample's size (a last, short batch is dropped)."""
+    import torch
+
+    from portable_models.core.golden import load_cases
+
+    calibration = job.options.get("calibration") or {}
+    if not calibration.get("file"):
+        raise ConversionError("int8 needs calibration data", stage=f"convert:{job.route}",
+                              fix="pass calibration=[{input: array}, …] (--calibration FILE.npz)")
+    cases = load_cases(Path(calibration["file"]))
+    rows = {n: np.concatenate([np.asarray(c[n]) for c in cases]) for n in job.input_names}
+    batch = int(sample[names[0]].shape[0]) if sample[names[0]].ndim else 1
+    total = len(rows[job.input_names[0]])
+    if total < batch:
+        raise ConversionError(f"{total} calibration rows do not fill one batch of {batch} (the example's)",
+                              stage=f"convert:{job.route}",
+                              fix="give at least as many calibration rows as the example input's batch")
+    for start in range(0, total - batch + 1, batch):
+        yield {p: torch.from_numpy(np.ascontiguousarray(rows[n][start:start + batch]))
+               for n, p in zip(job.input_names, names, strict=True)}

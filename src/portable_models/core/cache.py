@@ -44,6 +44,10 @@ def cache_root() -> Path:
 def content_digest(path: Path) -> str:
     """sha256 of a file's content; for a zip archive (``.pt2``, ``.keras``, ``.npz``), of its
     members' names (first folder stripped) and bytes, so timestamps do not matter."""
+    if path.is_dir():  # a package folder (.mlpackage): every file's path and bytes
+        from portable_models.core.hashing import sha256_path
+
+        return sha256_path(path)
     h = hashlib.sha256()
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:

@@ -7,7 +7,8 @@ Adding a target is a row here, its routes (``convert/registry.py``) and its runt
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 __all__ = ["TARGETS", "TARGET_INFO", "TargetInfo", "checker_for"]
 
@@ -38,13 +39,19 @@ class TargetInfo:
     checker: str | None = None
     #: the platforms (``sys.platform``) its runtime runs on (empty: every one).
     runtime_platforms: tuple[str, ...] = ()
+    #: why a precision it does not list is not built (the report says it; never a silent copy)
+    not_built: Mapping[str, str] = field(default_factory=dict)
 
 
 TARGET_INFO: dict[str, TargetInfo] = {
     "onnx": TargetInfo(runtime="onnxruntime", file_format="onnx", precisions=("float32", "int8-dynamic", "int8"),
                        cost=4.8, family="onnx", consumes=("onnx",)),
-    "torchscript": TargetInfo(runtime="torchscript", file_format="torchscript", runs_code=True, cost=0.2,
-                              family="torch"),
+    "torchscript": TargetInfo(
+        runtime="torchscript", file_format="torchscript", runs_code=True, cost=0.2, family="torch",
+        not_built={p: "TorchScript's int8 path is torch.ao's eager quantize_dynamic, which swaps nn.Linear modules: "
+                      "the captured program the route traces has none (it would be a silent fp32 copy), and torch.ao "
+                      "quantisation is deprecated for torchao in torch 2.13; ExecuTorch, ONNX and TFLite carry int8"
+                   for p in ("int8-weight", "int8-dynamic", "int8")}),
     "executorch": TargetInfo(runtime="executorch", file_format="pte", precisions=("float32", "int8-dynamic", "int8"),
                              cost=8.0, family="torch", consumes=("executorch",)),
     "tflite": TargetInfo(runtime="litert", file_format="tflite",
@@ -57,6 +64,13 @@ TARGET_INFO: dict[str, TargetInfo] = {
 
 #: every target, in the order reports list them.
 TARGETS = tuple(TARGET_INFO)
+
+
+def not_built_reason(target: str, precision: str) -> str:
+    """Why ``target`` carries no ``precision`` variant here."""
+    info = TARGET_INFO[target]
+    return info.not_built.get(precision) or (
+        f"no {target} route here makes {precision} (this target carries {', '.join(info.precisions)})")
 
 
 def checker_for(runtime: str) -> str | None:

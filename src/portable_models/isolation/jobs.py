@@ -30,7 +30,7 @@ HANDLERS = {
     "bench": "portable_models.run.job:bench_job",
     "warm": "portable_models.isolation.jobs:warm_job",
     "ping": "portable_models.isolation.jobs:ping_job",
-    "diagnose": "portable_models.diagnose.job:diagnose_job",
+    "diagnose": "portable_models.diagnosis.job:diagnose_job",
 }
 
 

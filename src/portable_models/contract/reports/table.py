@@ -95,14 +95,18 @@ def next_steps(contract: Contract) -> list[str]:
         lines.append(f"weak evidence: output(s) {', '.join(map(repr, constant))} are the same for every "
                      "golden case (still checked: every artifact must give the same values); pass real "
                      "inputs as samples= (--samples FILE.npz) so that they vary")
+    not_built = contract.options.get("not_built") if isinstance(contract.options, dict) else None
+    for item in not_built if isinstance(not_built, list) else []:
+        if isinstance(item, dict):
+            lines.append(f"{item.get('target')}-{item.get('precision')}: not built: {item.get('reason')}")
     for art in contract.artifacts:
         truth = art.meta.get("truth")
         if isinstance(truth, dict) and art.status in ("pass", "fail"):
             ratio = art.meta.get("size_ratio_to_fp32")
             judged = "; ".join(f"{name}: cosine {fmt(res.get('cosine'))}, SQNR {fmt(res.get('sqnr_db'))} dB"
                                for name, res in outputs_of(art).items())
-            ops = (f"{truth.get('dynamic_ops', 0)} dynamic-range ops" if truth.get("format") == "tflite"
-                   else f"ops {', '.join(sorted(truth.get('quant_ops') or {})) or 'none'}")
+            ops = (f"ops {', '.join(sorted(truth.get('quant_ops') or {})) or 'none'}" if truth.get("quant_ops")
+                   else f"{truth.get('dynamic_ops', 0)} dynamic-range ops")
             lines.append(f"{art.key}: {fmt(ratio)}x the fp32 size; truth: {fmt(100 * truth.get('int8_share', 0))}% of "
                          f"weight bytes int8, {truth.get('quantized_activations', 0)} quantised activations, "
                          f"{ops}; {judged}")

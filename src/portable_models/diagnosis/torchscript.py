@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import Tapped, TapRequest, TapStream
+from portable_models.diagnosis.taps import Tapped, TapRequest, TapStream
 
 __all__ = ["fx_node_of", "module_last_nodes", "module_outputs", "taps"]
 

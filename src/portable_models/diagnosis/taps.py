@@ -23,19 +23,35 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Held", "ModuleRef", "ReferenceStore", "TapRequest", "Tapped"]
+__all__ = ["Held", "ModuleRef", "NodeRef", "ReferenceStore", "TapRequest", "Tapped"]
 
 
 @dataclass(frozen=True)
 class Tapped:
+    """The artifact's value of ``module``'s output; or, with ``node``, of that reference node
+    (one of the module's, not necessarily its last: a runtime that fuses a module's ops into
+    the next module's op still shows the fused op's output, which is that later node's)."""
+
     module: str
     value: np.ndarray
+    node: str | None = None
 
 
 @dataclass(frozen=True)
 class Held:
     modules: tuple[str, ...]
     why: str
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """One reference node, in execution order: its module, op, output shape and source line."""
+
+    name: str
+    module: str
+    op: str
+    shape: tuple[int, ...]
+    where: str | None = None
 
 
 @dataclass
@@ -57,18 +73,19 @@ class ModuleRef:
 
 
 class ReferenceStore:
-    """The reference activations, one ``.npy`` per module's output under ``folder``, written
-    as the reference runs (a module's later node overwrites its earlier one) so that only one
-    activation at a time is held here; :meth:`value` reads one back, memory-mapped."""
+    """The reference activations, one ``.npy`` per node's output under ``folder``, written as
+    the reference runs, so that only one activation at a time is held here; :meth:`value`
+    (a module's output: its last node's) and :meth:`node_value` read one back, memory-mapped."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.modules: dict[str, ModuleRef] = {}  # in the order each module first ran
         self.order: list[str] = []  # in the order each module's output was last made
+        self.nodes: list[NodeRef] = []  # every node, in execution order
 
-    def _file(self, module: str) -> Path:
-        return self.folder / (hashlib.sha256(module.encode()).hexdigest()[:24] + ".npy")
+    def _file(self, node: str) -> Path:
+        return self.folder / (hashlib.sha256(node.encode()).hexdigest()[:24] + ".npy")
 
     def record(self, module: str, node: str, op: str, where: str | None, value: np.ndarray) -> None:
         ref = self.modules.setdefault(module, ModuleRef(module))
@@ -76,13 +93,17 @@ class ReferenceStore:
         ref.ops.append(op)
         ref.op, ref.shape, ref.dtype = op, tuple(value.shape), str(value.dtype)
         ref.where = where or ref.where
-        np.save(self._file(module), np.ascontiguousarray(value), allow_pickle=False)
+        self.nodes.append(NodeRef(node, module, op, tuple(value.shape), where))
+        np.save(self._file(node), np.ascontiguousarray(value), allow_pickle=False)
         if module in self.order:
             self.order.remove(module)
         self.order.append(module)
 
+    def node_value(self, node: str) -> np.ndarray:
+        return np.load(self._file(node), mmap_mode="r", allow_pickle=False)
+
     def value(self, module: str) -> np.ndarray:
-        return np.load(self._file(module), mmap_mode="r", allow_pickle=False)
+        return self.node_value(self.modules[module].last_node)
 
     def refs(self) -> list[ModuleRef]:
         """The modules in the order their outputs were made (execution order)."""
@@ -90,7 +111,7 @@ class ReferenceStore:
 
     def node_modules(self) -> dict[str, str]:
         """Every reference node's name -> the module it belongs to."""
-        return {node: ref.module for ref in self.modules.values() for node in ref.nodes}
+        return {node.name: node.module for node in self.nodes}
 
 
 @dataclass
@@ -105,6 +126,8 @@ class TapRequest:
     modules: list[ModuleRef]
     work: Path
     payload: dict[str, Any] = field(default_factory=dict)
+    #: every reference node in execution order (a tap may answer per node: ``Tapped.node``)
+    nodes: list[NodeRef] = field(default_factory=list)
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The artifact's own inputs (physical names and layouts), from the logical case."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from portable_models.core.arrays import to_numpy
-from portable_models.diagnose.taps import ReferenceStore
+from portable_models.diagnosis.taps import ReferenceStore
 
 __all__ = ["keras_reference", "source_location", "torch_reference"]
 

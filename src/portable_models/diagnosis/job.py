@@ -12,17 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import Held, ModuleRef, ReferenceStore, TapRequest, Tapped
+from portable_models.diagnosis.taps import Held, ReferenceStore, Tapped, TapRequest
 
 __all__ = ["TAPS", "diagnose_job", "first_divergent", "metrics", "module_records"]
 
 #: target -> its tap (``module:function``), imported in the worker only
 TAPS = {
-    "onnx": "portable_models.diagnose.onnx:taps",
-    "tflite": "portable_models.diagnose.tflite:taps",
-    "coreml": "portable_models.diagnose.coreml:taps",
-    "executorch": "portable_models.diagnose.executorch:taps",
-    "torchscript": "portable_models.diagnose.torchscript:taps",
+    "onnx": "portable_models.diagnosis.onnx:taps",
+    "tflite": "portable_models.diagnosis.tflite:taps",
+    "coreml": "portable_models.diagnosis.coreml:taps",
+    "executorch": "portable_models.diagnosis.executorch:taps",
+    "torchscript": "portable_models.diagnosis.torchscript:taps",
 }
 
 
@@ -30,7 +30,7 @@ def diagnose_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Per module of the source, in execution order: the reference's and the artifact's
     output compared (``records``), and the spans the artifact holds as one unit."""
     from portable_models.core.imports import load_impl
-    from portable_models.diagnose.reference import keras_reference, torch_reference
+    from portable_models.diagnosis.reference import keras_reference, torch_reference
     from portable_models.run.job import golden_inputs
 
     case = golden_inputs(Path(payload["inputs"]), payload.get("inputs_max_bytes"),
@@ -44,40 +44,52 @@ def diagnose_job(payload: dict[str, Any]) -> dict[str, Any]:
         torch_reference(Path(payload["source"]), args, store)
     tap = load_impl(TAPS[payload["target"]])
     request = TapRequest(artifact=Path(payload["artifact"]), io=payload["io"], case=case,
-                         modules=store.refs(), work=work, payload=payload)
+                         modules=store.refs(), work=work, payload=payload, nodes=list(store.nodes))
     return {"records": module_records(store, tap(request))}
 
 
 def module_records(store: ReferenceStore, stream: Any) -> list[dict[str, Any]]:
-    """One record per source module, in the order its output was made: the artifact's
-    value of that module's output against the reference's, compared as the tap yields it
-    (or the unit it was held in, or why it could not be seen)."""
+    """The records in execution order: one per source module (its output: its last node), and
+    one per other node a tap showed (an op fused across modules answers with a later node's
+    value). Each compares the artifact's value, as the tap yields it, with the reference's; a
+    module not shown is held in a unit (why) or fused into a later op."""
     refs = {ref.module: ref for ref in store.refs()}
-    compared: dict[str, dict[str, Any]] = {}
+    node_module = store.node_modules()
+    compared: dict[str, dict[str, Any]] = {}  # node -> its comparison
     held: dict[str, str] = {}
     for item in stream:
         if isinstance(item, Held):
             for module in item.modules:
                 held.setdefault(module, item.why)
-        elif isinstance(item, Tapped) and item.module in refs:
-            compared[item.module] = _compare(refs[item.module], store.value(item.module), item.value)
+        elif isinstance(item, Tapped):
+            name = item.node if item.node in node_module else (
+                refs[item.module].last_node if item.node is None and item.module in refs else None)
+            if name is not None:
+                shape = next(n.shape for n in store.nodes if n.name == name)
+                compared[name] = _compare(shape, store.node_value(name), item.value)
+    last = {ref.last_node: ref for ref in refs.values()}
     records = []
-    for module, ref in refs.items():
-        entry: dict[str, Any] = {"module": module or "(top level)", "op": ref.op, "where": ref.where,
-                                 "shape": list(ref.shape)}
-        if module in compared:
-            entry.update(compared[module])
-        elif module in held:
-            entry["status"] = f"held in one unit: {held[module]}"
+    for node in store.nodes:
+        if node.name not in compared and node.name not in last:
+            continue
+        ref = refs[node.module]
+        entry: dict[str, Any] = {"module": node.module or "(top level)", "op": node.op,
+                                 "where": node.where or ref.where, "shape": list(node.shape)}
+        if node.name not in last:
+            entry["node"] = node.name  # a node inside its module, shown on its own
+        if node.name in compared:
+            entry.update(compared[node.name])
+        elif node.module in held:
+            entry["status"] = f"held in one unit: {held[node.module]}"
         else:
             entry["status"] = "fused (not in the artifact)"  # held in one node with a later module
         records.append(entry)
     return records
 
 
-def _compare(ref: ModuleRef, expected: np.ndarray, got: np.ndarray) -> dict[str, Any]:
-    got = _aligned(np.asarray(got), tuple(ref.shape))
-    if got.shape != tuple(ref.shape):
+def _compare(shape: tuple[int, ...], expected: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    got = _aligned(np.asarray(got), tuple(shape))
+    if got.shape != tuple(shape):
         return {"status": "not comparable", "artifact_shape": list(got.shape)}
     return metrics(np.asarray(expected, dtype=np.float64), got.astype(np.float64))
 
@@ -136,7 +148,7 @@ def first_divergent(records: list[dict[str, Any]], atol: float, rtol: float) -> 
             continue
         if rec.get("nonfinite") or rec["max_abs"] > rec["bound"]:
             first = dict(rec)
-            first["span"] = [*span, rec["module"]]
+            first["span"] = list(dict.fromkeys([*span, rec["module"]]))
             return first
         span = []
     return None

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import Held, Tapped, TapRequest, TapStream
+from portable_models.diagnosis.taps import Held, Tapped, TapRequest, TapStream
 
 __all__ = ["ETRECORD_NAMES", "ProgramMap", "Step", "program_map", "taps"]
 
@@ -71,9 +71,10 @@ def taps(req: TapRequest) -> TapStream:
                        f"{', '.join(dict.fromkeys(m or '(top level)' for m in step.modules))} as one unit")
             outs = values[len(values) - len(step.outputs):] if len(values) >= len(step.outputs) else []
             for module, value in zip(step.outputs, outs, strict=False):
-                if module is not None and last.get(module) is step and _floating(value):
+                if module is not None and last.get(module) is step and value is not None and _floating(value):
                     yield Tapped(module, _as_ref(req, module, value))
-        elif len(step.modules) == 1 and last.get(step.modules[0]) is step and values and _floating(values[0]):
+        elif len(step.modules) == 1 and last.get(step.modules[0]) is step and values and values[0] is not None \
+                and _floating(values[0]):
             yield Tapped(step.modules[0], _as_ref(req, step.modules[0], values[0]))
 
 

@@ -8,8 +8,16 @@ whose output is off by more than the output tolerance scaled to that tensor (eve
 before it agrees, so the error is its own), with its source line. The bundle is untrusted input
 here as in ``verify``: the work runs in a confined worker, after the same checks.
 
-Localised today: ONNX artifacts from a torch source. Other targets are reported with the
-reason they cannot be localised yet.
+Each target has a tap (:mod:`.taps`): ONNX (intermediate values as graph outputs, mapped by
+the exporter's name scopes or tf2onnx's layer names), TFLite (LiteRT's preserved tensors),
+Core ML (the MIL reference executor, op by op), ExecuTorch (ETDump intermediate outputs;
+an XNNPACK delegate call is one unit) and TorchScript (the frozen graph's values by source
+range). A Keras source is localised per layer. What a runtime cannot show is reported as
+fused or held in one unit, never guessed. ``export``/``convert`` run it by themselves on an
+artifact that fails parity (:func:`diagnose_staged`).
+
+The package is ``diagnosis`` and the function ``diagnose``: a subpackage named like a
+function of the package above it would replace that function on first import.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ class DiagnoseReport:
                          + f" (case {res['case']})")
             lines.append(f"  {'module':<28} {'op':<28} {'max abs':>10} {'bound':>10} {'cosine':>9} {'sqnr dB':>8}")
             for rec in res["records"]:
-                mark = " <- first" if first and rec["module"] == first["module"] else ""
+                mark = " <- first" if first and (rec["module"], rec.get("node")) == (first["module"], first.get("node")) else ""
                 if rec.get("status") != "compared":
                     lines.append(f"  {escape(rec['module'])[:28]:<28} {escape(rec['op'])[:28]:<28} {rec['status']}")
                     continue
@@ -88,8 +96,10 @@ def _span_text(first: dict[str, Any]) -> str:
     into it or held with it in one unit."""
     from portable_models.core.text import escape
 
-    span = [m for m in first.get("span") or [] if m != first["module"]]
-    return escape(first["module"]) + (f" (with {escape(', '.join(span))} before it, not seen apart)" if span else "")
+    span = list(first.get("span") or [first["module"]])
+    if len(span) <= 1:
+        return escape(first["module"])
+    return f"one of {escape(', '.join(span))} (run as one op here: not seen apart)"
 
 
 def diagnose(bundle: str | Path, *, targets: Sequence[str] | None = None, case: int = 0,
@@ -148,7 +158,7 @@ def diagnose_staged(pool: Any, root: Path, contract: Any, artifacts: Sequence[An
 def _one(pool: Any, root: Path, contract: Any, art: Any, case: int, scratch: Path, refused: Any) -> dict[str, Any]:
     from portable_models.core.paths import bundle_path
     from portable_models.core.tolerance import TolerancePolicy
-    from portable_models.diagnose.job import first_divergent
+    from portable_models.diagnosis.job import first_divergent
     from portable_models.isolation.pool import JobFailed
 
     out: dict[str, Any] = {"key": art.key, "target": art.target, "route": art.route_name, "case": case, "records": []}
@@ -182,7 +192,7 @@ def _not_localisable(contract: Any, art: Any) -> str | None:
     """Why ``art`` cannot be localised here, or None."""
     import importlib.util
 
-    from portable_models.diagnose.job import TAPS
+    from portable_models.diagnosis.job import TAPS
 
     framework = contract.source.get("framework")
     if framework not in ("torch", "keras"):

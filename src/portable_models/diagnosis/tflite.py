@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import Held, ModuleRef, Tapped, TapRequest, TapStream
+from portable_models.diagnosis.taps import Held, ModuleRef, NodeRef, Tapped, TapRequest, TapStream
 
 __all__ = ["taps"]
 
@@ -42,7 +42,7 @@ __all__ = ["taps"]
 _LABEL = re.compile(r"pm\{(?P<node>[^|{}]*)\|(?P<target>[^|{}]*)\}")
 #: logical <- physical permutations a tensor of unknown layout is tried in (rank -> perms):
 #: litert-torch makes only 4-d NHWC; onnx2tf also channels-last 3-d and 5-d
-_LAYOUT_PERMS = {"litert-torch": {4: [(0, 3, 1, 2)]},
+_LAYOUT_PERMS: dict[str, dict[int, list[tuple[int, ...]]]] = {"litert-torch": {4: [(0, 3, 1, 2)]},
                  "onnx2tf": {3: [(0, 2, 1)], 4: [(0, 3, 1, 2)], 5: [(0, 4, 1, 2, 3)]}}
 
 
@@ -62,7 +62,7 @@ def taps(req: TapRequest) -> TapStream:
         return
     values = _run(req, graph)
     perms = _LAYOUT_PERMS.get(req.payload.get("route") or "", _LAYOUT_PERMS["onnx2tf"])
-    yield from _module_values(req.modules, graph, labels, values, perms)
+    yield from _module_values(req.modules, graph, labels, values, perms, req.nodes)
 
 
 class _Graph:
@@ -229,24 +229,32 @@ def _run(req: TapRequest, graph: _Graph) -> dict[int, np.ndarray]:
 
 
 def _module_values(refs: list[ModuleRef], graph: _Graph, labels: Labels, values: dict[int, np.ndarray],
-                   perms: dict[int, list[tuple[int, ...]]]) -> Iterator[Tapped]:
-    """Per module, the last tensor (in op order) that names the module's last node, if that
-    node is the last (in the source's order) of the nodes the tensor names: an op's output is
-    its last node's value. An earlier tensor naming it (a transpose or pad the lowering puts
-    before that node's op, on its input) is never taken for its output."""
-    order = {node: i for i, node in enumerate(n for ref in refs for n in ref.nodes)}
+                   perms: dict[int, list[tuple[int, ...]]], nodes: list[NodeRef] | None = None) -> Iterator[Tapped]:
+    """Per op output: the value of the last (in the source's order) of the nodes its tensor
+    names — an op's output is its last node's value — when that node ends a module, or when the
+    op holds the end of a module fused with later nodes (a convolution, its batch norm and the
+    relu after them are one op: its value is the relu's, shown as that node). A tensor naming a
+    node before a later tensor does (a transpose or pad the lowering puts *before* the node's
+    op, on its input) is never taken for its output."""
+    if nodes is None:  # the module order, node by node
+        nodes = [NodeRef(n, ref.module, ref.ops[i], tuple(ref.shape)) for ref in refs for i, n in enumerate(ref.nodes)]
+    order = {node.name: i for i, node in enumerate(nodes)}
+    shapes = {node.name: node.shape for node in nodes}
+    module_of = {node.name: node.module for node in nodes}
+    ends = {ref.last_node for ref in refs}
     made: dict[str, int] = {}  # node -> the last tensor that names it
     for index in graph.produced():
         if index in values:
             for node in labels.get(index, []):
                 made[node] = index
-    for ref in refs:
-        index = made.get(ref.last_node)
-        if index is None or max(labels[index], key=lambda n: order.get(n, -1)) != ref.last_node:
+    for node in sorted(made, key=lambda n: order.get(n, -1)):
+        found = made[node]
+        named = [n for n in labels[found] if n in order]
+        if not named or max(named, key=lambda n: order[n]) != node or not (ends & set(named)):
             continue
-        value = _in_layout(values[index], tuple(ref.shape), perms.get(values[index].ndim, []))
+        value = _in_layout(values[found], tuple(shapes[node]), perms.get(values[found].ndim, []))
         if value is not None:
-            yield Tapped(ref.module, value)
+            yield Tapped(module_of[node], value, node=node)
 
 
 def _in_layout(value: np.ndarray, shape: tuple[int, ...],

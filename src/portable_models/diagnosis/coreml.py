@@ -18,7 +18,7 @@ last; the model's outputs are renamed to the output names, matched here by posit
   names (``%18`` -> ``var_18``). The tap re-traces the route's module and prepares its graph
   with coremltools' own ``_expand_and_optimize_ir``, as the converter does, and maps each
   TorchScript node to its fx node by its source range
-  (:func:`portable_models.diagnose.torchscript.fx_node_of`).
+  (:func:`portable_models.diagnosis.torchscript.fx_node_of`).
 
 A float16 program's vars carry a ``_cast_fp16`` suffix, dropped here; values are compared in
 float32. A fused op (a convolution with its batch norm) is named after the last node it
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import Tapped, TapRequest, TapStream
+from portable_models.diagnosis.taps import Tapped, TapRequest, TapStream
 
 __all__ = ["mil_name", "taps", "var_modules"]
 
@@ -60,7 +60,7 @@ def taps(req: TapRequest) -> TapStream:
 
 def var_modules(req: TapRequest, loaded: Any) -> dict[str, str]:
     """MIL var name -> the source module whose output it holds (top-level vars only)."""
-    from portable_models.diagnose.torchscript import module_outputs
+    from portable_models.diagnosis.torchscript import module_outputs
 
     function = loaded.function
     names = {_plain(op_out.name): op_out.name for op in function.operations for op_out in op.outputs}
@@ -118,7 +118,7 @@ def _traced_names(req: TapRequest) -> tuple[Any, dict[str, str]]:
     from coremltools.converters.mil.frontend.torch.torchscript_utils import _expand_and_optimize_ir
 
     from portable_models.convert.coreml import _decomposed_program, _traceable_module
-    from portable_models.diagnose.torchscript import graph_values
+    from portable_models.diagnosis.torchscript import graph_values
 
     program, _ = _decomposed_program(_route_job(req), always=False)
     module, _ = _traceable_module(program.module())

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnose.taps import TapRequest, TapStream, Tapped
+from portable_models.diagnosis.taps import Tapped, TapRequest, TapStream
 
 __all__ = ["taps"]
 
