@@ -31,15 +31,11 @@ def digits() -> dict[str, Any]:
     return load_digits_set()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="run/coreml.py's structural check (_check_precision) refuses precision 'int8-weight': "
-                          "it must read it as float32 compute (the weights are dequantised at load)")
 def test_coreml_int8_weight_keeps_the_accuracy_on_real_data(digits: dict[str, Any], tmp_path: Path) -> None:
     bundle = pm.export(digits["model"], (torch.from_numpy(digits["samples"][0]["image"]),), out=tmp_path / "cm",
                        targets=["coreml"], precision=["fp32", "int8-weight"], samples=digits["samples"],
                        labels=digits["labels"], input_names=["image"], output_names=["logits"],
-                       dynamic_dims={"image": {0: ("batch", 1, 64)}}, input_ranges={"image": (0.0, 1.0)},
-                       cache=False)  # the attempt cache cannot digest a package folder yet (core/cache.py)
+                       dynamic_dims={"image": {0: ("batch", 1, 64)}}, input_ranges={"image": (0.0, 1.0)})
     report = bundle.report()
     assert bundle.ok, report
     arts = {a.key: a for a in bundle.contract.artifacts}
