@@ -193,6 +193,7 @@ def variant_rows(work: Path) -> list[dict[str, Any]]:
     import torch
 
     import portable_models as pm
+    from portable_models.benchmark import bench
     from portable_models.demo import build_demo_model
 
     model, example = build_demo_model()
@@ -201,7 +202,7 @@ def variant_rows(work: Path) -> list[dict[str, Any]]:
     made = pm.export(model, (example,), out=work / "variants", targets=["onnx", "tflite", "executorch"],
                      precision=["fp32", "int8-weight", "int8-dynamic", "int8"], calibration=calibration,
                      input_names=["image"], input_ranges={"image": (0.0, 1.0)}, name="demo-variants")
-    contract = pm.bench(made.path, runs=VARIANT_RUNS)
+    contract = bench(made.path, runs=VARIANT_RUNS)
     arts = {a.key: a for a in contract.artifacts}
     rows = []
     for art in contract.artifacts:
@@ -209,6 +210,8 @@ def variant_rows(work: Path) -> list[dict[str, Any]]:
         if art.precision == "float32" or twin is None:
             continue
         row: dict[str, Any] = {"target": art.target, "variant": art.precision, "status": art.status}
+        if art.status != "pass" and art.attempts:
+            row["why"] = str((art.attempts[-1].error or {}).get("message", ""))[:160]
         mine, base = art.timings.get("bench") or {}, twin.timings.get("bench") or {}
         if art.bytes and twin.bytes:
             row["size_ratio"] = round(art.bytes / twin.bytes, 3)
@@ -421,7 +424,7 @@ def main() -> int:
     table += [f"| {v['target']} {v['variant']} | {v.get('size_ratio', 'n/a')} | "
               f"{v.get('latency_ratio', 'n/a')}"
               + (f" ({v['p50_ms']:.3f} vs {v['fp32_p50_ms']:.3f} ms)" if "p50_ms" in v else "")
-              + f" | {v['status']} |" for v in r["variants"]]
+              + f" | {v['status']}{': ' + v['why'] if v.get('why') else ''} |" for v in r["variants"]]
     (RESULTS / "bench.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return 0

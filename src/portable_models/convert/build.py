@@ -303,7 +303,9 @@ class _Tries:
             parity = dict(best.parity) if best else {}
             if not routes:
                 parity = {"status": "skipped", "error": {
-                    "code": "no_route", "message": f"no route reaches {target} from a {ctx.source_framework} source"
+                    "code": "no_route", "message": (
+                        f"no route reaches {target} from a {ctx.source_framework} source" if self.precision == "float32"
+                        else f"no route makes a {self.precision} {target} from a {ctx.source_framework} source")
                     + (f" named {force_route!r}" if force_route else "")}}
             ctx.progress(self.key, status, self.attempts[-1].route if self.attempts else "no route")
             failed = Artifact(target=target, status=status, precision=self.precision, attempts=self.attempts,

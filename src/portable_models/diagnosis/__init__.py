@@ -184,6 +184,11 @@ def _one(pool: Any, root: Path, contract: Any, art: Any, case: int, scratch: Pat
     if tol.atol is None or tol.rtol is None:  # a quantised variant's budget: localise against float32's
         tol = policy.resolve(contract.outputs[0].name, "float32")
     out["records"] = result["records"]
+    if not any(rec.get("status") == "compared" for rec in out["records"]):  # agreement needs a comparison
+        reasons = sorted({rec["status"] for rec in out["records"]})
+        out["error"] = ("no source module's value could be read from this artifact "
+                        f"({'; '.join(reasons)[:300] or 'no module recorded'})")
+        return out
     out["first"] = first_divergent(out["records"], tol.atol or 0.0, tol.rtol or 0.0)
     return out
 
