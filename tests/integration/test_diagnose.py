@@ -121,9 +121,10 @@ def test_export_diagnoses_a_failing_artifact_by_itself(tmp_path: Path, monkeypat
 
 
 def test_a_keras_source_is_localised_per_layer(tmp_path: Path) -> None:
-    """A Keras model's reference is per layer; its tf2onnx artifact's nodes are mapped back by
-    their name scopes (channels-first values compared in the layer's channels-last layout).
-    One layer's kernel changed in the ONNX file: that layer is named first."""
+    """A Keras model's reference is per layer; its tf2onnx artifact's nodes and its TFLite
+    tensors are mapped back by their name scopes (Keras's unique-scope suffix dropped;
+    channels-first values compared in the layer's channels-last layout). One layer's kernel
+    changed in the ONNX file: that layer is named first."""
     keras = pytest.importorskip("keras")
     import onnx
     from onnx import numpy_helper
@@ -137,10 +138,12 @@ def test_a_keras_source_is_localised_per_layer(tmp_path: Path) -> None:
     x = keras.layers.Conv2D(8, 3, padding="same", name="conv2")(x)
     out = keras.layers.Dense(4, name="fc")(keras.layers.GlobalAveragePooling2D(name="pool")(x))
     made = pm.export(keras.Model(inp, out), (np.random.default_rng(0).random((1, 12, 12, 3), dtype=np.float32),),
-                     out=tmp_path / "k", targets=["onnx"])
+                     out=tmp_path / "k", targets=["onnx", "tflite"])
     assert made.ok, made.report()
-    fine = pm.diagnose(tmp_path / "k")
-    assert not fine.diverged and {r["module"] for r in fine.results[0]["records"]} >= {"conv2", "pool", "fc"}
+    fine = {r["target"]: r for r in pm.diagnose(tmp_path / "k").results}
+    assert not any(r.get("first") or r.get("error") for r in fine.values()), fine
+    compared = {t: {rec["module"] for rec in r["records"] if rec["status"] == "compared"} for t, r in fine.items()}
+    assert compared["onnx"] >= {"conv2", "pool", "fc"} and compared["tflite"] >= {"relu1", "conv2", "pool"}, compared
 
     path = tmp_path / "k" / made.contract.artifacts[0].file
     model = onnx.load(str(path))
@@ -150,5 +153,5 @@ def test_a_keras_source_is_localised_per_layer(tmp_path: Path) -> None:
     inits[kernel].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[kernel]) * np.float32(1.05), kernel))
     onnx.save(model, str(path))
     reseal(tmp_path / "k")
-    report = pm.diagnose(tmp_path / "k")
+    report = pm.diagnose(tmp_path / "k", targets=["onnx"])
     assert report.results[0]["first"]["module"] == "conv2", report.table()

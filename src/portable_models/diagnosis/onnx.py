@@ -10,16 +10,14 @@ comparison undoes that (:func:`~.job.module_records`).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 
-from portable_models.diagnosis.taps import Tapped, TapRequest, TapStream
+from portable_models.diagnosis.taps import Tapped, TapRequest, TapStream, scoped_names
 
 __all__ = ["taps"]
 
-_UNIQUE = re.compile(r"_\d+$")
 
 
 def taps(req: TapRequest) -> TapStream:
@@ -49,9 +47,5 @@ def _module_of(node: Any, known: set[str]) -> str | None:
         names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
         return names[-2] if len(names) >= 2 and names[-2] in known else None
     parts = node.name.split("/")  # tf2onnx / keras: <model>/<layer>/.../<op>
-    for part in parts[1:-1] if len(parts) >= 3 else []:
-        # Keras 3 makes each layer's name scope unique with a suffix: layer "bn1" runs in "bn1_1"
-        for name in (part, _UNIQUE.sub("", part)):
-            if name in known:
-                return name
-    return None
+    found = scoped_names(parts[1:-1], known) if len(parts) >= 3 else []
+    return found[0] if found else None

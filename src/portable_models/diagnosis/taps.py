@@ -16,6 +16,7 @@ time) keeps memory bounded; the reference values wait on disk (:class:`Reference
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Held", "ModuleRef", "NodeRef", "ReferenceStore", "TapRequest", "Tapped"]
+__all__ = ["Held", "ModuleRef", "NodeRef", "ReferenceStore", "TapRequest", "Tapped", "scoped_names"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +141,17 @@ class TapRequest:
 
 
 TapStream = Iterator[Tapped | Held]
+
+#: the suffix Keras 3 adds to a layer's name scope to keep it unique (layer "bn1" runs in "bn1_1")
+_UNIQUE = re.compile(r"_\d+$")
+
+
+def scoped_names(parts: list[str], known: set[str] | dict[str, Any]) -> list[str]:
+    """The names among a converter's scope ``parts`` (``model/layer/op`` pieces) that are in
+    ``known``, as they are or without the unique-scope suffix Keras adds; in order, once each."""
+    found: list[str] = []
+    for part in parts:
+        name = part if part in known else _UNIQUE.sub("", part)
+        if name in known and name not in found:
+            found.append(name)
+    return found

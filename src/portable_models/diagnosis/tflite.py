@@ -34,7 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from portable_models.diagnosis.taps import Held, ModuleRef, NodeRef, Tapped, TapRequest, TapStream
+from portable_models.diagnosis.taps import (
+    Held,
+    ModuleRef,
+    NodeRef,
+    Tapped,
+    TapRequest,
+    TapStream,
+    scoped_names,
+)
 
 __all__ = ["taps"]
 
@@ -187,11 +195,9 @@ def _name_labels(req: TapRequest, graph: _Graph) -> Labels:
     labels: Labels = {}
     for index in graph.produced():
         parts = [p for p in re.split(r"[/;:]", graph.tensors[index]["name"]) if p]
-        nodes = [p for p in parts if p in node_module]
-        if not nodes:
-            nodes = [last[p] for p in parts if p in last]
-        if nodes:
-            labels[index] = nodes[-1:]
+        nodes = scoped_names(parts, node_module) or [last[m] for m in scoped_names(parts, last)]
+        if nodes:  # a fused op ("relu/Relu;conv/convolution") names all it holds: the last in order is its value
+            labels[index] = nodes
     if not labels:
         raise _Unmapped(f"no tensor name of {req.artifact.name} ({req.payload.get('route')} route) "
                         "names a source node or module")
