@@ -59,7 +59,11 @@ TARGET_INFO: dict[str, TargetInfo] = {
                          family="onnx", consumes=("onnx", "tflite")),
     "coreml": TargetInfo(runtime="coreml", file_format="mlpackage", precisions=("float32", "float16", "int8-weight"),
                          cost=3.2, family="torch", consumes=("coreml",), checker="mil-reference",
-                         runtime_platforms=("darwin",)),
+                         runtime_platforms=("darwin",),
+                         not_built={p: "coremltools quantises activations by calibrating on predictions "
+                                       "(coremltools.optimize.coreml.linear_quantize_activations), which need the "
+                                       "Core ML runtime (macOS), so no route makes them yet; int8-weight is built everywhere"
+                                    for p in ("int8-dynamic", "int8")}),
 }
 
 #: every target, in the order reports list them.
