@@ -283,7 +283,8 @@ def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: Export
                             options={"trust_model": opts.trust_model,
                                      "keras_custom_modules": captured.meta.get("custom_modules") or [],
                                      **_calibration(opts, captured, root)},
-                            task=task, real_cases=_real_cases(captured.meta.get("eval")))
+                            task=task, real_cases=golden.eval_case_indices(captured.meta.get("eval"),
+                                                                          len(captured.golden_inputs)))
         if opts.progress:
             ctx.progress = opts.progress
         if opts.targets == "all":  # "all" means every target this source has a route to
@@ -344,11 +345,6 @@ def _not_built(captured: Captured, opts: ExportOptions) -> dict[str, Any]:
     missing = [{"target": t, "precision": p, "reason": not_built_reason(t, p)}
                for p in _precisions(opts.precision) for t in targets if p not in TARGET_INFO[t].precisions]
     return {"not_built": missing} if missing else {}
-
-
-def _real_cases(spec: Mapping[str, Any] | None) -> tuple[int, ...]:
-    """The golden case indices of the held-out real data (``golden.eval``)."""
-    return tuple(range(int(spec["first"]), int(spec["first"]) + int(spec["cases"]))) if spec else ()
 
 
 def _task(opts: ExportOptions, captured: Captured, root: Path) -> TaskCheck | None:

@@ -222,15 +222,9 @@ def _rerun(pool: Pool, root: Path, art: Artifact, owned: list[dict[str, Any]], g
                    files=(root, owned), name=art.key, cost_hint=_expected_s(art, len(golden_out)),
                    run_ms=_run_ms(art), file_format=info.file_format,
                    inputs_max_bytes=contract.golden_max_bytes("inputs"), golden_cases=contract.golden["cases"],
-                   task=task, real_cases=_real_cases(contract), **_truth(art, contract))
+                   task=task, real_cases=golden.eval_case_indices(contract.golden.get("eval"), int(contract.golden["cases"])),
+                   **_truth(art, contract))
     return plan_artifact(job, info.runtime, art.meta.get("cases_checked") if art.meta.get("fixed_shape") else None)
-
-
-def _real_cases(contract: Contract) -> tuple[int, ...]:
-    """The golden cases that are held-out real data (``golden.eval``), within the golden set."""
-    spec = contract.golden.get("eval") or {}
-    first, count = int(spec.get("first", 0)), int(spec.get("cases", 0))
-    return tuple(i for i in range(first, first + count) if i < int(contract.golden["cases"]))
 
 
 def _truth(art: Artifact, contract: Contract) -> dict[str, Any]:

@@ -78,6 +78,16 @@ class ConvertJob:
     def output_names(self) -> list[str]:
         return [s.name for s in self.outputs]
 
+    def calibration_cases(self) -> list[dict[str, np.ndarray]]:
+        """The calibration cases the export was given (``int8`` routes), read back."""
+        from portable_models.core.golden import load_cases
+
+        calibration = self.options.get("calibration") or {}
+        if not calibration.get("file"):
+            raise ConversionError("int8 needs calibration data", stage=f"convert:{self.route}",
+                                  fix="pass calibration=[{input: array}, …] (--calibration FILE.npz)")
+        return list(load_cases(Path(calibration["file"])))
+
 
 @dataclass(frozen=True, kw_only=True)
 class Step:

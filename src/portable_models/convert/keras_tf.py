@@ -223,13 +223,7 @@ _TFLITE_FILES = {"float32": "model.tflite", "float16": "model_fp16.tflite",
 def _representative(job: ConvertJob) -> Callable[[], Any]:
     """The calibration cases as the converter's representative dataset: one row at a time
     (a batch of one fits a fixed or a dynamic batch axis), inputs in the signature's order."""
-    from portable_models.core.golden import load_cases
-
-    calibration = job.options.get("calibration") or {}
-    if not calibration.get("file"):
-        raise ConversionError("int8 needs calibration data", stage=f"convert:{job.route}",
-                              fix="pass calibration=[{input: array}, …] (--calibration FILE.npz)")
-    cases = load_cases(Path(calibration["file"]))
+    cases = job.calibration_cases()
     names = [s.name for s in job.inputs]
 
     def rows() -> Any:
@@ -269,10 +263,8 @@ def _check_tflite(job: ConvertJob, path: Path, names: dict[str, str]) -> None:
 
 
 def convert_tf_tflite(job: ConvertJob) -> ConvertResult:
-    """tf.function -> TFLiteConverter -> ``model.tflite`` (``model_fp16.tflite``, and the int8
-    variants by the converter's own quantiser: ``model_int8_dynamic.tflite``, dynamic-range
-    int8 weights; ``model_int8.tflite``, int8 weights and activations calibrated on the
-    calibration data as its representative dataset, float input and output kept)."""
+    """tf.function -> TFLiteConverter -> ``model.tflite`` (fp16, and int8 by the converter's own
+    quantiser: dynamic range; static with the calibration data as representative dataset)."""
     if job.precision not in _TFLITE_FILES:
         raise ConversionError(f"tflite makes {', '.join(_TFLITE_FILES)}, not {job.precision!r}",
                               stage=f"convert:{job.route}")

@@ -4,7 +4,6 @@ them)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,13 +81,7 @@ def calibration_batches(job: ConvertJob, names: list[str], sample: dict[str, Any
     rows, in order, cut into batches of the sample's size (a last, short batch is dropped)."""
     import torch
 
-    from portable_models.core.golden import load_cases
-
-    calibration = job.options.get("calibration") or {}
-    if not calibration.get("file"):
-        raise ConversionError("int8 needs calibration data", stage=f"convert:{job.route}",
-                              fix="pass calibration=[{input: array}, …] (--calibration FILE.npz)")
-    cases = load_cases(Path(calibration["file"]))
+    cases = job.calibration_cases()
     rows = {n: np.concatenate([np.asarray(c[n]) for c in cases]) for n in job.input_names}
     batch = int(sample[names[0]].shape[0]) if sample[names[0]].ndim else 1
     total = len(rows[job.input_names[0]])

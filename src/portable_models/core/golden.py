@@ -34,6 +34,7 @@ from portable_models.errors import (
 )
 
 __all__ = [
+    "eval_case_indices",
     "with_eval_cases",
     "Cases",
     "case_sizes",
@@ -356,6 +357,15 @@ def _group(path: Path, members: list[tuple[str, np.ndarray]],
                         stage="load", fix="members are named <case>/<tensor>")
         by_case.setdefault(int(case), {})[name] = arr
     return [by_case[i] for i in sorted(by_case)]
+
+
+def eval_case_indices(spec: Mapping[str, Any] | None, total: int) -> tuple[int, ...]:
+    """The golden cases that are held-out real data (``golden.eval``: ``first`` and ``cases``),
+    within the ``total`` golden cases."""
+    if not spec:
+        return ()
+    first = int(spec.get("first", 0))
+    return tuple(i for i in range(first, first + int(spec.get("cases", 0))) if 0 <= i < total)
 
 
 def with_eval_cases(cases: Cases, specs: Sequence[TensorSpec],

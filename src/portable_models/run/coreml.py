@@ -368,9 +368,7 @@ def _check_precision(spec: Any, precision: str, specs: Sequence[TensorSpec]) -> 
         if op.type not in ("const", "cast") and dtypes & {fp16, fp32}:
             compute[fp16 if fp16 in dtypes else fp32] += 1
     total = compute[fp16] + compute[fp32]
-    if precision == "int8-weight":  # int8 weights dequantised at load (the truth check judges them): fp32 compute
-        precision = "float32"
-    if precision == "float32":
+    if precision in ("float32", "int8-weight"):  # int8 weights are dequantised at load: fp32 compute
         if fp16_values and not any(s.dtype == "float16" for s in specs):
             return [], [f"compute precision: asked float32, but the program holds "
                         f"{len(fp16_values)} fp16 value(s) (first: {fp16_values[0]})"]
