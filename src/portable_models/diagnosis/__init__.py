@@ -204,6 +204,9 @@ def _not_localisable(contract: Any, art: Any) -> str | None:
         return f"the reference activations need a torch or Keras source (this one is {framework})"
     if art.file is None:
         return "no artifact file (the target was not built)"
+    if framework == "keras" and art.target not in ("onnx", "tflite"):
+        return (f"a Keras source is localised per layer in its ONNX and TFLite artifacts; this {art.target} "
+                f"artifact ({art.route_name}) names no Keras layer to tie its values to")
     tap = TAPS.get(art.target)
     if tap is None or importlib.util.find_spec(tap.partition(":")[0]) is None:
         return f"no per-module taps for {art.target} yet"
