@@ -370,3 +370,21 @@ def test_a_budget_judges_by_its_floors_not_by_elements() -> None:
     assert res.status == "fail" and "cosine similarity" in (res.reason or "")  # the first floor that fails
     with pytest.raises(UsageError, match="budget"):
         Tolerance(atol=None, rtol=None)
+
+
+def test_diagnose_localises_a_variant_by_its_budget_and_a_float_artifact_by_its_bound() -> None:
+    """A quantised variant's modules are judged by its cosine and SQNR floors (8 bits drift past
+    any element bound from the first layer on), a float artifact's by the output tolerance
+    scaled to each tensor; the span names the modules not seen apart before the first."""
+    from portable_models.core.tolerance import DEFAULT_TOLERANCES
+    from portable_models.diagnosis.job import first_divergent
+
+    def rec(module: str, max_abs: float, sqnr: float, status: str = "compared") -> dict:
+        return {"module": module, "status": status, "max_abs": max_abs, "ref_max": 1.0, "cosine": 0.9999,
+                "sqnr_db": sqnr}
+
+    records = [rec("c1", 0.005, 45.0), rec("bn", 0, 0, status="fused (not in the artifact)"),
+               rec("c2", 0.02, 12.0), rec("fc", 0.03, 10.0)]
+    first = first_divergent([dict(r) for r in records], DEFAULT_TOLERANCES["int8"])
+    assert first is not None and first["module"] == "c2" and first["span"] == ["bn", "c2"]
+    assert first_divergent([dict(r) for r in records], DEFAULT_TOLERANCES["float32"])["module"] == "c1"

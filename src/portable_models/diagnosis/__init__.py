@@ -65,10 +65,15 @@ class DiagnoseReport:
             for rec in res["records"]:
                 mark = " <- first" if first and (rec["module"], rec.get("node")) == (first["module"], first.get("node")) else ""
                 if rec.get("status") != "compared":
-                    lines.append(f"  {escape(rec['module'])[:28]:<28} {escape(rec['op'])[:28]:<28} {rec['status']}")
+                    lines.append(f"  {escape(rec['module'])[:28]:<28} {escape(rec['op'])[:28]:<28} "
+                                 f"{escape(rec['status'])}")
                     continue
+                bound = rec.get("bound")
+                shown = (f(bound) if not isinstance(bound, dict) else  # a variant's budget: its floors
+                         f"cos≥{f(bound.get('cosine_min'))}" if bound.get("sqnr_min") is None else
+                         f"{f(bound.get('sqnr_min'))} dB")
                 lines.append(f"  {escape(rec['module'])[:28]:<28} {escape(rec['op'])[:28]:<28} "
-                             f"{f(rec['max_abs']):>10} {f(rec.get('bound')):>10} {f(rec['cosine']):>9} "
+                             f"{f(rec['max_abs']):>10} {shown:>10} {f(rec['cosine']):>9} "
                              f"{f(rec['sqnr_db']):>8}{mark}")
         return "\n".join(lines) + "\n"
 
@@ -179,17 +184,14 @@ def _one(pool: Any, root: Path, contract: Any, art: Any, case: int, scratch: Pat
     except JobFailed as failed:
         out["error"] = failed.error.message
         return out
-    policy = TolerancePolicy.from_dict(contract.tolerance)
-    tol = policy.resolve(contract.outputs[0].name, art.precision)
-    if tol.atol is None or tol.rtol is None:  # a quantised variant's budget: localise against float32's
-        tol = policy.resolve(contract.outputs[0].name, "float32")
+    tol = TolerancePolicy.from_dict(contract.tolerance).resolve(contract.outputs[0].name, art.precision)
     out["records"] = result["records"]
     if not any(rec.get("status") == "compared" for rec in out["records"]):  # agreement needs a comparison
         reasons = sorted({rec["status"] for rec in out["records"]})
         out["error"] = ("no source module's value could be read from this artifact "
                         f"({'; '.join(reasons)[:300] or 'no module recorded'})")
         return out
-    out["first"] = first_divergent(out["records"], tol.atol or 0.0, tol.rtol or 0.0)
+    out["first"] = first_divergent(out["records"], tol)
     return out
 
 

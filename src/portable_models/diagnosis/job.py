@@ -128,27 +128,42 @@ def metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
             "sqnr_db": None if noise == 0 or signal == 0 else 10 * float(np.log10(signal / noise))}
 
 
-def first_divergent(records: list[dict[str, Any]], atol: float, rtol: float) -> dict[str, Any] | None:
-    """The first module, in execution order, whose output is off by more than the output
-    tolerance scaled to that tensor (``atol`` in proportion to its magnitude against the
-    final output's, plus ``rtol`` of its magnitude); every module before it agrees, so its
-    error is its own, not inherited from its input. Its ``span`` lists the modules since the
-    last one compared (fused into it, or held in one unit with it): the error is in one of
-    them, and the report names them all rather than pretend to know which."""
+def first_divergent(records: list[dict[str, Any]], tol: Any) -> dict[str, Any] | None:
+    """The first module, in execution order, whose output is off by more than the artifact's
+    tolerance ``tol`` (:class:`~portable_models.core.tolerance.Tolerance`) scaled to that tensor:
+    an element bound (``atol`` in proportion to its magnitude against the final output's, plus
+    ``rtol`` of its magnitude), or for a quantised variant's budget (no element bound) its cosine
+    and SQNR floors; every module before it agrees, so its error is its own, not inherited from
+    its input. Its ``span`` lists the modules since the last one compared (fused into it, or held
+    in one unit with it): the error is in one of them, and the report names them all rather than
+    pretend to know which."""
     compared = [r for r in records if r.get("status") == "compared"]
     if not compared:
         return None
+    budget = tol.atol is None or tol.rtol is None
     final = max(compared[-1]["ref_max"], 1e-30)
     for rec in compared:
-        rec["bound"] = atol * max(rec["ref_max"] / final, 1.0) + rtol * rec["ref_max"]
+        if budget:
+            rec["bound"] = {"cosine_min": tol.cosine_min, "sqnr_min": tol.sqnr_min}
+        else:
+            rec["bound"] = tol.atol * max(rec["ref_max"] / final, 1.0) + tol.rtol * rec["ref_max"]
     span: list[str] = []
     for rec in records:
         if rec.get("status") != "compared":
             span.append(rec["module"])
             continue
-        if rec.get("nonfinite") or rec["max_abs"] > rec["bound"]:
+        if rec.get("nonfinite") or _over(rec, budget):
             first = dict(rec)
             first["span"] = list(dict.fromkeys([*span, rec["module"]]))
             return first
         span = []
     return None
+
+
+def _over(rec: dict[str, Any], budget: bool) -> bool:
+    if not budget:
+        return bool(rec["max_abs"] > rec["bound"])
+    floors = rec["bound"]
+    low_cosine = floors["cosine_min"] is not None and rec["cosine"] is not None and rec["cosine"] < floors["cosine_min"]
+    low_sqnr = floors["sqnr_min"] is not None and rec["sqnr_db"] is not None and rec["sqnr_db"] < floors["sqnr_min"]
+    return low_cosine or low_sqnr
