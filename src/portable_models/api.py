@@ -289,7 +289,7 @@ def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: Export
             ctx.progress = opts.progress
         if opts.targets == "all":  # "all" means every target this source has a route to
             targets = [t for t in targets if routes_for(t, captured.framework)]
-        jobs = [(t, p) for p in precisions for t in targets if p in TARGET_INFO[t].precisions]
+        jobs = [(t, p) for p in precisions for t in targets if _carries(t, p, captured.framework)]
         for t, p in jobs:
             ctx.progress(t if p == "float32" else f"{t}-{p}", "waiting", "")
 
@@ -342,9 +342,16 @@ def _not_built(captured: Captured, opts: ExportOptions) -> dict[str, Any]:
     targets = _targets(opts.targets)
     if opts.targets == "all":
         targets = [t for t in targets if routes_for(t, captured.framework)]
-    missing = [{"target": t, "precision": p, "reason": not_built_reason(t, p)}
-               for p in _precisions(opts.precision) for t in targets if p not in TARGET_INFO[t].precisions]
+    missing = [{"target": t, "precision": p, "reason": not_built_reason(t, p, captured.framework)}
+               for p in _precisions(opts.precision) for t in targets if not _carries(t, p, captured.framework)]
     return {"not_built": missing} if missing else {}
+
+
+def _carries(target: str, precision: str, framework: str) -> bool:
+    """``target`` is built at ``precision`` from a ``framework`` source: the target carries the
+    variant and a route makes it from this source (float32 is always attempted)."""
+    return precision == "float32" or (precision in TARGET_INFO[target].precisions
+                                      and bool(routes_for(target, framework, precision)))
 
 
 def _task(opts: ExportOptions, captured: Captured, root: Path) -> TaskCheck | None:

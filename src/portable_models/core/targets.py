@@ -70,9 +70,11 @@ TARGET_INFO: dict[str, TargetInfo] = {
 TARGETS = tuple(TARGET_INFO)
 
 
-def not_built_reason(target: str, precision: str) -> str:
-    """Why ``target`` carries no ``precision`` variant here."""
+def not_built_reason(target: str, precision: str, source: str = "") -> str:
+    """Why no ``precision`` variant of ``target`` is built here (from a ``source`` model)."""
     info = TARGET_INFO[target]
+    if precision in info.precisions:  # the target carries it, but no route makes it from this source
+        return f"no route makes a {precision} {target} from a {source or 'this'} source"
     return info.not_built.get(precision) or (
         f"no {target} route here makes {precision} (this target carries {', '.join(info.precisions)})")
 
