@@ -177,6 +177,7 @@ def _one(pool: Any, root: Path, contract: Any, art: Any, case: int, scratch: Pat
                "source": str(bundle_path(root, contract.source["file"], what="source file")),
                "inputs": str(bundle_path(root, contract.golden["inputs"], what="golden inputs")),
                "input_names": [s.name for s in contract.inputs], "case": case,
+               "inputs_spec": [s.to_dict() for s in contract.inputs], "dims": {k: v.to_dict() for k, v in contract.dims.items()},
                "inputs_max_bytes": contract.golden_max_bytes("inputs"), "golden_cases": contract.golden["cases"]}
     try:
         result, _ = pool.call(kind="diagnose", payload=payload, framework="torch", step=f"diagnose:{art.key}",

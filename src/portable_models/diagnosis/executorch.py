@@ -60,7 +60,8 @@ class ProgramMap:
 
 
 def taps(req: TapRequest) -> TapStream:
-    pmap = program_map(req.artifact, Path(req.payload["source"]), str(req.payload.get("route") or ""))
+    pmap = program_map(req.artifact, Path(req.payload["source"]), str(req.payload.get("route") or ""),
+                       req.payload)
     events = _run_traced(req)
     last = pmap.last_steps()
     for step in pmap.steps:
@@ -92,7 +93,7 @@ def _as_ref(req: TapRequest, module: str, value: np.ndarray) -> np.ndarray:
 
 
 # -- the map from instructions to modules ---------------------------------------------------
-def program_map(artifact: Path, source: Path, route: str) -> ProgramMap:
+def program_map(artifact: Path, source: Path, route: str, contract: dict[str, Any] | None = None) -> ProgramMap:
     """Per instruction of the artifact's ``forward``, the source modules it runs."""
     record = next((artifact.parent / n for n in ETRECORD_NAMES if (artifact.parent / n).is_file()), None)
     if record is not None:
@@ -104,16 +105,23 @@ def program_map(artifact: Path, source: Path, route: str) -> ProgramMap:
         handles = (et._debug_handle_map or {})[METHOD]
         return ProgramMap(_steps(edge.graph_module, handles, _plan_of(artifact.read_bytes())),
                           f"etrecord {record.name}")
-    return _relowered(artifact, source, route)
+    return _relowered(artifact, source, route, contract or {})
 
 
-def _relowered(artifact: Path, source: Path, route: str) -> ProgramMap:
+def _relowered(artifact: Path, source: Path, route: str, contract: dict[str, Any]) -> ProgramMap:
+    """The map from a lowering of the source done again the route's way: the dims' bounds
+    pinned to the contract's as the route pins them (memory planning reads them), then the
+    route's lowering; trusted only if its execution plan is the artifact's."""
     import torch
     from executorch.exir import to_edge, to_edge_transform_and_lower
 
+    from portable_models.convert.executorch import _declared_bounds, _pin_bounds
     from portable_models.errors import RuntimeRunError
 
     ep = torch.export.load(str(source))
+    job = _pinning_job(route, source, artifact.parent, contract)
+    bounds = _declared_bounds(job, ep)
+    _pin_bounds(job, ep, bounds)
     if route == "executorch-xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
@@ -124,6 +132,7 @@ def _relowered(artifact: Path, source: Path, route: str) -> ProgramMap:
     else:
         raise RuntimeRunError(f"no ETRecord next to {artifact.name} and route {route!r} is not one the "
                               "tap can lower again", stage="diagnose:executorch")
+    _pin_bounds(job, edge.exported_program(), bounds)
     graph = edge.exported_program().graph_module
     steps_of = _Snapshot(graph)  # handles and modules before to_executorch renumbers them
     program = edge.to_executorch()
@@ -137,6 +146,17 @@ def _relowered(artifact: Path, source: Path, route: str) -> ProgramMap:
             fix=f"save the ETRecord of the conversion next to the artifact as {ETRECORD_NAMES[0]}")
     return ProgramMap(steps_of.steps(program.debug_handle_map[METHOD], theirs),
                       f"re-lowered by {route}, execution plan identical")
+
+
+def _pinning_job(route: str, source: Path, folder: Path, contract: dict[str, Any]) -> Any:
+    """What the route's bound pinning reads of a convert job: the inputs and the named dims."""
+    from portable_models.convert.base import ConvertJob
+    from portable_models.core.spec import DimSpec, TensorSpec
+
+    return ConvertJob(route=route, source_file=source, out_dir=folder, work_dir=folder,
+                      inputs=[TensorSpec.from_dict(d) for d in contract.get("inputs_spec") or []], outputs=[],
+                      dims={k: DimSpec(name=k, **v) for k, v in (contract.get("dims") or {}).items()},
+                      sample_inputs={})
 
 
 @contextlib.contextmanager
