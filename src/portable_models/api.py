@@ -138,7 +138,7 @@ def _capture(model: Any, example_inputs: Any, opts: ExportOptions, source_dir: P
     if framework == "torch":
         from portable_models.capture.torch import capture_torch
 
-        return capture_torch(model, example_inputs, copts, source_dir)
+        return capture_torch(model, example_inputs, copts, source_dir, scratch=source_dir.parent / ".attempts")
     if framework == "keras":
         from portable_models.capture.keras import capture_keras
 
@@ -282,6 +282,8 @@ def _convert_all(pool: LimitedPool, captured: Captured, root: Path, opts: Export
                             timeout_s=opts.timeout_s, cache=opts.cache,
                             options={"trust_model": opts.trust_model,
                                      "keras_custom_modules": captured.meta.get("custom_modules") or [],
+                                     **({"eager_trace": captured.meta["eager_trace"]}
+                                        if captured.meta.get("eager_trace") else {}),
                                      **_calibration(opts, captured, root)},
                             task=task, real_cases=golden.eval_case_indices(captured.meta.get("eval"),
                                                                           len(captured.golden_inputs)))

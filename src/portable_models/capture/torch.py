@@ -20,9 +20,11 @@ from portable_models.errors import CaptureError, UsageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["capture_torch", "flatten_outputs"]
+__all__ = ["EAGER_TRACE", "capture_torch", "flatten_outputs"]
 
 _STAGE = "capture"
+#: the file name of the eager model's TorchScript trace in the export's scratch folder
+EAGER_TRACE = "eager/model.ts"
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -193,18 +195,22 @@ def _output_specs(ep: Any, names: list[str], ref: dict[str, np.ndarray],
     return specs
 
 
-def capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_dir: Path) -> Captured:
+def capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_dir: Path,
+                  scratch: Path | None = None) -> Captured:
     """Export the model, draw the golden set, compute reference outputs, save ``model.pt2``.
+    ``scratch``: where a TorchScript trace of the *eager* model goes (never into the bundle),
+    for the routes whose converter reads TorchScript (:data:`EAGER_TRACE`).
     Runs in a forked child of the caller where that is safe (see :mod:`portable_models.capture.fork`):
     the tracing machinery's memory stays out of the caller's process."""
     from portable_models.capture.fork import fork_unavailable, run_forked
 
     if fork_unavailable() is None:
-        return run_forked(_capture_torch, model, example_inputs, opts, source_dir, stage=_STAGE)
-    return _capture_torch(model, example_inputs, opts, source_dir)
+        return run_forked(_capture_torch, model, example_inputs, opts, source_dir, scratch, stage=_STAGE)
+    return _capture_torch(model, example_inputs, opts, source_dir, scratch)
 
 
-def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_dir: Path) -> Captured:
+def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source_dir: Path,
+                   scratch: Path | None = None) -> Captured:
     import torch
 
     if not isinstance(model, torch.nn.Module):
@@ -230,6 +236,8 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
     key, how = _capture_key(model, opts, in_specs, dims, out_names, cases, outputs)
     meta = {"samples": "user" if opts.samples else "example+random", "capture_cache": how,
             "constant_outputs": constant, **eval_meta}
+    if scratch is not None:
+        meta["eager_trace"] = _trace_eager(model, args, scratch / EAGER_TRACE)
     if key is not None and (out_specs := _cached_capture(key, source_dir)) is not None:
         return Captured(framework="torch", version=package_version("torch") or torch.__version__,
                         source_file=source_dir / "model.pt2", inputs=in_specs, outputs=out_specs, dims=dims,
@@ -258,6 +266,29 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
         framework="torch", version=package_version("torch") or torch.__version__, source_file=path,
         inputs=in_specs, outputs=out_specs, dims=dims, golden_inputs=cases, golden_outputs=outputs, meta=meta,
     )
+
+
+def _trace_eager(model: Any, args: tuple[Any, ...], dest: Path) -> dict[str, str]:
+    """``torch.jit.trace`` of the eager model on the example inputs, saved at ``dest``: what a
+    TorchScript-reading converter (the TorchScript-based ONNX exporter, coremltools' TorchScript
+    frontend) is given when it cannot read the captured program, and only then. Tracing the
+    program's module instead fails where the eager model traces (TorchScript's alias analysis
+    on exported graphs). Best effort: a model that does not trace says why, and those routes
+    then fail with that reason. A TorchScript source is saved as it is."""
+    import warnings
+
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings: parity judges the trace's routes
+            scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.trace(
+                model, args, strict=False, check_trace=False)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(scripted, str(dest))
+    except Exception as exc:  # any tracing failure only takes those routes away
+        return {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"}
+    return {"file": str(dest)}
 
 
 def _capture_key(model: Any, opts: CaptureOptions, in_specs: list[TensorSpec], dims: dict[str, DimSpec],

@@ -7,6 +7,7 @@ worker job per round (:func:`plan_artifact` and :func:`run_planned`).
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import threading
@@ -51,10 +52,16 @@ def checking_runtime(runtime: str) -> str:
 MESSAGE_MAX = 64 * 1024
 
 
+#: terminal colour sequences (SGR) in a converter's message: noise in a report
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def error_dict(exc: PortableModelsError) -> dict[str, Any]:
     """A typed error as a record, without its empty fields, its message cut at :data:`MESSAGE_MAX`."""
     record = {k: v for k, v in exc.to_dict().items() if v}
     message = record.get("message")
+    if isinstance(message, str):  # converters colour their messages (torch.onnx: "step 2/3" in cyan)
+        message = record["message"] = _COLOUR.sub("", message)
     if isinstance(message, str) and len(message) > MESSAGE_MAX:
         record["message"] = message[:MESSAGE_MAX] + f" … ({len(message) - MESSAGE_MAX} more characters)"
     return record

@@ -1,6 +1,6 @@
 """Core ML routes from a captured torch program: ``coremltools.convert`` to an ML program.
 
-Two routes, tried in this order by the route table:
+Three routes, tried in this order by the route table:
 
 * ``coremltools-export`` (:func:`convert_from_export`): the ExportedProgram itself
   (``source/model.pt2`` after ``run_decompositions({})``) through coremltools'
@@ -9,6 +9,9 @@ Two routes, tried in this order by the route table:
   program's module through coremltools' TorchScript frontend. It reaches models the
   torch.export frontend cannot (``lstm`` …). The module is rewritten first so that the
   trace keeps dynamic sizes, and the trace is probed at other sizes (see the function).
+* ``coremltools-eager-trace`` (:func:`convert_from_eager_trace`): the eager model's own
+  ``torch.jit.trace``, made at capture, through the TorchScript frontend, where tracing
+  the program fails.
 
 Both routes first decompose the few ops neither frontend converts but torch can
 decompose into ops they do (``new_ones``, ``diff``: see ``_COMPAT_OPS``); every other op
@@ -42,7 +45,7 @@ import time
 from typing import Any
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
-from portable_models.convert.torch_program import load_program
+from portable_models.convert.torch_program import load_eager_trace, load_program
 from portable_models.core.coremltools_import import import_coremltools
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
@@ -53,6 +56,7 @@ __all__ = [
     "ARTIFACT",
     "DEFAULT_TARGET",
     "METADATA_KEY",
+    "convert_from_eager_trace",
     "convert_from_export",
     "convert_from_trace",
     "physical_name",
@@ -112,6 +116,24 @@ def convert_from_trace(job: ConvertJob) -> ConvertResult:
                   detail={"source": "ExportedProgram.module()", "decomposed": decomposed,
                           "rebound_ops": rebound, "probed_sizes": probed})]
     return _convert(job, traced.eval(), frontend="TorchScript", steps=steps)
+
+
+def convert_from_eager_trace(job: ConvertJob) -> ConvertResult:
+    """coremltools' TorchScript frontend on the *eager* model's trace, made at capture.
+
+    Tracing the captured program's module can fail where the eager model traces (an
+    internal assert of TorchScript's alias analysis on exported graphs of attention
+    masks), and the TorchScript frontend knows ops the torch.export frontend refuses.
+    The trace is probed at other sizes of the dynamic dims like the other trace's."""
+    from portable_models.convert.coreml_ops import register
+
+    _check_precision(job)
+    traced = load_eager_trace(job)
+    probed = _probe_trace(job, traced)
+    steps = [Step(step="torch.jit.trace", version=package_version("torch"),
+                  detail={"source": "the eager model, at capture", "probed_sizes": probed,
+                          "registered_translations": register()})]
+    return _convert(job, traced, frontend="TorchScript", steps=steps)
 
 
 def physical_name(logical: str) -> str:

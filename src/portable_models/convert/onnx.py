@@ -1,4 +1,5 @@
-"""The ``onnx`` target from a captured torch program: ``torch.onnx.export(dynamo=True)``.
+"""The ``onnx`` target from a captured torch program: ``torch.onnx.export(dynamo=True)``, and
+the TorchScript-based exporter on the eager model's trace where the first route fails.
 
 requires: torch, onnx, onnxscript (the route table checks they are installed).
 convert:  ``torch.onnx.export(ep, (), model.onnx, dynamo=True)`` from the
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
-from portable_models.convert.torch_program import load_program
+from portable_models.convert.torch_program import load_eager_trace, load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.errors import ConversionError, MissingDependencyError, PortableModelsError
@@ -27,11 +28,13 @@ if TYPE_CHECKING:
     from onnx import ModelProto, ValueInfoProto
     from torch.export import ExportedProgram
 
-__all__ = ["convert_torch_onnx", "convert_onnx_passthrough"]
+__all__ = ["convert_onnx_passthrough", "convert_torch_onnx", "convert_torch_onnx_legacy"]
 
 ARTIFACT = "model.onnx"
 #: above this many bytes of weights the exporter must write external data.
 _EXTERNAL_DATA_BYTES = 1_900_000_000
+#: the TorchScript-based exporter's opset where the options name none (its newest well-trodden one)
+_LEGACY_OPSET = 17
 
 
 def convert_torch_onnx(job: ConvertJob) -> ConvertResult:
@@ -41,6 +44,48 @@ def convert_torch_onnx(job: ConvertJob) -> ConvertResult:
     path = job.out_dir / ARTIFACT
     external = _weight_bytes(ep) > _EXTERNAL_DATA_BYTES
     _export(job, ep, path, external)
+    return _finish(job, onnx, path, {"dynamo": True, "onnxscript": package_version("onnxscript"),
+                                      "external_data": external}, external)
+
+
+def convert_torch_onnx_legacy(job: ConvertJob) -> ConvertResult:
+    """The eager model's TorchScript trace (made at capture) -> ``model.onnx`` through the
+    TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, still in this torch).
+
+    Why a second exporter: the dynamo exporter decomposes the *program* and refuses what it
+    cannot decompose (``view`` of a tensor whose strides the decomposition does not allow:
+    relative-position and shifted-window attention); the TorchScript exporter translates the
+    traced graph op by op with its own symbolic functions and has no such step. The dynamic
+    dims become ``dynamic_axes`` named with their labels; parity on every golden case (of
+    several sizes) judges whether the trace kept them."""
+    import torch
+
+    onnx = _import_onnx(job)
+    module = load_eager_trace(job)
+    path = job.out_dir / ARTIFACT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = tuple(torch.from_numpy(job.sample_inputs[s.name].copy()) for s in job.inputs)
+    axes = {s.name: dict(s.dynamic_axes) for s in [*job.inputs, *job.outputs] if s.dynamic_axes}
+    opset = int(job.options.get("opset") or _LEGACY_OPSET)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=job.input_names,
+                              output_names=job.output_names, dynamic_axes=axes or None, opset_version=opset,
+                              do_constant_folding=True)
+    except Exception as exc:  # any exporter failure fails this route only
+        raise ConversionError(f"torch.onnx.export(dynamo=False) failed: {type(exc).__name__}: {exc}",
+                              file=str(job.source_file), stage=f"convert:{job.route}",
+                              fix="see the log; the other ONNX route was tried first") from exc
+    return _finish(job, onnx, path, {"dynamo": False, "source": "torch.jit.trace of the eager model, at capture",
+                                      "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in axes.items()}},
+                   external=False)
+
+
+def _finish(job: ConvertJob, onnx: Any, path: Path, detail: dict[str, Any], external: bool) -> ConvertResult:
+    """What every torch ONNX route checks and records of the file it wrote: the dims named
+    with their labels, one input and output per logical one, the checker's approval."""
+    if not path.is_file():
+        raise ConversionError("the exporter wrote no file", stage=f"convert:{job.route}")
     model = onnx.load(str(path), load_external_data=False)
     renamed = _rename_dims(model, job)
     io = IoMap(inputs=_bind(job, model.graph.input, job.input_names, "input"),
@@ -62,9 +107,7 @@ def convert_torch_onnx(job: ConvertJob) -> ConvertResult:
         "external_data": f"{ARTIFACT}.data" if external else None,
     }
     step = Step(step="torch.onnx.export", version=package_version("torch"),
-                detail={"dynamo": True, "opset": opset,
-                        "onnxscript": package_version("onnxscript"),
-                        "external_data": external})
+                detail={"dynamo": detail.pop("dynamo"), "opset": opset, **detail})
     return ConvertResult(file=ARTIFACT, io=io, steps=[step], precision="float32", meta=meta)
 
 
@@ -109,8 +152,6 @@ def _export(job: ConvertJob, ep: ExportedProgram, path: Path, external: bool) ->
             fix="see logs/onnx.log; an unsupported operator needs a custom translation "
                 "or another target",
         ) from exc
-    if not path.is_file():
-        raise ConversionError("torch.onnx.export wrote no file", stage=f"convert:{job.route}")
 
 
 def _symbol_map(job: ConvertJob, model: ModelProto) -> dict[str, str]:

@@ -29,6 +29,11 @@ ROUTES: tuple[RouteInfo, ...] = (
               impl="portable_models.convert.onnx:convert_torch_onnx",
               requires=_TORCH_ONNX, runtime="onnxruntime",
               description="torch.onnx.export(dynamo=True) from the ExportedProgram"),
+    RouteInfo(name="torch-onnx-legacy", target="onnx", source="torch",
+              impl="portable_models.convert.onnx:convert_torch_onnx_legacy",
+              requires=("torch", "onnx"), runtime="onnxruntime",
+              description="torch.onnx.export(dynamo=False), the TorchScript-based exporter, from the "
+                          "eager model's trace made at capture"),
     RouteInfo(name="torch-jit-trace", target="torchscript", source="torch",
               impl="portable_models.convert.torchscript:convert_trace",
               requires=("torch",), runtime="torchscript",
@@ -68,6 +73,10 @@ ROUTES: tuple[RouteInfo, ...] = (
               impl="portable_models.convert.coreml:convert_from_trace",
               requires=("torch", "coremltools"), runtime="coreml",
               description="coremltools from a traced TorchScript module (mlprogram)"),
+    RouteInfo(name="coremltools-eager-trace", target="coreml", source="torch",
+              impl="portable_models.convert.coreml:convert_from_eager_trace",
+              requires=("torch", "coremltools"), runtime="coreml",
+              description="coremltools' TorchScript frontend on the eager model's trace made at capture"),
     # -- from an ONNX file (source/model.onnx) ---------------------------------------
     RouteInfo(name="onnx-source", target="onnx", source="onnx",
               impl="portable_models.convert.onnx:convert_onnx_passthrough",

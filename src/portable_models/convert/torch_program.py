@@ -15,7 +15,7 @@ from portable_models.errors import ConversionError
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
 
-__all__ = ["calibration_batches", "load_program", "resized_inputs"]
+__all__ = ["calibration_batches", "load_eager_trace", "load_program", "resized_inputs"]
 
 
 #: the compatibility passes the last :func:`load_program` of this worker applied, with the
@@ -40,6 +40,24 @@ def load_program(job: ConvertJob) -> ExportedProgram:
     APPLIED.clear()
     APPLIED.update(compat.apply(program, list(job.options.get("compat_passes") or [])))
     return program
+
+
+def load_eager_trace(job: ConvertJob) -> Any:
+    """The eager model's TorchScript trace the capture made (``options["eager_trace"]``), for
+    the routes whose converter reads TorchScript. It is the export's own scratch file, made
+    in this export from the caller's model: never a file from a bundle."""
+    torch = import_torch(f"convert:{job.route}")
+    trace = job.options.get("eager_trace") or {}
+    if not trace.get("file"):
+        raise ConversionError(
+            "no trace of the eager model: " + str(trace.get("error") or "the capture made none"),
+            stage=f"convert:{job.route}",
+            fix="this route needs a model that torch.jit.trace accepts; the other routes do not")
+    try:
+        return torch.jit.load(str(trace["file"]), map_location="cpu").eval()
+    except (OSError, RuntimeError) as exc:
+        raise ConversionError(f"cannot load the eager model's trace: {exc}", file=str(trace["file"]),
+                              stage=f"convert:{job.route}") from exc
 
 
 def _other_size(size: int, lo: int, hi: int) -> int | None:

@@ -360,11 +360,13 @@ def _check_precision(spec: Any, precision: str, specs: Sequence[TensorSpec]) -> 
     fp16, fp32 = MIL_pb2.DataType.FLOAT16, MIL_pb2.DataType.FLOAT32
     fp16_values: list[str] = []
     compute = {fp16: 0, fp32: 0}
-    for op in _main_ops(spec):
+    ops = _main_ops(spec)
+    carriers = _boolean_carriers(ops)
+    for op in ops:
         dtypes = {out.type.tensorType.dataType for out in op.outputs
                   if out.type.WhichOneof("type") == "tensorType"}
         fp16_values.extend(f"{op.type} -> {out.name}" for out in op.outputs
-                           if out.type.tensorType.dataType == fp16)
+                           if out.type.tensorType.dataType == fp16 and out.name not in carriers)
         if op.type not in ("const", "cast") and dtypes & {fp16, fp32}:
             compute[fp16 if fp16 in dtypes else fp32] += 1
     total = compute[fp16] + compute[fp32]
@@ -381,6 +383,39 @@ def _check_precision(spec: Any, precision: str, specs: Sequence[TensorSpec]) -> 
         return [f"compute precision float16: {compute[fp16]} of {total} float compute ops "
                 f"run in fp16, {len(fp16_values)} fp16 values in all"], []
     return [], [f"precision {precision!r} is not one a Core ML route makes"]
+
+
+#: ops that move or select values without arithmetic on them
+_MOVES = frozenset({"gather", "gather_nd", "gather_along_axis", "reshape", "transpose", "squeeze",
+                    "expand_dims", "slice_by_index", "slice_by_size", "concat", "tile", "identity"})
+
+
+def _boolean_carriers(ops: list[Any]) -> set[str]:
+    """The fp16 values that only carry booleans: cast from a bool, then moved or selected
+    (coremltools gathers a boolean attention mask as fp16, since gather takes no bools).
+    Exactly 0 or 1, so no float32 arithmetic was given up for them."""
+    from coremltools.proto import MIL_pb2
+
+    fp16, boolean = MIL_pb2.DataType.FLOAT16, MIL_pb2.DataType.BOOL
+    dtype = {out.name: out.type.tensorType.dataType for op in ops for out in op.outputs
+             if out.type.WhichOneof("type") == "tensorType"}
+    carriers: set[str] = set()
+    grew = True
+    while grew:  # the ops are not in order (nested blocks): until nothing more is found
+        grew = False
+        for op in ops:
+            args = [a.name for arg in op.inputs.values() for a in arg.arguments if a.name]
+            if op.type == "cast":
+                source = [a.name for a in op.inputs["x"].arguments] if "x" in op.inputs else []
+                carries = bool(source) and all(dtype.get(a) == boolean for a in source)
+            else:
+                floats = [a for a in args if dtype.get(a) == fp16]
+                carries = op.type in _MOVES and bool(floats) and all(a in carriers for a in floats)
+            for out in op.outputs:
+                if carries and dtype.get(out.name) == fp16 and out.name not in carriers:
+                    carriers.add(out.name)
+                    grew = True
+    return carriers
 
 
 # -- the runner ---------------------------------------------------------------------
