@@ -111,3 +111,16 @@ def test_core_ml_boolean_mask_gathered_in_fp16_is_still_float32(tmp_path: Path) 
     assert art.route_name == "coremltools-export+bool-logical"
     contract = json.loads((tmp_path / "bert-export" / "contract.json").read_text())
     assert contract["artifacts"][0]["meta"]["compute_precision"] == "FLOAT32"
+
+
+def test_core_ml_converts_shifted_windows_with_merged_dims(tmp_path: Path) -> None:
+    """Swin's window partition reshapes to rank 6, which Core ML lacks (coremltools' own
+    high-rank pass does not catch it here); with the neighbouring dims merged the program
+    converts and the MIL reference checks it at every batch size."""
+    bundle = _export(tmp_path, "swin-coreml", swin, targets=["coreml"], routes={"coreml": "coremltools-export"})
+    art = bundle.contract.artifacts[0]
+    assert art.status == "pass", bundle.report()
+    first = art.attempts[0]
+    assert first.status == "error" and "only supports tensors with rank <= 5" in first.error["message"]
+    assert art.route_name == "coremltools-export+merge-permuted-dims"
+    assert art.parity["checked_by"] == CORE_ML_CHECKER

@@ -24,7 +24,7 @@ import operator
 from typing import TYPE_CHECKING, Any
 
 from portable_models.convert.base import ConvertJob, ConvertResult, Step
-from portable_models.convert.torch_program import load_program, resized_inputs
+from portable_models.convert.torch_program import load_eager_trace, load_program, resized_inputs
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
 from portable_models.core.torch_io import flatten_outputs, import_torch, sample_args
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from torch.export import ExportedProgram
     from torch.fx import GraphModule
 
-__all__ = ["convert_trace"]
+__all__ = ["convert_eager_trace", "convert_trace"]
 
 ARTIFACT = "model.torchscript.pt"
 _METHODS = ("auto", "trace", "script")
@@ -44,7 +44,7 @@ _SYM_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operato
 
 def convert_trace(job: ConvertJob) -> ConvertResult:
     """ExportedProgram (``job.source_file``) -> ``job.out_dir / model.torchscript.pt``."""
-    torch = import_torch(f"convert:{job.route}")
+    import_torch(f"convert:{job.route}")
     method = str(job.options.get("torchscript_method", "auto"))
     if method not in _METHODS:
         raise ConversionError(f"torchscript_method {method!r} is not one of {_METHODS}",
@@ -55,6 +55,28 @@ def convert_trace(job: ConvertJob) -> ConvertResult:
     order = _order(method, symbolic)
     args = sample_args(job.inputs, job.sample_inputs)
     module, used, failures = _compile(gm, args, order, job)
+    detail: dict[str, Any] = {"method": used, "symbolic_sizes": symbolic}
+    if failures:
+        detail["fallback_from"] = failures
+    return _save_checked(job, module, ep, args, used, detail)
+
+
+def convert_eager_trace(job: ConvertJob) -> ConvertResult:
+    """The eager model's ``torch.jit.trace``, made at capture, frozen and saved: where the
+    captured program does not compile to TorchScript, or compiles with a size baked in,
+    the trace of the model itself may not (Python-level size arithmetic stays traced
+    ``aten::size`` calls). Checked at other sizes of the dynamic dims like the other route's."""
+    ep = load_program(job)
+    args = sample_args(job.inputs, job.sample_inputs)
+    return _save_checked(job, load_eager_trace(job), ep, args, "trace",
+                         {"method": "trace", "source": "the eager model, at capture"})
+
+
+def _save_checked(job: ConvertJob, module: Any, ep: ExportedProgram, args: tuple[Any, ...], used: str,
+                  detail: dict[str, Any]) -> ConvertResult:
+    """Freeze, save and reload ``module``; check its outputs on the sample and its shapes at
+    other sizes of the dynamic dims against the program's."""
+    torch = import_torch(f"convert:{job.route}")
     frozen, freeze_note = _freeze(module, job)
     path = job.out_dir / ARTIFACT
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,10 +84,7 @@ def convert_trace(job: ConvertJob) -> ConvertResult:
     loaded = torch.jit.load(str(path), map_location="cpu")
     _check_outputs(loaded, args, job)
     dynamic = _check_dynamic(loaded, ep, job)
-    detail: dict[str, Any] = {"method": used, "frozen": frozen is not module,
-                              "symbolic_sizes": symbolic}
-    if failures:
-        detail["fallback_from"] = failures
+    detail = {**detail, "frozen": frozen is not module}
     meta: dict[str, Any] = {
         "positional_inputs": job.input_names,
         "positional_outputs": job.output_names,
