@@ -58,6 +58,15 @@ def bert() -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
                                                                                "mask": {0: ("batch", 1, 4)}}})
 
 
+def llama() -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A decoder whose captured program, compiled to TorchScript, bakes the batch in."""
+    _, example, options = bert()  # the same inputs as the encoder's
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      intermediate_size=64, vocab_size=100, max_position_embeddings=32, use_cache=False)
+    return Text(transformers.LlamaModel(config)).eval(), example, options
+
+
 def _export(tmp_path: Path, name: str, build: Any, **options: Any) -> Any:
     import portable_models as pm
 
@@ -124,3 +133,13 @@ def test_core_ml_converts_shifted_windows_with_merged_dims(tmp_path: Path) -> No
     assert first.status == "error" and "only supports tensors with rank <= 5" in first.error["message"]
     assert art.route_name == "coremltools-export+merge-permuted-dims"
     assert art.parity["checked_by"] == CORE_ML_CHECKER
+
+
+def test_torchscript_from_the_eager_trace_keeps_the_batch(tmp_path: Path) -> None:
+    bundle = _export(tmp_path, "llama", llama, targets=["torchscript"])
+    art = bundle.contract.artifacts[0]
+    assert art.status == "pass", bundle.report()
+    first = art.attempts[0]
+    assert first.route == "torch-jit-trace" and "fails when dims change" in first.error["message"]
+    assert art.route_name == "torch-jit-eager-trace"
+    assert art.meta["dynamic_check"]["status"] == "pass"
