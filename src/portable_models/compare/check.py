@@ -18,7 +18,7 @@ from typing import Any
 
 from portable_models.compare.accuracy import TaskCheck
 from portable_models.compare.parity import OutputParity, compare_outputs, verdict
-from portable_models.core.golden import Cases, load_cases, unpack_outputs
+from portable_models.core.golden import Cases, unpack_outputs
 from portable_models.core.iomap import IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.core.targets import checker_for
@@ -30,7 +30,7 @@ from portable_models.isolation.process import worker_kind
 from portable_models.run.registry import RUNTIMES, runtime_info
 
 __all__ = ["Ask", "Judge", "PlannedRun", "CheckJob", "check_artifact", "checking_runtime", "error_histogram", "error_dict",
-           "fixed_shape_cases", "plan_artifact", "run_planned", "runner_options"]
+           "plan_artifact", "run_planned", "runner_options"]
 
 
 def runner_options(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
@@ -65,14 +65,6 @@ def error_dict(exc: PortableModelsError) -> dict[str, Any]:
     if isinstance(message, str) and len(message) > MESSAGE_MAX:
         record["message"] = message[:MESSAGE_MAX] + f" … ({len(message) - MESSAGE_MAX} more characters)"
     return record
-
-
-def fixed_shape_cases(golden_inputs: Path) -> list[int]:
-    """The golden cases a fixed-shape artifact can take: those shaped like case 0 (the
-    sample it was converted with)."""
-    cases = load_cases(golden_inputs)
-    first = {k: v.shape for k, v in cases[0].items()}
-    return [i for i, c in enumerate(cases) if {k: v.shape for k, v in c.items()} == first]
 
 
 #: compares a finished run with the golden outputs: (parity record, timings).

@@ -19,7 +19,6 @@ from portable_models.compare.check import (
     check_artifact,
     checking_runtime,
     error_dict,
-    fixed_shape_cases,
     runner_options,
 )
 from portable_models.contract.model import Artifact, Attempt
@@ -33,7 +32,7 @@ from portable_models.core.iomap import IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
 from portable_models.core.targets import TARGET_INFO
 from portable_models.core.tolerance import TolerancePolicy
-from portable_models.errors import DynamicDimsRefused, PortableModelsError
+from portable_models.errors import DynamicDimsRefused, PortableModelsError, RuntimeRunError
 from portable_models.isolation.pool import JobFailed, Pool
 from portable_models.run import runtime_info
 
@@ -99,11 +98,15 @@ class TargetContext:
 
 
 def _keyed(options: dict[str, Any]) -> dict[str, Any]:
-    """Options as the cache keys them: the calibration data by its content, not its path."""
-    calibration = options.get("calibration")
-    if not calibration:
-        return options
-    return {**options, "calibration": {k: v for k, v in calibration.items() if k != "file"}}
+    """Options as the cache keys them: the calibration data by its content, not its path;
+    the eager model's trace by whether there is one (it is made from the same model as the
+    captured program, whose content the key holds)."""
+    keyed = dict(options)
+    if calibration := options.get("calibration"):
+        keyed["calibration"] = {k: v for k, v in calibration.items() if k != "file"}
+    if trace := options.get("eager_trace"):
+        keyed["eager_trace"] = "traced" if trace.get("file") else trace
+    return keyed
 
 
 def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: Path,
@@ -153,9 +156,13 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
         return attempt, None
     io = IoMap.from_dict(conv["io"])
     meta = dict(conv.get("meta") or {})
-    cases = None
-    if meta.get("dynamic") is False and ctx.dims:
-        cases = fixed_shape_cases(ctx.golden_inputs)
+    cases = _fixed_shape_cases(ctx, meta)
+    if cases == []:  # checked on nothing, it would pass by default
+        error = RuntimeRunError(f"the fixed-shape artifact takes inputs of shapes {meta.get('input_shapes')}; "
+                                "no golden case has them", stage="run", fix="export with more golden cases")
+        return Attempt(route=label, status="error", stage="run", error=error_dict(error),
+                       seconds=time.monotonic() - start), None
+    if cases is not None:
         meta["fixed_shape"] = True
         meta["cases_checked"] = cases
     ctx.progress(key, "running", label)
@@ -180,6 +187,19 @@ def _attempt(ctx: TargetContext, route: RouteInfo, precision: str, attempt_dir: 
                     out_dir)
     art.meta["_staged"] = str(out_dir / conv["file"])
     return attempt, art
+
+
+def _fixed_shape_cases(ctx: TargetContext, meta: dict[str, Any]) -> list[int] | None:
+    """The golden cases a fixed-shape artifact (``meta["dynamic"] is False``) is checked on:
+    those of its input shapes, as its route reports them (``meta["input_shapes"]``; else
+    case 0's, the sample it was converted with). None (all cases, and the artifact is not
+    recorded as fixed-shape) when it is not fixed, or when nothing is dynamic and every case
+    fits."""
+    if meta.get("dynamic") is not False:
+        return None
+    cases = golden.load_cases(ctx.golden_inputs)
+    fits = golden.cases_of_shape(cases, meta.get("input_shapes"))
+    return fits if ctx.dims or len(fits) < len(cases) else None
 
 
 def _private_copies(prior: dict[str, Path], folder: Path) -> dict[str, Path]:
@@ -263,18 +283,20 @@ class _Tries:
             passes: tuple[str, ...] = ()) -> tuple[Attempt, Artifact | None]:
         """Attempt ``route`` (the ``n``-th), record it, and keep its artifact if it is the best
         yet. A conversion that fails with an error a compatibility pass addresses is attempted
-        once more with the pass (:mod:`.compat`)."""
+        once more with the pass (:mod:`.compat`); if that fails with an error naming passes not
+        yet applied, again with them added (at most once per pass: the set only grows)."""
         attempt, art = _attempt(self.ctx, route, self.precision,
                                 self.ctx.root / ".attempts" / f"{self.key}-{n}-{route.name}{suffix}",
                                 fixed_fallback=fixed_fallback, passes=passes)
         self.attempts.append(attempt)
         if art is not None and (self.best is None or _art_rank(art) < _art_rank(self.best)):
             self.best = art
-        if not passes and attempt.status == "error" and attempt.stage == "convert":
-            wanted = tuple(compat.passes_for(route.name, str((attempt.error or {}).get("message", ""))))
+        if attempt.status == "error" and attempt.stage == "convert":
+            named = compat.passes_for(route.name, str((attempt.error or {}).get("message", "")))
+            wanted = tuple(p for p in named if p not in passes)
             if wanted:
                 return self.one(n, route, suffix=suffix + "+" + "+".join(wanted), fixed_fallback=fixed_fallback,
-                                passes=wanted)
+                                passes=passes + wanted)
         return attempt, art
 
     def in_order(self, routes: list[RouteInfo]) -> list[tuple[int, RouteInfo]]:

@@ -16,7 +16,10 @@ with Keras's channels-last memory format for convolutions turned off (same value
 plain contiguous tensors that every PyTorch route takes). ``torch.export``
 specialises a dim whose example size is 1, so the program is exported, and the
 PyTorch route run, on the sample inputs with every dynamic dim of size 1 repeated to
-size 2 (within its bounds). A worker exports each source once and reuses the program
+size 2 (within its bounds); an artifact the PyTorch route makes fixed-shape
+(``meta["dynamic"] is False``) therefore takes those grown shapes, which the bridge records
+as ``meta["input_shapes"]`` unless the route did (the golden cases it is checked on are
+those of these shapes). A worker exports each source once and reuses the program
 for the later bridge routes of the same export.
 """
 
@@ -114,6 +117,8 @@ def _bridge(job: ConvertJob, which: str) -> ConvertResult:
     result.meta = {**result.meta, "bridge": {"torch_route": TORCH_ROUTES[which],
                                              "export_s": round(seconds, 3),
                                              "program_reused": reused}}
+    if result.meta.get("dynamic") is False:  # fixed at the grown samples' shapes, not case 0's
+        result.meta.setdefault("input_shapes", {k: list(v.shape) for k, v in samples.items()})
     return result
 
 

@@ -7,7 +7,8 @@ names (the logical names where they are safe), ``None`` for every dynamic dim, a
 dict of outputs keyed by physical names. Inputs keep the Keras layout (NHWC): no perm.
 
 ``keras-tflite``
-    ``tf.lite.TFLiteConverter.from_concrete_functions``; float32, or float16 weights.
+    The function frozen and saved as a SavedModel (custom gradients left out), then
+    ``tf.lite.TFLiteConverter.from_saved_model``; float32, or float16 weights.
     An RNN that the converter cannot lower (``TensorListReserve`` with an unknown batch)
     is retried with its RNN layers unrolled (``unroll=True``, same weights): plain
     builtin ops, batch still dynamic, runnable by plain LiteRT (no select-TF ops).
@@ -195,12 +196,30 @@ def _frozen(model: Any, job: ConvertJob, names: dict[str, str]) -> Any:
     return tf.function(named, input_signature=_signature(job, names)).get_concrete_function()
 
 
+def _saved_frozen(job: ConvertJob, model: Any, names: dict[str, str]) -> Path:
+    """The frozen serving function as a SavedModel whose one signature is
+    ``serving_default``. ``from_concrete_functions`` would save it the same way, but with
+    custom gradients kept, and when that save fails it says nothing and converts the bare
+    graph instead: a ``.tflite`` with no signature. The save does fail for any model with
+    ``tf.nn.silu`` (EfficientNet's swish): its custom gradient captures ``beta``, a
+    constant once frozen ("Found invalid capture … when saving custom gradients").
+    Inference needs no gradient, so the save here leaves them out."""
+    import tensorflow as tf
+
+    folder = job.work_dir / "saved_frozen"
+    shutil.rmtree(folder, ignore_errors=True)
+    tf.saved_model.save(tf.Module(), str(folder),
+                        signatures={"serving_default": _frozen(model, job, names)},
+                        options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+    return folder
+
+
 def _tflite_bytes(job: ConvertJob, model: Any, names: dict[str, str]) -> bytes:
     import tensorflow as tf
 
     try:
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([_frozen(model, job, names)],
-                                                               tf.Module())
+        conv = tf.lite.TFLiteConverter.from_saved_model(str(_saved_frozen(job, model, names)),
+                                                        signature_keys=["serving_default"])
         if job.precision == "float16":
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
             conv.target_spec.supported_types = [tf.float16]
@@ -283,7 +302,9 @@ def convert_tf_tflite(job: ConvertJob) -> ConvertResult:
     path.write_bytes(data)
     _check_tflite(job, path, names)
     ops = _check_ops(job, path)
-    detail: dict[str, Any] = {"from": "frozen concrete_function", "float16_weights": job.precision == "float16",
+    detail: dict[str, Any] = {"from": "SavedModel of the frozen concrete_function",
+                              "custom_gradients": False,
+                              "float16_weights": job.precision == "float16",
                               "select_tf_ops": False, "rnn_unrolled": bool(unroll_note)}
     if job.precision.startswith("int8"):
         detail.update({"optimizations": ["DEFAULT"],

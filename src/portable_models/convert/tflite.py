@@ -3,8 +3,8 @@
 ``litert-torch``: ``litert_torch.convert`` of the program's module, wrapped to take
 keyword inputs and return a dict, so the signature carries the logical names (a name
 that is not an identifier is sanitised; the io map says so). Dynamic dims are tried,
-else the artifact is fixed-shape (``meta["dynamic"]``) — or, when the job says so, the
-route refuses (:class:`DynamicDimsRefused`) and the pipeline tries the later routes first. int64/float64 io become 32-bit
+else the artifact is fixed-shape (``meta["dynamic"]``; its shapes in
+``meta["input_shapes"]``) — or, when the job says so, the route refuses (:class:`DynamicDimsRefused`) and the pipeline tries the later routes first. int64/float64 io become 32-bit
 (``enable_x64=False``): ``meta["io_dtypes"]`` has the physical dtypes.
 
 ``litert-torch-pt2e``: the int8 variants, quantised by PT2E with litert-torch's own
@@ -162,7 +162,8 @@ def convert_litert_torch(job: ConvertJob) -> ConvertResult:
     fp16 = job.precision == "float16"
     meta: dict[str, Any] = {"dynamic": dynamic, "signature": "serving_default",
                             "io_dtypes": io_dtypes, "weights": job.precision,
-                            **({"note": note} if note else {})}
+                            **({"note": note} if note else {}),
+                            **({} if dynamic else {"input_shapes": _input_shapes(job, dest, phys_in)})}
     detail = {"dynamic_shapes": dynamic, "enable_x64": False,
               "quant_config": "full_fp16_recipe (fp16 weights)" if fp16 else None}
     steps = [Step(step="litert_torch.convert", version=package_version("litert-torch"),
@@ -216,7 +217,8 @@ def convert_litert_torch_pt2e(job: ConvertJob) -> ConvertResult:
     details = {**dict(zip(("in", "out"), _signature_quant(dest), strict=True))}
     io = IoMap(inputs={k: Binding(name=p, quant=details["in"].get(p)) for k, p in zip(job.input_names, phys_in, strict=True)},
                outputs={k: Binding(name=k, quant=details["out"].get(k)) for k in job.output_names})
-    meta: dict[str, Any] = {"dynamic": False, "signature": "serving_default", "io_dtypes": io_dtypes, "weights": "int8"}
+    meta: dict[str, Any] = {"dynamic": False, "signature": "serving_default", "io_dtypes": io_dtypes, "weights": "int8",
+                            "input_shapes": _input_shapes(job, dest, phys_in)}
     if not dynamic:
         calibration = job.options["calibration"]
         meta["calibration"] = {"sha256": calibration["sha256"], "cases": calibration["cases"], "rows": rows}
@@ -241,6 +243,17 @@ def _signature_quant(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, d
                 found[name] = {"dtype": np.dtype(d["dtype"]).name, "scale": float(scale), "zero_point": int(zero)}
         out.append(found)
     return out[0], out[1]
+
+
+def _input_shapes(job: ConvertJob, path: Path, ins: list[str]) -> dict[str, list[int]]:
+    """A fixed-shape artifact's input shapes by logical name, as its signature has them:
+    the golden cases it is checked on are those of these shapes (the Keras bridge converts
+    with a batch of 1 grown to 2, so case 0's shapes would not do)."""
+    from portable_models.run import signature_details
+
+    in_details, _ = signature_details(path)
+    return {name: [int(d) for d in in_details[phys]["shape"]]
+            for name, phys in zip(job.input_names, ins, strict=True)}
 
 
 def _check_signature(job: ConvertJob, path: Path, ins: list[str],

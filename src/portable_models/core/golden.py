@@ -38,6 +38,7 @@ __all__ = [
     "with_eval_cases",
     "Cases",
     "case_sizes",
+    "cases_of_shape",
     "make_inputs",
     "save_cases",
     "cases_digest",
@@ -76,6 +77,15 @@ def case_sizes(
         dim = dims.get(label, DimSpec(name=label))
         other[label] = size + 1 if size + 1 <= dim.max else max(dim.min, size - 1)
     return [dict(base) if i % 2 == 0 else dict(other) for i in range(cases)]
+
+
+def cases_of_shape(cases: Cases, shapes: Mapping[str, Sequence[int]] | None = None) -> list[int]:
+    """The cases whose inputs have exactly ``shapes`` (by input name; default: case 0's):
+    those a fixed-shape artifact of these input shapes can take."""
+    want = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()} or {
+        k: tuple(v.shape) for k, v in cases[0].items()}
+    return [i for i, case in enumerate(cases)
+            if all(k in case and tuple(case[k].shape) == shape for k, shape in want.items())]
 
 
 def draw(spec: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
