@@ -8,8 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+COVERAGE_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench diagnose-sweep clean constraints
+.PHONY: demo test lint typecheck unit bench diagnose-sweep coverage clean constraints
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,13 @@ bench: $(STAMP)
 # (~15 min on 2 cores): the tally goes to docs/diagnose_sweep.md
 diagnose-sweep: $(STAMP)
 	PM_DIAGNOSE_SWEEP=all $(BIN)/python -m pytest -s tests/integration/test_diagnose_faults.py -k "seeded or intact"
+
+# the coverage corpus (44 architectures x 5 targets, ~80 min with 2 jobs here; resumable):
+# the matrix goes to coverage/results.md. Not part of `make test`. E.g.
+#   make coverage COVERAGE_ARGS="--only bert,llama"   or   COVERAGE_ARGS=--fresh
+coverage: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[coverage]"
+	$(BIN)/python coverage/run.py $(COVERAGE_ARGS)
 
 # Regenerate constraints.txt from the current .venv (after a deliberate upgrade).
 constraints: $(STAMP)
