@@ -299,3 +299,22 @@ def test_merge_permuted_dims_leaves_a_permute_read_elementwise_alone() -> None:
 
     program = torch.export.export(Read(), (torch.rand(1, 4, 4, 4),))
     assert compat.apply(program, ["merge-permuted-dims"]) == {"merge-permuted-dims": 0}
+
+
+def test_core_ml_boolean_output_is_read_back_as_booleans(tmp_path: Path) -> None:
+    """Core ML has no boolean arrays: a mask output comes back as numbers, and the io map says
+    to read it back as booleans (every value 0 or 1), so it compares exactly with the source's."""
+    import portable_models as pm
+
+    class MaskOut(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keep = (x > 0.2) & (x < 0.8)
+            return torch.where(keep, x, torch.zeros_like(x)), keep
+
+    bundle = pm.export(MaskOut().eval(), (torch.rand(2, 16),), out=tmp_path / "mask", targets=["coreml"],
+                       input_names=["x"], output_names=["y", "keep"], input_ranges={"x": (0.0, 1.0)}, cache=False)
+    art = bundle.contract.artifacts[0]
+    assert art.status == "pass", bundle.report()
+    assert art.io is not None and art.io.outputs["keep"].reads_as == "bool"
+    assert art.parity["outputs"]["keep"]["dtype"] == "bool"
+    assert pm.verify(tmp_path / "mask").ok

@@ -38,6 +38,7 @@ metadata (key ``portable_models``), so the runner can check a package on its own
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -60,6 +61,7 @@ __all__ = [
     "convert_from_export",
     "convert_from_trace",
     "physical_name",
+    "read_back",
 ]
 
 ARTIFACT = "model.mlpackage"
@@ -305,10 +307,10 @@ def _convert(job: ConvertJob, model: Any, *, frontend: str, steps: list[Step]) -
     mlmodel, target = _convert_with_target(job, model, names, frontend)
     convert_s = time.perf_counter() - start
     _check_output_names(mlmodel, job, names)
-    io = IoMap(inputs={s.name: Binding(name=names[s.name], layout=s.layout) for s in job.inputs},
-               outputs={s.name: Binding(name=names[s.name], layout=s.layout)
-                        for s in job.outputs})
     dtypes = _physical_dtypes(mlmodel)
+    io = read_back(job, IoMap(inputs={s.name: Binding(name=names[s.name], layout=s.layout) for s in job.inputs},
+                              outputs={s.name: Binding(name=names[s.name], layout=s.layout) for s in job.outputs}),
+                   dtypes)
     _embed_metadata(mlmodel, job, io)
     out = job.out_dir / artifact_name(job.precision)
     if out.exists():
@@ -431,6 +433,17 @@ def _physical_dtypes(mlmodel: Any) -> dict[str, dict[str, str]]:
         "inputs": {f.name: names(f.type.multiArrayType.dataType) for f in desc.input},
         "outputs": {f.name: names(f.type.multiArrayType.dataType) for f in desc.output},
     }
+
+
+def read_back(job: ConvertJob, io: IoMap, dtypes: dict[str, dict[str, str]]) -> IoMap:
+    """``io`` with every boolean output that Core ML returns as numbers (it has no boolean
+    arrays) marked to be read back as booleans."""
+    outputs = dict(io.outputs)
+    for s in job.outputs:
+        binding = outputs[s.name]
+        if s.dtype == "bool" and dtypes["outputs"].get(binding.name, "BOOL") != "BOOL":
+            outputs[s.name] = dataclasses.replace(binding, reads_as="bool")
+    return IoMap(inputs=io.inputs, outputs=outputs)
 
 
 def _casts(job: ConvertJob, dtypes: dict[str, dict[str, str]]) -> dict[str, str]:

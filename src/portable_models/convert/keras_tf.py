@@ -475,7 +475,8 @@ def convert_tf_coreml(job: ConvertJob) -> ConvertResult:
         raise _fail(job, "coremltools (TensorFlow frontend)", exc,
                     fix="the next coreml route (the torch bridge) may cover it") from exc
     mlmodel = _rename_ct_outputs(ct, mlmodel, graph_names, names, job)
-    io = _io(job, names)
+    dtypes = cm._physical_dtypes(mlmodel)
+    io = cm.read_back(job, _io(job, names), dtypes)
     cm._embed_metadata(mlmodel, job, io)
     artifact = cm.ARTIFACT if job.precision == "float32" else "model_fp16.mlpackage"
     out = job.out_dir / artifact
@@ -483,7 +484,6 @@ def convert_tf_coreml(job: ConvertJob) -> ConvertResult:
         shutil.rmtree(out)
     job.out_dir.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(out))
-    dtypes = cm._physical_dtypes(mlmodel)
     detail = {"frontend": "TensorFlow2", "convert_to": "mlprogram", "compute_precision": precision,
               "minimum_deployment_target": target}
     steps = [_tf_step(job, names), Step(step="coremltools.convert",

@@ -34,6 +34,9 @@ class Binding:
     perm: tuple[int, ...] | None = None
     #: {"dtype": "int8", "scale": float, "zero_point": int} when the physical tensor is quantised
     quant: Mapping[str, Any] | None = None
+    #: ``"bool"``: an output the runtime returns as numbers (Core ML has no boolean arrays),
+    #: read back as booleans when, and only when, every value is 0 or 1
+    reads_as: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "perm": list(self.perm) if self.perm else None}
@@ -41,6 +44,8 @@ class Binding:
             out["layout"] = self.layout
         if self.quant is not None:
             out["quant"] = dict(self.quant)
+        if self.reads_as is not None:
+            out["reads_as"] = self.reads_as
         return out
 
     @classmethod
@@ -51,6 +56,7 @@ class Binding:
             layout=data.get("layout"),
             perm=tuple(int(p) for p in perm) if perm else None,
             quant=dict(data["quant"]) if data.get("quant") else None,
+            reads_as=str(data["reads_as"]) if data.get("reads_as") else None,
         )
 
     def to_physical(self, logical: np.ndarray) -> np.ndarray:
@@ -66,6 +72,10 @@ class Binding:
         if self.quant is not None:
             physical = ((np.asarray(physical, dtype=np.float64) - int(self.quant["zero_point"]))
                         * float(self.quant["scale"])).astype(np.float32)
+        if self.reads_as == "bool":
+            values = np.asarray(physical)
+            if values.dtype.kind in "iuf" and np.isin(values, (0, 1)).all():
+                physical = values.astype(bool)  # other values stay numbers: the compare step says so
         if not self.perm:
             return physical
         if physical.ndim != len(self.perm):
