@@ -152,3 +152,19 @@ def test_golden_outputs_match_eager_model(cnn_onnx: Path) -> None:
         for cin, cout in zip(cases_in, cases_out, strict=True):
             ref = case.model(torch.from_numpy(cin["image"])).numpy()
             np.testing.assert_array_equal(ref, cout["logits"])
+
+
+def test_varargs_forward_takes_dynamic_dims(tmp_path: Path) -> None:
+    """``forward(self, *args)`` (a wrapper around a model): the dynamic dims of the inputs that
+    land in ``*args`` reach torch.export laid out as the signature takes them."""
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return args[0] * 2 + args[1].sum(dim=1, keepdim=True)
+
+    dims = {"input_0": {0: ("batch", 1, 4)}, "input_1": {0: ("batch", 1, 4)}}
+    bundle = pm.export(Wrapper().eval(), (torch.rand(2, 3), torch.rand(2, 4)), out=tmp_path / "varargs",
+                       targets=["torchscript"], dynamic_dims=dims, cache=False)
+    assert bundle.ok, bundle.report()
+    assert [s.shape[0] for s in bundle.contract.inputs] == ["batch", "batch"]

@@ -123,6 +123,21 @@ def _dynamic_shapes(names: list[str], args: tuple[Any, ...], axes: dict[str, dic
     return tuple(shapes)
 
 
+def _as_signature(model: Any, shapes: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """The per-input dynamic shapes laid out as ``forward`` takes its inputs: torch.export
+    wants the ones that land in ``*args`` as one tuple in that parameter's place."""
+    if shapes is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # TorchScript methods have no Python signature
+        return shapes
+    fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not any(p.kind == p.VAR_POSITIONAL for p in params) or len(shapes) <= len(fixed):
+        return shapes
+    return (*shapes[:len(fixed)], tuple(shapes[len(fixed):]))
+
+
 def _input_specs(names: list[str], args: tuple[Any, ...], axes: dict[str, dict[int, str]],
                  opts: CaptureOptions) -> list[TensorSpec]:
     specs = []
@@ -232,7 +247,7 @@ def _capture_torch(model: Any, example_inputs: Any, opts: CaptureOptions, source
     out_names, outputs = _run_eager(model, in_specs, cases, opts.output_names)
     _check_deterministic(model, in_specs, cases[0], outputs[0], opts.output_names)
     constant = golden.check_outputs(outputs, out_names)
-    dynamic_shapes = _dynamic_shapes(names, args, axes, dims)
+    dynamic_shapes = _as_signature(model, _dynamic_shapes(names, args, axes, dims))
     key, how = _capture_key(model, opts, in_specs, dims, out_names, cases, outputs)
     meta = {"samples": "user" if opts.samples else "example+random", "capture_cache": how,
             "constant_outputs": constant, **eval_meta}
