@@ -55,6 +55,7 @@ def module_records(store: ReferenceStore, stream: Any) -> list[dict[str, Any]]:
     module not shown is held in a unit (why) or fused into a later op."""
     refs = {ref.module: ref for ref in store.refs()}
     node_module = store.node_modules()
+    shapes = {n.name: n.shape for n in store.nodes}
     compared: dict[str, dict[str, Any]] = {}  # node -> its comparison
     held: dict[str, str] = {}
     for item in stream:
@@ -65,8 +66,7 @@ def module_records(store: ReferenceStore, stream: Any) -> list[dict[str, Any]]:
             name = item.node if item.node in node_module else (
                 refs[item.module].last_node if item.node is None and item.module in refs else None)
             if name is not None:
-                shape = next(n.shape for n in store.nodes if n.name == name)
-                compared[name] = _compare(shape, store.node_value(name), item.value)
+                compared[name] = _compare(shapes[name], store.node_value(name), item.value)
     last = {ref.last_node: ref for ref in refs.values()}
     records = []
     for node in store.nodes:
