@@ -48,7 +48,9 @@ def _header(records: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         "",
         "Written by `make coverage` (`python coverage/run.py`); not part of `make test`. Every",
         "model of `coverage/models.py` exported to all five targets (fp32, `diagnose=False`, no",
-        "cache), each artifact run in its real runtime and compared with the source.",
+        "cache), each artifact run in its real runtime and compared with the source. A Core ML",
+        "cell passes only on numbers: off macOS the MIL reference executor runs the saved program",
+        "(a package checked only structurally would read `unverified`, never `pass`).",
         "",
         f"- written: {time.strftime('%Y-%m-%d %H:%M')}; models: {len(records)}",
         f"- wall time: {wall / 60:.1f} min over {len(runs)} run(s), jobs: {', '.join(map(str, jobs)) or '?'}"
