@@ -446,3 +446,12 @@ def test_rnn_and_gru() -> None:
         og = torch.tanh(xt @ t(wo).T + (rg * hh) @ t(ro).T + t(bo))
         hh = (1 - zg) * og + zg * hh
         close(ys[step], hh, atol=1e-6)
+
+
+def test_select_broadcasts_a_zero_d_branch() -> None:
+    """``torch.where(c, x, 0.0)`` once its scalar is a 0-d tensor (the where-scalars pass)."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    cond = x > 2
+    got = km.select(None, {"cond": cond, "a": x, "b": np.zeros((), np.float32)})
+    np.testing.assert_array_equal(got, torch.where(torch.from_numpy(cond), torch.from_numpy(x), 0.0).numpy())
+    assert got.dtype == np.float32

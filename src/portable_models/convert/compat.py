@@ -46,7 +46,7 @@ PASSES: tuple[CompatPass, ...] = (
                impl="portable_models.convert.compat:bool_ops_to_logical",
                description="`&`, `|`, `^`, `~` on boolean tensors (attention masks) as logical_and/or/xor/not, "
                            "which coremltools' torch.export frontend converts"),
-    CompatPass(name="view-to-reshape", helps=("torch-onnx", "executorch-xnnpack"),
+    CompatPass(name="view-to-reshape", helps=("torch-onnx", "executorch-xnnpack", "executorch-portable"),
                addresses=("Cannot view a tensor with shape",),
                impl="portable_models.convert.compat:views_to_reshapes",
                description="views as reshapes and the copies before them explicit: the ONNX exporter and "

@@ -44,7 +44,7 @@ INFERRED_OPS: frozenset[str] = frozenset({
     "reduce_sum", "reduce_sum_square",
     # tensor manipulation
     "expand_dims", "fill", "gather", "gather_along_axis",
-    "identity", "non_zero", "pad", "reshape", "reverse", "select",
+    "identity", "non_zero", "pad", "reshape", "reverse",
     "slice_by_size", "split", "stack", "tile", "topk", "transpose",
     "argsort", "quantize",
 })

@@ -4,7 +4,7 @@ Also the ops whose coremltools value inference is incomplete or slow: ``squeeze`
 returns a wrong shape when everything is squeezed, ``flatten2d`` fails for axis 0,
 ``cumsum`` mishandles ``exclusive``, ``band_part`` loops in Python, ``range_1d``
 gives up on long ranges, ``reverse_sequence`` is not implemented, ``concat`` ignores
-``interleave`` and ``scatter_along_axis`` ignores ``mode``.
+``interleave``, ``scatter_along_axis`` ignores ``mode`` and ``select`` fails on a 0-d branch.
 """
 
 from __future__ import annotations
@@ -74,6 +74,13 @@ def flatten2d(op: Any, args: Args) -> np.ndarray:
 
 def shape(op: Any, args: Args) -> np.ndarray:
     return np.asarray(np.shape(args["x"]), np.int32)
+
+
+def select(op: Any, args: Args) -> np.ndarray:
+    """``cond ? a : b`` with numpy broadcasting; coremltools' own value inference fails when a
+    branch is a 0-d tensor (``torch.where(c, x, 0.0)`` once its scalar is a tensor)."""
+    a, b = np.asarray(args["a"]), np.asarray(args["b"])
+    return np.where(np.asarray(args["cond"]).astype(bool), a, b).astype(np.result_type(a, b), copy=False)
 
 
 def fill_like(op: Any, args: Args) -> np.ndarray:
@@ -322,7 +329,7 @@ def list_length(op: Any, args: Args) -> np.ndarray:
 
 MISC_KERNELS = {
     "slice_by_index": slice_by_index, "slice_update": slice_update, "squeeze": squeeze, "flatten2d": flatten2d, "shape": shape,
-    "fill_like": fill_like,
+    "fill_like": fill_like, "select": select,
     "range_1d": range_1d, "band_part": band_part, "cumsum": cumsum,
     "reverse_sequence": reverse_sequence, "one_hot": one_hot, "gather_nd": gather_nd,
     "scatter": scatter, "scatter_nd": scatter_nd, "scatter_along_axis": scatter_along_axis,
