@@ -143,3 +143,32 @@ def test_torchscript_from_the_eager_trace_keeps_the_batch(tmp_path: Path) -> Non
     assert first.route == "torch-jit-trace" and "fails when dims change" in first.error["message"]
     assert art.route_name == "torch-jit-eager-trace"
     assert art.meta["dynamic_check"]["status"] == "pass"
+
+
+class GroupNormAudio(torch.nn.Module):
+    """A wav2vec2-style feature extractor: coremltools turns the group norm's sizes into a
+    constant, which a dynamic batch cannot be, in both of its frontends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.norm = torch.nn.Conv1d(1, 8, 5, stride=2), torch.nn.GroupNorm(8, 8)
+
+    def forward(self, audio: Any) -> Any:
+        return torch.nn.functional.gelu(self.norm(self.conv(audio[:, None])))
+
+
+def test_core_ml_falls_back_to_fixed_shapes_where_no_route_keeps_the_dims(tmp_path: Path) -> None:
+    import portable_models as pm
+
+    bundle = pm.export(GroupNormAudio().eval(), (torch.rand(2, 64),), out=tmp_path / "gn", targets=["coreml"],
+                       input_names=["audio"], output_names=["y"], dynamic_dims={"audio": {0: ("batch", 1, 4)}},
+                       cache=False, diagnose=False)
+    art = bundle.contract.artifacts[0]
+    assert art.status == "pass", bundle.report()
+    assert art.meta["fixed_shape"] is True and art.meta["input_shapes"] == {"audio": [2, 64]}
+    assert "symbolic values" in art.meta["dynamic_note"]
+    refused = [a for a in art.attempts if (a.error or {}).get("code") == "dynamic_dims_refused"]
+    assert refused and refused[0].route == "coremltools-trace"  # put off until no route kept the dims
+    assert art.parity["checked_by"] == CORE_ML_CHECKER
+    assert pm.verify(tmp_path / "gn").ok

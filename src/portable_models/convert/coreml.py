@@ -51,7 +51,7 @@ from portable_models.core.coremltools_import import import_coremltools
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.core.spec import TensorSpec
-from portable_models.errors import ConversionError
+from portable_models.errors import ConversionError, DynamicDimsRefused
 
 __all__ = [
     "ARTIFACT",
@@ -304,14 +304,15 @@ def _convert(job: ConvertJob, model: Any, *, frontend: str, steps: list[Step]) -
 
     names = _physical_names(job)
     start = time.perf_counter()
-    mlmodel, target = _convert_with_target(job, model, names, frontend)
+    mlmodel, target, fixed_note = _convert_dims(job, model, names, frontend)
     convert_s = time.perf_counter() - start
     _check_output_names(mlmodel, job, names)
     dtypes = _physical_dtypes(mlmodel)
     io = read_back(job, IoMap(inputs={s.name: Binding(name=names[s.name], layout=s.layout) for s in job.inputs},
                               outputs={s.name: Binding(name=names[s.name], layout=s.layout) for s in job.outputs}),
                    dtypes)
-    _embed_metadata(mlmodel, job, io)
+    fixed = {s.name: list(job.sample_inputs[s.name].shape) for s in job.inputs} if fixed_note else None
+    _embed_metadata(mlmodel, job, io, fixed)
     out = job.out_dir / artifact_name(job.precision)
     if out.exists():
         shutil.rmtree(out)
@@ -332,11 +333,34 @@ def _convert(job: ConvertJob, model: Any, *, frontend: str, steps: list[Step]) -
         "physical_dtypes": dtypes, "casts": _casts(job, dtypes),
         "convert_s": round(convert_s, 3),
     }
+    if fixed:
+        meta.update({"dynamic": False, "dynamic_note": fixed_note, "input_shapes": fixed})
     return ConvertResult(file=artifact_name(job.precision), io=io, steps=steps, precision=job.precision, meta=meta)
 
 
+def _convert_dims(job: ConvertJob, model: Any, names: dict[str, str], frontend: str) -> tuple[Any, str, str]:
+    """Convert keeping the dynamic dims; where the TorchScript frontend cannot (a size of a
+    dynamic dim reaches a constant: "cannot have symbolic values", e.g. a group norm or a
+    window mask built from the batch size), at the sample's sizes — when the job allows a
+    fixed-shape fallback, else refuse so that later routes are tried first. Returns the
+    model, the deployment target and, for a fixed-shape conversion, why."""
+    try:
+        mlmodel, target = _convert_with_target(job, model, names, frontend)
+        return mlmodel, target, ""
+    except ConversionError as exc:
+        if frontend != "TorchScript" or not job.dims or "symbolic values" not in exc.message:
+            raise
+        if not job.fixed_shape_fallback:
+            raise DynamicDimsRefused(f"coremltools refused the dynamic dims: {exc.message}"[:400],
+                                     stage="convert", fix="the dims stay dynamic in another route; a "
+                                     "fixed-shape conversion is tried if none keeps them") from exc
+        note = f"dynamic dims refused, fixed shape used: {exc.message}"[:400]
+    mlmodel, target = _convert_with_target(job, model, names, frontend, fixed=True)
+    return mlmodel, target, note
+
+
 def _convert_with_target(job: ConvertJob, model: Any, names: dict[str, str],
-                         frontend: str) -> tuple[Any, str]:
+                         frontend: str, fixed: bool = False) -> tuple[Any, str]:
     """Convert with the asked (or default) deployment target; if the converter says an
     op needs a newer one, retry once with it."""
     import coremltools as ct
@@ -347,7 +371,7 @@ def _convert_with_target(job: ConvertJob, model: Any, names: dict[str, str],
                               stage="convert:coreml", fix="use a name such as iOS16 or macOS13")
     for attempt in range(2):
         try:
-            return _ct_convert(job, model, names, getattr(ct.target, target)), target
+            return _ct_convert(job, model, names, getattr(ct.target, target), fixed), target
         except Exception as exc:
             needed = _NEEDS_TARGET.search(str(exc))
             if attempt == 0 and needed and needed.group(1) in ct.target.__members__:
@@ -359,13 +383,13 @@ def _convert_with_target(job: ConvertJob, model: Any, names: dict[str, str],
     raise AssertionError("unreachable")
 
 
-def _ct_convert(job: ConvertJob, model: Any, names: dict[str, str], target: Any) -> Any:
+def _ct_convert(job: ConvertJob, model: Any, names: dict[str, str], target: Any, fixed: bool = False) -> Any:
     import coremltools as ct
 
     precision = getattr(ct.precision, _PRECISIONS[job.precision])
     return ct.convert(
         model,
-        inputs=[_input_type(ct, job, s, names[s.name]) for s in job.inputs],
+        inputs=[_input_type(ct, job, s, names[s.name], fixed) for s in job.inputs],
         outputs=[ct.TensorType(name=names[s.name], dtype=_ct_dtype(s.dtype))
                  for s in job.outputs],
         convert_to="mlprogram",
@@ -375,12 +399,16 @@ def _ct_convert(job: ConvertJob, model: Any, names: dict[str, str], target: Any)
     )
 
 
-def _input_type(ct: Any, job: ConvertJob, spec: TensorSpec, name: str) -> Any:
+def _input_type(ct: Any, job: ConvertJob, spec: TensorSpec, name: str, fixed: bool = False) -> Any:
+    """The input's type: its dynamic dims as bounded ranges, or (``fixed``) the sample's sizes."""
     sample = job.sample_inputs.get(spec.name)
     shape: list[Any] = []
     for axis, dim in enumerate(spec.shape):
         if isinstance(dim, int):
             shape.append(dim)
+            continue
+        if fixed and sample is not None:
+            shape.append(int(sample.shape[axis]))
             continue
         bounds = job.dims.get(dim)
         lo, hi = (bounds.min, bounds.max) if bounds else (1, 64)
@@ -461,13 +489,17 @@ def _casts(job: ConvertJob, dtypes: dict[str, dict[str, str]]) -> dict[str, str]
     return out
 
 
-def _embed_metadata(mlmodel: Any, job: ConvertJob, io: IoMap) -> None:
+def _embed_metadata(mlmodel: Any, job: ConvertJob, io: IoMap,
+                    input_shapes: dict[str, list[int]] | None = None) -> None:
+    """The logical specs, dims, precision and io map, and for a fixed-shape package the input
+    shapes it was converted at (its dynamic dims are checked at those sizes)."""
     record = {
         "inputs": [s.to_dict() for s in job.inputs],
         "outputs": [s.to_dict() for s in job.outputs],
         "dims": {k: d.to_dict() for k, d in job.dims.items()},
         "precision": job.precision,
         "io": io.to_dict(),
+        **({"input_shapes": input_shapes} if input_shapes else {}),
     }
     mlmodel.user_defined_metadata[METADATA_KEY] = json.dumps(record, sort_keys=True)
 

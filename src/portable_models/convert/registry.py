@@ -75,11 +75,11 @@ ROUTES: tuple[RouteInfo, ...] = (
               description="coremltools from the ExportedProgram (mlprogram)"),
     RouteInfo(name="coremltools-trace", target="coreml", source="torch",
               impl="portable_models.convert.coreml:convert_from_trace",
-              requires=("torch", "coremltools"), runtime="coreml",
+              requires=("torch", "coremltools"), runtime="coreml", fixed_fallback=True,
               description="coremltools from a traced TorchScript module (mlprogram)"),
     RouteInfo(name="coremltools-eager-trace", target="coreml", source="torch",
               impl="portable_models.convert.coreml:convert_from_eager_trace",
-              requires=("torch", "coremltools"), runtime="coreml",
+              requires=("torch", "coremltools"), runtime="coreml", fixed_fallback=True,
               description="coremltools' TorchScript frontend on the eager model's trace made at capture"),
     # -- from an ONNX file (source/model.onnx) ---------------------------------------
     RouteInfo(name="onnx-source", target="onnx", source="onnx",

@@ -37,6 +37,7 @@ dicts; ``dims``: name -> DimSpec or ``{"min", "max"}``; ``precision``), else fro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -521,9 +522,33 @@ def _expectations(path: Path, extra: Mapping[str, Any], record: Mapping[str, Any
     def as_spec(value: TensorSpec | Mapping[str, Any]) -> TensorSpec:
         return value if isinstance(value, TensorSpec) else TensorSpec.from_dict(value)
 
-    return _Expected(inputs=[as_spec(s) for s in inputs], outputs=[as_spec(s) for s in outputs],
+    ins, outs = [as_spec(s) for s in inputs], [as_spec(s) for s in outputs]
+    sizes = _fixed_sizes(ins, record.get("input_shapes"))
+    return _Expected(inputs=[_pinned(s, sizes) for s in ins], outputs=[_pinned(s, sizes) for s in outs],
                      precision=str(precision),
                      dims=_as_dims(extra.get("dims", record.get("dims") or {})))
+
+
+def _fixed_sizes(inputs: Sequence[TensorSpec], shapes: Any) -> dict[str, int]:
+    """A fixed-shape package (converted at the sample's sizes where coremltools could not keep
+    a dynamic dim) records its input shapes: each dynamic dim's size in it, by label."""
+    if not isinstance(shapes, Mapping):
+        return {}
+    sizes: dict[str, int] = {}
+    for spec in inputs:
+        shape = shapes.get(spec.name)
+        if isinstance(shape, list) and len(shape) == len(spec.shape):
+            for axis, label in spec.dynamic_axes.items():
+                if isinstance(shape[axis], int):
+                    sizes.setdefault(label, shape[axis])
+    return sizes
+
+
+def _pinned(spec: TensorSpec, sizes: Mapping[str, int]) -> TensorSpec:
+    """``spec`` with its dynamic dims at the fixed sizes (the package is checked as converted)."""
+    if not sizes:
+        return spec
+    return dataclasses.replace(spec, shape=tuple(sizes.get(d, d) if isinstance(d, str) else d for d in spec.shape))
 
 
 def _as_dims(value: Mapping[str, Any]) -> dict[str, DimSpec]:
