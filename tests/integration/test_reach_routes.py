@@ -172,3 +172,30 @@ def test_core_ml_falls_back_to_fixed_shapes_where_no_route_keeps_the_dims(tmp_pa
     assert refused and refused[0].route == "coremltools-trace"  # put off until no route kept the dims
     assert art.parity["checked_by"] == CORE_ML_CHECKER
     assert pm.verify(tmp_path / "gn").ok
+
+
+class Recurrent(torch.nn.Module):
+    """A GRU: ExecuTorch's lowering plans its state for the sample's batch, not the max."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru, self.head = torch.nn.GRU(4, 8, batch_first=True), torch.nn.Linear(8, 3)
+
+    def forward(self, seq: Any) -> Any:
+        return self.head(self.gru(seq)[0][:, -1])
+
+
+def test_executorch_falls_back_to_fixed_shapes_where_memory_is_planned_below_the_max(tmp_path: Path) -> None:
+    import portable_models as pm
+
+    bundle = pm.export(Recurrent().eval(), (torch.rand(2, 6, 4),), out=tmp_path / "gru", targets=["executorch"],
+                       input_names=["seq"], output_names=["y"], dynamic_dims={"seq": {0: ("batch", 1, 8)}},
+                       cache=False, diagnose=False)
+    art = bundle.contract.artifacts[0]
+    assert art.status == "pass", bundle.report()
+    assert art.meta["fixed_shape"] is True and art.meta["input_shapes"] == {"seq": [2, 6, 4]}
+    first = art.attempts[0]
+    assert first.route == "executorch-xnnpack" and first.error["code"] == "dynamic_dims_refused"
+    assert "memory planned for 'batch'=2" in first.error["message"]
+    assert pm.verify(tmp_path / "gru").ok

@@ -39,6 +39,7 @@ from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.convert.torch_program import load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
+from portable_models.core.torch_io import sample_args
 from portable_models.errors import ConversionError, DynamicDimsRefused, MissingDependencyError
 
 __all__ = ["convert_xnnpack", "convert_portable", "convert_xnnpack_quantized", "ARTIFACT", "METHOD"]
@@ -74,18 +75,19 @@ def _convert(job: ConvertJob, *, backend: str) -> ConvertResult:
     _pin_bounds(job, ep, bounds)  # an unbounded dim gets its DimSpec max
     edge = _lower(job, ep, backend)
     pinned = _pin_bounds(job, edge.exported_program(), bounds)  # undo narrowing
-    program = _to_executorch(job, edge)
     path = job.out_dir / ARTIFACT
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(program.buffer)
-    planned = _check_written(job, path, bounds)
-    meta: dict[str, Any] = {
-        "backend": backend,
-        "method": METHOD,
-        "positional_inputs": job.input_names,
-        "planned_dims": planned,
-        **_delegation(edge),
-    }
+    path.write_bytes(_to_executorch(job, edge).buffer)
+    meta: dict[str, Any] = {"backend": backend, "method": METHOD, "positional_inputs": job.input_names}
+    try:
+        meta["planned_dims"] = _check_written(job, path, bounds)
+    except _PlannedBelowMax as short:
+        edge = _fixed_fallback(job, ep, backend, short)
+        path.write_bytes(_to_executorch(job, edge).buffer)
+        _check_written(job, path, {})
+        meta.update({"dynamic": False, "dynamic_note": f"dynamic dims refused, fixed shape used: {short.message}",
+                     "input_shapes": {s.name: list(job.sample_inputs[s.name].shape) for s in job.inputs}})
+    meta.update(_delegation(edge))
     if pinned:
         meta["bounds_restored"] = pinned
     return ConvertResult(file=ARTIFACT, io=IoMap.identity(job.input_names, job.output_names),
@@ -321,6 +323,28 @@ def _pin_bounds(job: ConvertJob, ep: Any, bounds: dict[str, tuple[int, int]]) ->
 
 
 # -- ensures ---------------------------------------------------------------------------
+class _PlannedBelowMax(ConversionError):
+    """The lowering planned a dynamic dim's memory below its declared max (a recurrent
+    layer's decomposition sizes its state from the sample)."""
+
+
+def _fixed_fallback(job: ConvertJob, ep: Any, backend: str, short: ConversionError) -> Any:
+    """Where the lowering cannot keep a dim dynamic: refuse, so that later routes are tried
+    first, or (when the job allows) lower the program re-exported at the sample's sizes:
+    a fixed-shape artifact, checked on the golden cases of its shape."""
+    torch = _require("torch")
+    if not job.fixed_shape_fallback:
+        raise DynamicDimsRefused(f"ExecuTorch cannot keep the dynamic dims: {short.message}"[:400], stage="convert",
+                                 fix="the dims stay dynamic in another route; a fixed-shape conversion is "
+                                     "tried if none keeps them") from short
+    try:
+        static = torch.export.export(ep.module(), sample_args(job.inputs, job.sample_inputs), strict=False)
+    except Exception as exc:
+        raise ConversionError(f"re-exporting at the sample's sizes failed: {type(exc).__name__}: {exc}",
+                              stage="convert:executorch") from exc
+    return _lower(job, static, backend)
+
+
 def _check_written(job: ConvertJob, path: Path,
                    bounds: dict[str, tuple[int, int]]) -> dict[str, int]:
     """Load the .pte with the runtime; check its method's inputs/outputs and that
@@ -345,7 +369,7 @@ def _check_written(job: ConvertJob, path: Path,
                 continue
             planned[dim] = min(planned.get(dim, sizes[axis]), sizes[axis])
             if sizes[axis] < bounds[dim][1]:
-                raise ConversionError(
+                raise _PlannedBelowMax(
                     f"{path.name}: memory planned for {dim!r}={sizes[axis]} on input "
                     f"{spec.name!r}, below its declared max {bounds[dim][1]}",
                     file=str(path), stage="convert:executorch",
