@@ -250,8 +250,10 @@ def _contiguous(val: Any) -> bool:
 
 def where_scalars_to_tensors(program: Any) -> int:
     """``where(c, x, 0.0)`` (``where.ScalarOther``; ``ScalarSelf`` and ``Scalar`` alike)
-    becomes ``where(c, x, full([], 0.0))`` with the scalar made a 0-d tensor of the result's
-    dtype: type promotion then gives that dtype, which is the one the scalar form gave."""
+    becomes ``where(c, x, full_like(x, 0.0))`` with the scalar made a tensor of the result's
+    dtype shaped like the tensor branch (like the condition when both are scalars): type
+    promotion then gives that dtype, the one the scalar form gave, and broadcasting the same
+    shape. Not a 0-d tensor: coremltools then declares the ``select`` output a scalar."""
     import torch
 
     aten = torch.ops.aten
@@ -262,13 +264,13 @@ def where_scalars_to_tensors(program: Any) -> int:
         if not isinstance(out, torch.Tensor):
             continue
         cond, *branches = node.args
+        like = next((b for b in branches if isinstance(b, torch.fx.Node)), cond)
         tensors = []
         for branch in branches:
             if isinstance(branch, torch.fx.Node):
                 tensors.append(branch)
                 continue
-            tensors.append(_insert(graph, node, aten.full.default, ([], branch), {
-                "dtype": out.dtype, "layout": torch.strided, "device": out.device, "pin_memory": False}))
+            tensors.append(_insert(graph, node, aten.full_like.default, (like, branch), {"dtype": out.dtype}))
         where = _insert(graph, node, aten.where.self, (cond, *tensors))
         _replace(program, node, where)
         rewritten += 1
