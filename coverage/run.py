@@ -139,6 +139,7 @@ def cell(art: Any) -> dict[str, Any]:
         "route": route.split("+", 1)[0] or None,
         "passes": route.split("+", 1)[1].split("+") if "+" in route else [],
         "max_abs": _max_abs(art.parity),
+        "fixed_shape": bool(art.meta.get("fixed_shape")),
         "seconds": round(sum(a.seconds for a in art.attempts), 2),
         "attempts": [_attempt(a) for a in art.attempts],
         "signature": None if art.status == "pass" else _failure(art),
