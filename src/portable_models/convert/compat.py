@@ -251,9 +251,10 @@ def _contiguous(val: Any) -> bool:
 def where_scalars_to_tensors(program: Any) -> int:
     """``where(c, x, 0.0)`` (``where.ScalarOther``; ``ScalarSelf`` and ``Scalar`` alike)
     becomes ``where(c, x, full_like(x, 0.0))`` with the scalar made a tensor of the result's
-    dtype shaped like the tensor branch (like the condition when both are scalars): type
-    promotion then gives that dtype, the one the scalar form gave, and broadcasting the same
-    shape. Not a 0-d tensor: coremltools then declares the ``select`` output a scalar."""
+    dtype shaped like the result (like an argument of the result's shape, else the tensor
+    branch): type promotion then gives that dtype, the one the scalar form gave, and
+    broadcasting the same shape. Not a 0-d tensor: coremltools infers ``select``'s shape
+    from its two branches only and declares a scalar."""
     import torch
 
     aten = torch.ops.aten
@@ -264,7 +265,7 @@ def where_scalars_to_tensors(program: Any) -> int:
         if not isinstance(out, torch.Tensor):
             continue
         cond, *branches = node.args
-        like = next((b for b in branches if isinstance(b, torch.fx.Node)), cond)
+        like = _shaped_like(out, [b for b in [*branches, cond] if isinstance(b, torch.fx.Node)])
         tensors = []
         for branch in branches:
             if isinstance(branch, torch.fx.Node):
@@ -275,6 +276,13 @@ def where_scalars_to_tensors(program: Any) -> int:
         _replace(program, node, where)
         rewritten += 1
     return _finish(program, rewritten)
+
+
+def _shaped_like(out: Any, nodes: list[Node]) -> Node:
+    """The first of ``nodes`` whose value has ``out``'s shape (symbols compared by name), else
+    the first."""
+    want = str(list(out.shape))
+    return next((n for n in nodes if str(list(getattr(_val(n), "shape", ()))) == want), nodes[0])
 
 
 def bicubic_to_matmul(program: Any) -> int:
