@@ -42,7 +42,7 @@ bench: $(STAMP)
 diagnose-sweep: $(STAMP)
 	PM_DIAGNOSE_SWEEP=all $(BIN)/python -m pytest -s tests/integration/test_diagnose_faults.py -k "seeded or intact"
 
-# the coverage corpus (44 architectures x 5 targets, ~80 min with 2 jobs here; resumable):
+# the coverage corpus (44 architectures x 5 targets, 40 min with 2 jobs on 2 idle cores; resumable):
 # the matrix goes to coverage/results.md. Not part of `make test`. E.g.
 #   make coverage COVERAGE_ARGS="--only bert,llama"   or   COVERAGE_ARGS=--fresh
 coverage: $(STAMP)
