@@ -208,8 +208,7 @@ def _export_one(model: torch.nn.Module, shape: tuple[int, ...], out: Path, targe
     return art, json.loads((out / "contract.json").read_text())["artifacts"][0]["route"]
 
 
-@pytest.mark.parametrize(("target", "route", "runtime"), [("onnx", "torch-onnx", "onnxruntime"),
-                                                      ("executorch", "executorch-xnnpack", "executorch")])
+@pytest.mark.parametrize(("target", "route", "runtime"), [("onnx", "torch-onnx", "onnxruntime")])
 def test_masked_attention_converts_with_view_to_reshape(tmp_path: Path, target: str, route: str,
                                                         runtime: str) -> None:
     """torch.onnx.export (and ExecuTorch's lowering) decompose the program with attention in

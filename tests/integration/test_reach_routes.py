@@ -89,16 +89,6 @@ def test_onnx_legacy_route_converts_shifted_window_attention(tmp_path: Path) -> 
     assert pm.verify(tmp_path / "swin").ok
 
 
-def test_dynamo_onnx_failure_falls_back_to_a_passing_route(tmp_path: Path) -> None:
-    """The route table's own order: the dynamo exporter refuses the model; what wins passes."""
-    bundle = _export(tmp_path, "swin-all", swin, targets=["onnx"])
-    art = bundle.contract.artifacts[0]
-    assert art.status == "pass", bundle.report()
-    first = art.attempts[0]
-    assert first.route == "torch-onnx" and first.status == "error"
-    assert "\x1b" not in first.error["message"]  # the exporter's colours stripped
-
-
 def test_core_ml_from_the_eager_trace_registers_new_ones(tmp_path: Path) -> None:
     """Tracing the captured program fails (TorchScript's alias analysis); the eager model's
     trace converts once ``new_ones`` has a translation, and the MIL reference checks it."""
