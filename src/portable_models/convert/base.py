@@ -18,7 +18,7 @@ import numpy as np
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import IoMap
 from portable_models.core.spec import DimSpec, TensorSpec
-from portable_models.errors import ConversionError, MissingDependencyError
+from portable_models.errors import ConversionError, DynamicDimsRefused, MissingDependencyError
 
 __all__ = [
     "RouteInfo",
@@ -69,6 +69,16 @@ class ConvertJob:
     #: a route with a fixed-shape fallback (:attr:`RouteInfo.fixed_fallback`) may use it;
     #: False: it raises :class:`DynamicDimsRefused` instead.
     fixed_shape_fallback: bool = True
+
+    def fixed_shapes_instead(self, converter: str, reason: str, cause: BaseException) -> str:
+        """``converter`` could not keep the dynamic dims (``reason``): refuse, when the job
+        asks the route to (:class:`DynamicDimsRefused`, so that later routes are tried first),
+        else say why the route goes on at the sample's sizes (the artifact's ``dynamic_note``)."""
+        if not self.fixed_shape_fallback:
+            raise DynamicDimsRefused(f"{converter} refused the dynamic dims ({reason})"[:400], stage="convert",
+                                     fix="the dims stay dynamic in another route; a fixed-shape "
+                                         "conversion is tried if none keeps them") from cause
+        return f"dynamic dims refused, fixed shape used: {reason}"[:400]
 
     @property
     def input_names(self) -> list[str]:

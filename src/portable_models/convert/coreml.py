@@ -51,7 +51,7 @@ from portable_models.core.coremltools_import import import_coremltools
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
 from portable_models.core.spec import TensorSpec
-from portable_models.errors import ConversionError, DynamicDimsRefused
+from portable_models.errors import ConversionError
 
 __all__ = [
     "ARTIFACT",
@@ -350,11 +350,7 @@ def _convert_dims(job: ConvertJob, model: Any, names: dict[str, str], frontend: 
     except ConversionError as exc:
         if frontend != "TorchScript" or not job.dims or "symbolic values" not in exc.message:
             raise
-        if not job.fixed_shape_fallback:
-            raise DynamicDimsRefused(f"coremltools refused the dynamic dims: {exc.message}"[:400],
-                                     stage="convert", fix="the dims stay dynamic in another route; a "
-                                     "fixed-shape conversion is tried if none keeps them") from exc
-        note = f"dynamic dims refused, fixed shape used: {exc.message}"[:400]
+        note = job.fixed_shapes_instead("coremltools", exc.message, exc)
     mlmodel, target = _convert_with_target(job, model, names, frontend, fixed=True)
     return mlmodel, target, note
 

@@ -82,10 +82,11 @@ def _convert(job: ConvertJob, *, backend: str) -> ConvertResult:
     try:
         meta["planned_dims"] = _check_written(job, path, bounds)
     except _PlannedBelowMax as short:
-        edge = _fixed_fallback(job, ep, backend, short)
+        note = job.fixed_shapes_instead("ExecuTorch's memory planning", short.message, short)
+        edge = _lower(job, _at_sample_sizes(job, ep), backend)
         path.write_bytes(_to_executorch(job, edge).buffer)
         _check_written(job, path, {})
-        meta.update({"dynamic": False, "dynamic_note": f"dynamic dims refused, fixed shape used: {short.message}",
+        meta.update({"dynamic": False, "dynamic_note": note,
                      "input_shapes": {s.name: list(job.sample_inputs[s.name].shape) for s in job.inputs}})
     meta.update(_delegation(edge))
     if pinned:
@@ -328,21 +329,15 @@ class _PlannedBelowMax(ConversionError):
     layer's decomposition sizes its state from the sample)."""
 
 
-def _fixed_fallback(job: ConvertJob, ep: Any, backend: str, short: ConversionError) -> Any:
-    """Where the lowering cannot keep a dim dynamic: refuse, so that later routes are tried
-    first, or (when the job allows) lower the program re-exported at the sample's sizes:
-    a fixed-shape artifact, checked on the golden cases of its shape."""
+def _at_sample_sizes(job: ConvertJob, ep: Any) -> Any:
+    """The program re-exported at the sample's sizes: a fixed-shape program to lower where the
+    lowering cannot keep a dim dynamic."""
     torch = _require("torch")
-    if not job.fixed_shape_fallback:
-        raise DynamicDimsRefused(f"ExecuTorch cannot keep the dynamic dims: {short.message}"[:400], stage="convert",
-                                 fix="the dims stay dynamic in another route; a fixed-shape conversion is "
-                                     "tried if none keeps them") from short
     try:
-        static = torch.export.export(ep.module(), sample_args(job.inputs, job.sample_inputs), strict=False)
+        return torch.export.export(ep.module(), sample_args(job.inputs, job.sample_inputs), strict=False)
     except Exception as exc:
         raise ConversionError(f"re-exporting at the sample's sizes failed: {type(exc).__name__}: {exc}",
                               stage="convert:executorch") from exc
-    return _lower(job, static, backend)
 
 
 def _check_written(job: ConvertJob, path: Path,

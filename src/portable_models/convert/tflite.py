@@ -28,7 +28,7 @@ from portable_models.convert.base import ConvertJob, ConvertResult, Step
 from portable_models.convert.torch_program import calibration_batches, load_program
 from portable_models.core.imports import package_version
 from portable_models.core.iomap import Binding, IoMap
-from portable_models.errors import ConversionError, DynamicDimsRefused, PortableModelsError
+from portable_models.errors import ConversionError, PortableModelsError
 
 if TYPE_CHECKING:
     import torch
@@ -127,12 +127,7 @@ def _litert_convert(job: ConvertJob, module: Any, kwargs: dict[str, Any],
                                          quant_config=quant)
             return model, True, note
         except Exception as exc:
-            if not job.fixed_shape_fallback:
-                raise DynamicDimsRefused(
-                    f"litert_torch.convert refused the dynamic dims ({type(exc).__name__}: {exc})"[:400],
-                    stage="convert", fix="the dims stay dynamic in another route; a fixed-shape "
-                    "conversion is tried if none keeps them") from exc
-            note = f"dynamic dims refused, fixed shape used: {type(exc).__name__}: {exc}"[:400]
+            note = job.fixed_shapes_instead("litert_torch.convert", f"{type(exc).__name__}: {exc}", exc)
     try:
         model = litert_torch.convert(module, sample_kwargs=kwargs, quant_config=quant)
     except PortableModelsError:
